@@ -1,0 +1,102 @@
+"""The power-flow interface shared by every backend.
+
+A backend solves a *batch* of B scenarios on one feeder.  Inputs are net
+loads per bus in the feeder's bus order (``Feeder.bus_ids``):
+
+    p_kw[B, n_bus], q_kvar[B, n_bus]   load positive, generation negative
+
+and the result is a :class:`FlowResult`.  A scenario that does not converge
+is data (``converged[b] = False``, its results NaN), never an exception.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from evgrid.grid.feeders import Feeder
+
+
+@dataclass(frozen=True, eq=False)
+class FlowResult:
+    """Solved batch.  Non-converged scenarios hold NaN in every float field."""
+
+    vm_pu: npt.NDArray[np.float64]  # (B, n_bus)
+    va_deg: npt.NDArray[np.float64]  # (B, n_bus)
+    line_loading: npt.NDArray[np.float64]  # (B, n_line) current / ampacity (1.0 = at rating)
+    trafo_loading: npt.NDArray[np.float64]  # (B, n_trafo) current / rated current
+    loss_kw: npt.NDArray[np.float64]  # (B,) active losses, >= 0
+    slack_p_kw: npt.NDArray[np.float64]  # (B,) power drawn from the upstream grid
+    slack_q_kvar: npt.NDArray[np.float64]  # (B,)
+    converged: npt.NDArray[np.bool_]  # (B,)
+    iterations: npt.NDArray[np.int64]  # (B,)
+    state: npt.NDArray[np.complex128] | None = None  # backend's warm-start state, opaque
+
+    @property
+    def batch(self) -> int:
+        return int(self.vm_pu.shape[0])
+
+
+class PowerFlowBackend(ABC):
+    """Solve batches of load scenarios on one feeder.
+
+    Subclasses implement :meth:`_solve`; :meth:`solve` validates the inputs
+    (shape, finiteness) so every backend rejects bad input the same way.
+    """
+
+    name: str = "abstract"
+    checks_finite: bool = False  # True where _solve itself rejects NaN/inf inputs
+
+    def __init__(self, feeder: Feeder) -> None:
+        self.feeder = feeder
+
+    def solve(
+        self,
+        p_kw: npt.ArrayLike,
+        q_kvar: npt.ArrayLike,
+        init: FlowResult | None = None,
+    ) -> FlowResult:
+        """Solve the batch; ``init`` (a previous result of the same backend and
+        batch size) warm-starts the solver where the backend supports it."""
+        p = _as_batch("p_kw", p_kw, self.feeder.n_bus, not self.checks_finite)
+        q = _as_batch("q_kvar", q_kvar, self.feeder.n_bus, not self.checks_finite)
+        if p.shape != q.shape:
+            raise ValueError(f"q_kvar: expected shape {p.shape} like p_kw, got {q.shape}")
+        if init is not None and init.batch != p.shape[0]:
+            raise ValueError(f"init: warm start from a batch of {init.batch} scenarios, expected {p.shape[0]}")
+        return self._solve(p, q, init)
+
+    @abstractmethod
+    def _solve(self, p_kw: np.ndarray, q_kvar: np.ndarray, init: FlowResult | None) -> FlowResult: ...
+
+
+def _as_batch(name: str, x: npt.ArrayLike, n_bus: int, check_finite: bool = True) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != n_bus:
+        raise ValueError(f"{name}: expected shape (batch, {n_bus}) [scenarios x buses], got {a.shape}")
+    if a.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one scenario, got an empty batch")
+    if check_finite and not np.isfinite(a).all():
+        b, j = np.argwhere(~np.isfinite(a))[0]
+        raise ValueError(f"{name}: expected finite values, got {a[b, j]} at scenario {b}, bus position {j}")
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a
+
+
+def nan_result(batch: int, feeder: Feeder) -> dict[str, np.ndarray]:
+    """Output arrays filled with NaN, for backends that fill them scenario by scenario."""
+    return dict(
+        vm_pu=np.full((batch, feeder.n_bus), np.nan),
+        va_deg=np.full((batch, feeder.n_bus), np.nan),
+        line_loading=np.full((batch, feeder.n_line), np.nan),
+        trafo_loading=np.full((batch, feeder.n_trafo), np.nan),
+        loss_kw=np.full(batch, np.nan),
+        slack_p_kw=np.full(batch, np.nan),
+        slack_q_kvar=np.full(batch, np.nan),
+        converged=np.zeros(batch, dtype=bool),
+        iterations=np.zeros(batch, dtype=np.int64),
+    )
