@@ -1,0 +1,34 @@
+# Every target bootstraps .venv on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: demo test test-slow bench clean
+
+# torch first, pinned: it resolves to the local CPU wheel, so pip never pulls
+# the multi-GB CUDA build that an unpinned dependency would bring.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/evgrid demo
+
+# the default suite (< 10 min on 2 cores); CI also runs test-slow
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" --timeout=900
+
+# pytest exits 5 when no test is marked slow: not a failure
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow --timeout=3600; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+bench: $(STAMP)
+	$(BIN)/evgrid bench powerflow --feeder ieee33 --batch 1 64 1024 8192 --json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

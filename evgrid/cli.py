@@ -1,0 +1,94 @@
+"""Command line: ``evgrid demo | bench``.
+
+The CLI is the one place that prints; the library logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import numpy as np
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from evgrid.bench import bench_powerflow
+
+    if args.what != "powerflow":
+        raise SystemExit(f"evgrid bench: unknown benchmark {args.what!r}; expected: powerflow")
+    for feeder in args.feeder:
+        rows = bench_powerflow(feeder, args.batch, pandapower_max=args.pandapower_max,
+                               external=not args.no_external, seed=args.seed, min_s=args.min_time)
+        if args.json:
+            for r in rows:
+                print(json.dumps(r), flush=True)
+        else:
+            _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(f"{'backend':<17}{'mode':<7}{'thr':>4}{'batch':>7}{'us/scn':>12}{'x pandapower':>14}{'max|dV| pu':>12}")
+    for r in rows:
+        dv = r["max_dv_pu_vs_pandapower"]
+        print(f"{r['backend']:<17}{r['mode']:<7}{r['threads']:>4}{r['batch']:>7}{r['us_per_scenario']:>12.3f}"
+              f"{r['speedup_vs_pandapower']:>14.1f}{dv if dv is None else format(dv, '.1e'):>12}")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """IEEE 33 base case, our sweep next to pandapower, then a short benchmark."""
+    from evgrid.bench import bench_powerflow
+    from evgrid.grid.feeders import build_feeder
+    from evgrid.grid.flow import PandapowerBackend, SweepBackend
+
+    f = build_feeder("ieee33")
+    p, q = f.base_p_kw[None], f.base_q_kvar[None]
+    ours = SweepBackend(f).solve(p, q)
+    ref = PandapowerBackend(f).solve(p, q)
+    print("IEEE 33-bus (Baran-Wu) base case: fast sweep vs pandapower runpp")
+    print(f"{'bus':>4}{'vm_pu sweep':>14}{'vm_pu pandapower':>18}{'|dV| pu':>10}")
+    for j in range(f.n_bus):
+        a, b = ours.vm_pu[0, j], ref.vm_pu[0, j]
+        print(f"{int(f.bus_ids[j]):>4}{a:>14.6f}{b:>18.6f}{abs(a - b):>10.1e}")
+    print(f"losses: sweep {ours.loss_kw[0]:.3f} kW, pandapower {ref.loss_kw[0]:.3f} kW "
+          f"(load {p.sum():.1f} kW; lowest voltage {ours.vm_pu.min():.4f} p.u. at bus "
+          f"{int(f.bus_ids[np.argmin(ours.vm_pu[0])])})")
+    print()
+    print("benchmark (evgrid bench powerflow --feeder ieee33 --batch 1 1024):")
+    _print_table(bench_powerflow("ieee33", (1, 1024), pandapower_max=16, min_s=0.2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="evgrid", description=__doc__.splitlines()[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="IEEE 33 power flow vs pandapower and a short benchmark")
+    d.set_defaults(fn=_demo)
+
+    b = sub.add_parser("bench", help="benchmarks with JSON output")
+    b.add_argument("what", choices=["powerflow"], help="what to measure")
+    b.add_argument("--feeder", nargs="+", default=["ieee33"], help="feeders: ieee33, feeder14, cigre_mv")
+    b.add_argument("--batch", nargs="+", type=int, default=[1, 64, 1024, 8192], help="batch sizes (scenarios)")
+    b.add_argument("--json", action="store_true", help="one JSON object per line")
+    b.add_argument("--pandapower-max", type=int, default=64,
+                   help="scenarios per batch that pandapower times and checks (runpp is ~20 ms each)")
+    b.add_argument("--no-external", action="store_true", help="skip lightsim2grid and power-grid-model")
+    b.add_argument("--seed", type=int, default=0, help="scenario generator seed")
+    b.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per measurement")
+    b.set_defaults(fn=_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
