@@ -39,7 +39,7 @@ def test_warm_start_converges_to_the_same_solution_in_fewer_sweeps():
     first = be.solve(f.base_p_kw * s, f.base_q_kvar * s)
     cold = be.solve(f.base_p_kw * s2, f.base_q_kvar * s2)
     warm = be.solve(f.base_p_kw * s2, f.base_q_kvar * s2, init=first)
-    np.testing.assert_allclose(warm.vm_pu, cold.vm_pu, atol=1e-7)
+    np.testing.assert_allclose(warm.vm_pu, cold.vm_pu, atol=2e-7)
     assert warm.iterations.mean() < cold.iterations.mean()
 
 

@@ -30,10 +30,11 @@ import numpy.typing as npt
 import pandapower as pp
 import pandapower.networks as pn
 
+from evgrid.grid.profiles import LOAD_KINDS
+
 log = logging.getLogger(__name__)
 
 FEEDERS = ("ieee33", "feeder14", "cigre_mv")
-LOAD_KINDS = ("residential", "commercial", "industrial")
 
 # Seed 003 (Ji et al. 2025), DER table for the IEEE 33-bus feeder; bus numbers
 # are 1-based as in the paper, capacities in kW.  The paper's table lists 13 PV

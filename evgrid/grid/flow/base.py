@@ -20,9 +20,13 @@ import numpy.typing as npt
 from evgrid.grid.feeders import Feeder
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class FlowResult:
-    """Solved batch.  Non-converged scenarios hold NaN in every float field."""
+    """Solved batch.  Non-converged scenarios hold NaN in every float field.
+
+    Not frozen: a plain slotted class keeps construction cheap on the
+    per-step hot path; treat it as read-only.
+    """
 
     vm_pu: npt.NDArray[np.float64]  # (B, n_bus)
     va_deg: npt.NDArray[np.float64]  # (B, n_bus)

@@ -1,0 +1,1 @@
+"""Rule baselines and the RLlib glue (evgrid.agents.rllib)."""

@@ -1,0 +1,1 @@
+"""RLlib adapter, RLModules and policy mapping: the one place RLlib is imported."""

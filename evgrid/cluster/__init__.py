@@ -1,0 +1,1 @@
+"""Ray runtime, the shared power-flow actor and Tune sweeps."""

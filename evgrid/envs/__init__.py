@@ -1,0 +1,1 @@
+"""Simulator core and the EVGrid PettingZoo environment (arrays, not per-EV objects)."""
