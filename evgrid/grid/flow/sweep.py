@@ -34,7 +34,7 @@ _LOSS, _SP, _SQ = 0, 1, 2
 
 
 @nb.njit(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy")
-def _block(b0, b1, p_kw, q_kvar, ints, coef, elem, v0r, v0i, kw_per_pu, init, tol, max_iter, out, out_i, state):
+def _block(b0, b1, p_kw, q_kvar, ints, coef, elem, v0r, v0i, kw_per_pu, init, tol, max_iter, out, out_conv, out_iter, state):
     """Solve scenarios b0 .. b1-1 chunk by chunk with one workspace; returns
     1 + the flat index of the first non-finite input, or 0."""
     n = coef.shape[0]
@@ -46,14 +46,14 @@ def _block(b0, b1, p_kw, q_kvar, ints, coef, elem, v0r, v0i, kw_per_pu, init, to
     sq = np.empty((n, _CHUNK))
     for c0 in range(b0, b1, _CHUNK):
         bad = _chunk(c0, min(_CHUNK, b1 - c0), vr, vi, jr, ji, sp, sq, p_kw, q_kvar, ints, coef, elem, v0r, v0i, kw_per_pu, init,
-                     tol, max_iter, out, out_i, state)
+                     tol, max_iter, out, out_conv, out_iter, state)
         if bad:
             return bad
     return 0
 
 
 @nb.njit(inline="always", fastmath=_FASTMATH, nogil=True, error_model="numpy")
-def _chunk(c0, m, vr, vi, jr, ji, sp, sq, p_kw, q_kvar, ints, coef, elem, v0r, v0i, kw_per_pu, init, tol, max_iter, out, out_i, state):
+def _chunk(c0, m, vr, vi, jr, ji, sp, sq, p_kw, q_kvar, ints, coef, elem, v0r, v0i, kw_per_pu, init, tol, max_iter, out, out_conv, out_iter, state):
     """Solve the m <= CH scenarios starting at c0."""
     n_batch, n_bus = p_kw.shape
     n = coef.shape[0]
@@ -125,8 +125,8 @@ def _chunk(c0, m, vr, vi, jr, ji, sp, sq, p_kw, q_kvar, ints, coef, elem, v0r, v
             state[b, i] = complex(vr[i, k], vi[i, k])
             if not (math.isfinite(vr[i, k]) and math.isfinite(vi[i, k])):
                 ok = False
-        out_i[b, 0] = ok
-        out_i[b, 1] = iters[k] if ok else max_iter
+        out_conv[b] = ok
+        out_iter[b] = iters[k] if ok else max_iter
         if not ok:
             out[b, :] = np.nan
             continue
@@ -178,8 +178,8 @@ def _backward(n, m, parent, coef, vr, vi, jr, ji, sp, sq):
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
-def _sweep_parallel(n_block, p_kw, q_kvar, ints, coef, elem, v0r, v0i, kw_per_pu, init, tol, max_iter, out, out_i,
-                    state):
+def _sweep_parallel(n_block, p_kw, q_kvar, ints, coef, elem, v0r, v0i, kw_per_pu, init, tol, max_iter, out, out_conv,
+                    out_iter, state):
     n_chunk = (p_kw.shape[0] + _CHUNK - 1) // _CHUNK
     per = (n_chunk + n_block - 1) // n_block * _CHUNK
     bad = np.zeros(n_block, dtype=np.int64)
@@ -188,7 +188,7 @@ def _sweep_parallel(n_block, p_kw, q_kvar, ints, coef, elem, v0r, v0i, kw_per_pu
         b1 = min(b0 + per, p_kw.shape[0])
         if b0 < b1:
             bad[t] = _block(b0, b1, p_kw, q_kvar, ints, coef, elem, v0r, v0i, kw_per_pu, init, tol, max_iter,
-                            out, out_i, state)
+                            out, out_conv, out_iter, state)
     for t in range(n_block):
         if bad[t]:
             return bad[t]
@@ -249,11 +249,12 @@ class SweepBackend(PowerFlowBackend):
         else:
             state0 = init.state
         out = np.empty((n_b, self._width))
-        out_i = np.empty((n_b, 2), dtype=np.int64)
+        conv = np.empty(n_b, dtype=np.bool_)
+        iters = np.empty(n_b, dtype=np.int64)
         state = np.empty((n_b, n_node), dtype=np.complex128)
         args = (p_kw, q_kvar, self._ints, self._coef, self._elem, *self._v0, state0, self.tol_pu, self.max_iter,
-                out, out_i, state)
-        threads = min(self.threads, nb.config.NUMBA_NUM_THREADS, -(-n_b // _CHUNK))
+                out, conv, iters, state)
+        threads = 1 if self.threads == 1 else min(self.threads, nb.config.NUMBA_NUM_THREADS, -(-n_b // _CHUNK))
         if threads > 1:
             nb.set_num_threads(threads)
             bad = _sweep_parallel(threads, *args)
@@ -268,4 +269,4 @@ class SweepBackend(PowerFlowBackend):
         return FlowResult(vm_pu=out[:, :n_bus], va_deg=out[:, n_bus:2 * n_bus],
                           line_loading=out[:, 2 * n_bus:2 * n_bus + nl], trafo_loading=out[:, 2 * n_bus + nl:c],
                           loss_kw=out[:, c + _LOSS], slack_p_kw=out[:, c + _SP], slack_q_kvar=out[:, c + _SQ],
-                          converged=out_i[:, 0].astype(bool), iterations=out_i[:, 1], state=state)
+                          converged=conv, iterations=iters, state=state)
