@@ -1,7 +1,8 @@
 """Benchmarks behind ``evgrid bench``: JSON rows, ratios measured in one run.
 
 ``powerflow``: our sweep (cold and warm-started, one thread and all threads),
-pandapower ``runpp``, lightsim2grid and power-grid-model, on the same random
+pandapower ``runpp``, lightsim2grid (its C++ batch class, and ``GridModel.ac_pf``
+scenario by scenario) and power-grid-model (one batch call), on the same random
 load scenarios (uniform 0..2 x nominal per bus, seeded).  Warm starts solve a
 "next step": every load moved by up to +-3 % from the scenario whose solution
 seeds the solver, as consecutive environment steps do.
@@ -68,10 +69,12 @@ def bench_powerflow(
     if external:
         from evgrid.grid.flow.external import LightSimRunner, PgmRunner, available
 
-        for cls in (LightSimRunner, PgmRunner):
+        # lightsim2grid twice: its C++ batch class, and GridModel.ac_pf per scenario
+        for cls, mode, kwargs in ((LightSimRunner, "batch", {}), (LightSimRunner, "ac_pf", {"mode": "loop"}),
+                                  (PgmRunner, "batch", {})):
             why = available().get(cls.name)
             if why is None:
-                runners.append(cls(feeder))
+                runners.append((mode, cls(feeder, **kwargs)))
             else:
                 log.warning("bench: %s unavailable (%s); not measured", cls.name, why)
     rows: list[dict] = []
@@ -100,9 +103,9 @@ def bench_powerflow(
                 iterations_mean=float(cold.iterations.mean()), converged=int(cold.converged.sum()))
             row("sweep", "warm", _best_us(lambda: sw.solve(p2, q2, init=first), batch, min_s), warm.vm_pu,
                 n_threads, iterations_mean=float(warm.iterations.mean()), converged=int(warm.converged.sum()))
-        for r in runners:
+        for mode, r in runners:
             r.prepare(p2, q2)
             vm = r.run()
-            row(r.name, "native", _best_us(r.run, batch, min_s), vm)
+            row(r.name, mode, _best_us(r.run, batch, min_s), vm)
         log.info("bench powerflow: batch %d done", batch)
     return rows

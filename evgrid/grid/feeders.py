@@ -503,7 +503,7 @@ def _describe_loop(u, v, kk, parent_of, label, net, ppci) -> str:
     common = next(n for n in pu if n in set(pv))
     loop = pu[: pu.index(common) + 1] + list(reversed(pv[: pv.index(common)]))
     return (f"loop through {' -> '.join(label(n) for n in loop)} -> {label(loop[0])}"
-            f" (closed by the branch between {label(u)} and {label(v)}); "
+            f" (found at the branch between {label(u)} and {label(v)}); "
             "open a tie switch or use the pandapower backend")
 
 
