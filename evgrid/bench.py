@@ -109,3 +109,85 @@ def bench_powerflow(
             row(r.name, mode, _best_us(r.run, batch, min_s), vm)
         log.info("bench powerflow: batch %d done", batch)
     return rows
+
+
+# ---------------------------------------------------------------------------
+# env
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def bench_env(feeder_name: str = "ieee33", evs: Iterable[int] = (1000, 10000, 100000), *, n_station: int = 6,
+              steps: int = 24, seed: int = 0, views: Iterable[str] = ("rule", "grouped")) -> list[dict]:
+    """ms per step of one day's busiest ``steps`` steps (evening, most EVs plugged in), per fleet size.
+
+    ``rule``: the simulator with every level on its rule (``Sim.step``: rules, dispatch, power flow,
+    limits, settlement).  ``grouped`` / ``individual``: the PettingZoo ``step`` with learned operators
+    and stations and that EV view, fed fixed valid actions (decoding, observations and rewards
+    included).  ``bytes_per_ev``: resident memory growth from before building the environment to
+    after the timed steps, per EV session.
+    """
+    from evgrid.envs.config import load_config
+    from evgrid.envs.ev_grid import EVGridEnv
+    from evgrid.envs.sim import Sim
+
+    rows = []
+    for n_ev in evs:
+        # ports for everyone a station may see at once: no EV is turned away in the benchmark
+        ports = int(np.ceil(n_ev / n_station * 1.5)) + 10
+        base = {"seed": seed, "grid": {"feeder": feeder_name}, "fleet": {"n_ev": n_ev},
+                "stations": {"n_station": n_station, "ports": ports}}
+        for view in views:
+            if view == "rule":
+                cfg = load_config(base, {"agents": {"operator": "rule", "station": "rule", "ev_view": "rule"}})
+            else:
+                cfg = load_config(base, {"agents": {"ev_view": view}})
+            # the evening: from 17:00, when home sessions pile up
+            first = int(17 * 60 / cfg.dt_min)
+            rss0 = _rss_bytes()
+            if view == "rule":
+                sim = Sim(cfg, 1)
+                sim.reset(seed)
+                for _ in range(first):
+                    sim.step()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    sim.step()
+                dt = time.perf_counter() - t0
+                plugged = int(sim.plugged().size)
+            else:
+                env = EVGridEnv(cfg)
+                obs, _ = env.reset(seed=seed)
+                acts = _fixed_actions(env)
+                for _ in range(first):
+                    obs, *_ = env.step(acts(obs))
+                total = 0.0
+                for _ in range(steps):
+                    a = acts(obs)  # the policy's time is not the env's
+                    t0 = time.perf_counter()
+                    obs, *_ = env.step(a)
+                    total += time.perf_counter() - t0
+                dt = total
+                plugged = int(env.sim.plugged().size)
+            rss1 = _rss_bytes()
+            rows.append(dict(bench="env", feeder=feeder_name, view=view, n_ev=n_ev, plugged_at_end=plugged,
+                             steps=steps, ms_per_step=round(dt / steps * 1e3, 3),
+                             us_per_plugged_ev=round(dt / steps * 1e6 / max(plugged, 1), 4),
+                             bytes_per_ev=round((rss1 - rss0) / n_ev, 1)))
+            log.info("bench env: %s %d EVs done", view, n_ev)
+    return rows
+
+
+def _fixed_actions(env) -> Callable[[dict], dict]:
+    """Valid actions for every live agent: neutral prices, stations at full allowance, EVs charging."""
+    from evgrid.agents.baselines import BaselinePolicy
+
+    policy = BaselinePolicy("uncontrolled", env)
+    return policy.act

@@ -1,4 +1,4 @@
-"""Command line: ``evgrid demo | bench``.
+"""Command line: ``evgrid demo | bench | evaluate``.
 
 The CLI is the one place that prints; the library logs.
 """
@@ -16,8 +16,16 @@ import numpy as np
 def _bench(args: argparse.Namespace) -> int:
     from evgrid.bench import bench_powerflow
 
-    if args.what != "powerflow":
-        raise SystemExit(f"evgrid bench: unknown benchmark {args.what!r}; expected: powerflow")
+    if args.what == "env":
+        from evgrid.bench import bench_env
+
+        for feeder in args.feeder:
+            rows = bench_env(feeder, args.evs, steps=args.steps, seed=args.seed, views=args.views)
+            for r in rows:
+                print(json.dumps(r) if args.json else
+                      f"{r['view']:<11}{r['n_ev']:>8} EVs {r['plugged_at_end']:>7} plugged "
+                      f"{r['ms_per_step']:>10.3f} ms/step {r['bytes_per_ev']:>9.1f} B/EV", flush=True)
+        return 0
     for feeder in args.feeder:
         rows = bench_powerflow(feeder, args.batch, pandapower_max=args.pandapower_max,
                                external=not args.no_external, seed=args.seed, min_s=args.min_time)
@@ -61,6 +69,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from evgrid.evaluate import evaluate_baselines, summary_table
+
+    out = Path(args.out) if args.out else Path("runs") / f"evaluate-{Path(args.config).stem}"
+    rows = evaluate_baselines(args.config, args.policy, args.episodes, out_dir=out, seed=args.seed,
+                              overrides=args.overrides)
+    print(summary_table(rows), end="")
+    print(f"metrics: {out / 'metrics.parquet'}  summary: {out / 'summary.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="evgrid", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -70,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_demo)
 
     b = sub.add_parser("bench", help="benchmarks with JSON output")
-    b.add_argument("what", choices=["powerflow"], help="what to measure")
+    b.add_argument("what", choices=["powerflow", "env"], help="what to measure")
     b.add_argument("--feeder", nargs="+", default=["ieee33"], help="feeders: ieee33, feeder14, cigre_mv")
     b.add_argument("--batch", nargs="+", type=int, default=[1, 64, 1024, 8192], help="batch sizes (scenarios)")
     b.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -79,7 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-external", action="store_true", help="skip lightsim2grid and power-grid-model")
     b.add_argument("--seed", type=int, default=0, help="scenario generator seed")
     b.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per measurement")
+    b.add_argument("--evs", nargs="+", type=int, default=[1000, 10000, 100000], help="env: EV sessions per day")
+    b.add_argument("--steps", type=int, default=24, help="env: timed steps (from 17:00)")
+    b.add_argument("--views", nargs="+", default=["rule", "grouped"], choices=["rule", "grouped", "individual"],
+                   help="env: simulator with rules, and/or the PettingZoo step with this EV view")
     b.set_defaults(fn=_bench)
+
+    from evgrid.agents.baselines import POLICIES
+
+    e = sub.add_parser("evaluate", help="run baselines on a config; writes metrics.parquet and summary.md")
+    e.add_argument("config", help="experiment YAML, e.g. experiments/quickstart.yaml")
+    e.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. fleet.n_ev=500")
+    e.add_argument("--policy", nargs="+", default=["uncontrolled", "tou"], choices=POLICIES)
+    e.add_argument("--episodes", type=int, default=3)
+    e.add_argument("--seed", type=int, default=None, help="seed of episode 0 (default: the config's)")
+    e.add_argument("--out", default=None, help="output directory (default runs/evaluate-<config>)")
+    e.set_defaults(fn=_evaluate)
     return ap
 
 

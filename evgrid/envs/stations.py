@@ -1,0 +1,163 @@
+"""In-station dispatch: share a station's power limit among its plugged EVs.
+
+All functions are vectorised over every plugged EV of every station at once
+(``station[n]`` says which station each row belongs to); groups are formed by
+sorting, never by Python loops over EVs.
+
+Rules:
+
+* ``equal`` — equal share (water-filling): every EV gets ``min(request, λ)``
+  with λ chosen per station so the station limit is met exactly when it binds.
+* ``llf`` — seed 002's on/off least-laxity-first: EVs are ranked by urgency
+  ``c / e`` (``c`` remaining charge slots, ``e`` remaining parking slots,
+  both rounded conservatively), ties by smaller ``e``; the first
+  ``round(fraction * n_present)`` of them charge at their request (full power
+  under rule control) while the station limit lasts; the rest idle.
+* ``cap`` — the station's agent sets its limit as a fraction of ``p_max_kw``;
+  equal share inside it.
+
+Discharge (V2G) is never curtailed by the station limit: it lowers the
+station's draw.  The limit applies to the sum of charging power.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from evgrid.config import check_choice, check_int, check_real
+
+DISPATCH = ("equal", "llf", "cap")
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    """Charging stations of one environment."""
+
+    n_station: int = 6
+    """Number of stations, 1..10,000."""
+    buses: tuple[int, ...] | None = None
+    """Bus position (index into the feeder's buses) of each station; None spreads them over the zones' load buses."""
+    ports: int = 100
+    """Charging ports per station; an EV that finds all ports busy is turned away (its session is logged), 1..1e6."""
+    p_max_kw: float = 500.0
+    """Station connection limit on the sum of charging power, kW."""
+    dispatch: str = "equal"
+    """Sharing rule: ``equal``, ``llf`` (seed 002) or ``cap``; see the module docstring."""
+    fraction_levels: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    """Discrete actions of a learned station: share of present EVs to charge (``llf``) or of ``p_max_kw`` (``cap``)."""
+    c_max: int = 8
+    """Rows of the count matrix N[c, e] (remaining charge slots, larger ones in the last row), 1..96."""
+    e_max: int = 16
+    """Columns of N[c, e] (remaining parking slots), >= c_max."""
+
+    def __post_init__(self) -> None:
+        check_int("n_station", self.n_station, 1, 10_000)
+        if self.buses is not None:
+            if len(self.buses) != self.n_station:
+                raise ValueError(f"buses: expected {self.n_station} bus positions (one per station), got {len(self.buses)}")
+            for b in self.buses:
+                check_int("buses", b, 0)
+        check_int("ports", self.ports, 1, 1_000_000)
+        check_real("p_max_kw", self.p_max_kw, 0.0, 1e6, lo_open=True)
+        check_choice("dispatch", self.dispatch, DISPATCH)
+        if not self.fraction_levels:
+            raise ValueError("fraction_levels: expected at least one level in [0, 1]")
+        for x in self.fraction_levels:
+            check_real("fraction_levels", x, 0.0, 1.0)
+        check_int("c_max", self.c_max, 1, 96)
+        check_int("e_max", self.e_max, self.c_max, 192)
+
+
+def _group_starts(sorted_station: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """For rows sorted by station: the position of each row's group start."""
+    n = sorted_station.shape[0]
+    new = np.ones(n, dtype=bool)
+    new[1:] = sorted_station[1:] != sorted_station[:-1]
+    return np.maximum.accumulate(np.where(new, np.arange(n), 0))
+
+
+def _segment_cumsum(x: npt.NDArray[np.float64], starts: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """Inclusive cumulative sum within groups (rows already sorted by group)."""
+    c = np.cumsum(x)
+    before = np.concatenate([[0.0], c])[starts]
+    return c - before
+
+
+def equal_share(req_kw: npt.NDArray[np.float64], station: npt.NDArray[np.int64],
+                cap_kw: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Water-filling: ``min(req, λ_s)`` per EV with ``Σ = min(Σ req, cap_s)`` per station ``s``.
+
+    ``req_kw`` (n,) >= 0 charging requests; ``cap_kw`` (n_station_total,).
+    """
+    n = req_kw.shape[0]
+    if n == 0:
+        return req_kw.copy()
+    total = np.bincount(station, weights=req_kw, minlength=cap_kw.shape[0])
+    if (total <= cap_kw).all():
+        return req_kw.copy()
+    order = np.lexsort((req_kw, station))
+    s_sorted = station[order]
+    r_sorted = req_kw[order]
+    starts = _group_starts(s_sorted)
+    rank = np.arange(n) - starts  # 0-based rank within the station, ascending request
+    size = np.bincount(station, minlength=cap_kw.shape[0])[s_sorted]
+    before = _segment_cumsum(r_sorted, starts) - r_sorted  # requests smaller than this one, all served in full
+    # λ if this EV and every larger one get the same share of what is left
+    lam = (cap_kw[s_sorted] - before) / (size - rank)
+    # λ_s is the candidate at the first EV whose request does not fit under it.  Candidates rise
+    # while requests fit and never rise again after, so the first binding one is the largest.
+    binding = r_sorted >= lam
+    lam_station = np.full(cap_kw.shape[0], -np.inf)
+    np.maximum.at(lam_station, s_sorted[binding], lam[binding])
+    lam_station[np.isneginf(lam_station)] = np.inf  # nothing binds: every request is served
+    out = np.empty(n)
+    out[order] = np.minimum(r_sorted, np.maximum(lam_station[s_sorted], 0.0))
+    return out
+
+
+def charge_slots(e_need_kwh, p_max_kw, eta_ch, dt_h: float) -> npt.NDArray[np.int64]:
+    """Remaining charge slots c: steps at full power still needed, rounded up (conservative)."""
+    per_step = np.maximum(p_max_kw * eta_ch * dt_h, 1e-12)
+    return np.ceil(np.maximum(e_need_kwh, 0.0) / per_step - 1e-9).astype(np.int64)
+
+
+def llf_dispatch(req_kw: npt.NDArray[np.float64], station: npt.NDArray[np.int64], cap_kw: npt.NDArray[np.float64],
+                 fraction: npt.NDArray[np.float64], c_slots: npt.NDArray[np.int64],
+                 e_slots: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+    """On/off LLF: per station, the ``round(fraction * n)`` most urgent EVs charge at their request
+    while the cumulative power stays within ``cap_kw``; everyone else gets 0.
+
+    ``fraction`` (n_station_total,) in [0, 1]; urgency ``c / e`` (an EV with ``e <= 0`` is most urgent).
+    """
+    n = req_kw.shape[0]
+    out = np.zeros(n)
+    if n == 0:
+        return out
+    urgency = np.where(e_slots > 0, c_slots / np.maximum(e_slots, 1), np.inf)
+    # EVs that need nothing go last: charging them is never urgent
+    urgency = np.where(c_slots > 0, urgency, -1.0)
+    order = np.lexsort((e_slots, -urgency, station))
+    s_sorted = station[order]
+    starts = _group_starts(s_sorted)
+    rank = np.arange(n) - starts
+    n_present = np.bincount(station, minlength=cap_kw.shape[0])
+    n_on = np.rint(fraction * n_present).astype(np.int64)
+    r_sorted = req_kw[order]
+    cum = _segment_cumsum(r_sorted, starts)
+    on = (rank < n_on[s_sorted]) & (cum <= cap_kw[s_sorted] * (1 + 1e-12))
+    out[order] = np.where(on, r_sorted, 0.0)
+    return out
+
+
+def count_matrix(c_slots: npt.NDArray[np.int64], e_slots: npt.NDArray[np.int64], station: npt.NDArray[np.int64],
+                 n_station: int, c_max: int, e_max: int) -> npt.NDArray[np.float64]:
+    """Seed 002's N[c, e] per station: EVs by remaining charge slots (rows 0..c_max, larger in the
+    last) and parking slots (columns 0..e_max, larger in the last).  Shape (n_station, c_max+1, e_max+1)."""
+    c = np.minimum(np.maximum(c_slots, 0), c_max)
+    e = np.minimum(np.maximum(e_slots, 0), e_max)
+    flat = (station * (c_max + 1) + c) * (e_max + 1) + e
+    counts = np.bincount(flat, minlength=n_station * (c_max + 1) * (e_max + 1))
+    return counts.reshape(n_station, c_max + 1, e_max + 1).astype(np.float64)
