@@ -138,6 +138,10 @@ def bench_env(feeder_name: str = "ieee33", evs: Iterable[int] = (1000, 10000, 10
     from evgrid.envs.ev_grid import EVGridEnv
     from evgrid.envs.sim import Sim
 
+    # build and step a small one first: imports, feeder caches and compiled kernels are not per-EV memory
+    warm = Sim(load_config({"grid": {"feeder": feeder_name}, "fleet": {"n_ev": 10}, "n_steps": 2}), 1)
+    warm.reset(seed)
+    warm.step()
     rows = []
     for n_ev in evs:
         # ports for everyone a station may see at once: no EV is turned away in the benchmark

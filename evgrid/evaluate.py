@@ -8,7 +8,8 @@ Metric columns (other tools read these names):
 | operator_cost | Σ over steps and zones: purchase + diesel + carbon + curtailment cost |
 | ev_cost_per_kwh | what EV users paid / the energy they drew (V2G income netted) |
 | peak_valley_kw | max − min over the episode of the total feeder load |
-| voltage_violations | bus-steps outside [v_min, v_max] after limit enforcement |
+| voltage_violations | bus-steps outside [v_min, v_max] that the decisions caused: the power flow of the dispatch, before limit enforcement curtails it |
+| violations_enforced | bus-steps still outside after enforcement (e.g. base load alone, or no flexible EV near) |
 | max_line_loading | largest line / transformer loading of the episode |
 | curtailed_kwh | EV charging curtailed by limit enforcement |
 | unmet_kwh | energy short of the target of EVs that left (or were turned away) |
@@ -33,7 +34,8 @@ from evgrid.envs.sim import DEPARTED, TURNED_AWAY, Sim
 
 log = logging.getLogger(__name__)
 
-METRICS = ("operator_cost", "ev_cost_per_kwh", "peak_valley_kw", "voltage_violations", "max_line_loading",
+METRICS = ("operator_cost", "ev_cost_per_kwh", "peak_valley_kw", "voltage_violations", "violations_enforced",
+           "max_line_loading",
            "curtailed_kwh", "unmet_kwh", "slvtpr", "spatial_std_kw", "carbon_cost")
 
 
@@ -48,6 +50,7 @@ class EpisodeMetrics:
         self.load_max = np.full(e, -np.inf)
         self.load_min = np.full(e, np.inf)
         self.violations = np.zeros(e, dtype=np.int64)
+        self.violations_enforced = np.zeros(e, dtype=np.int64)
         self.max_loading = np.zeros(e)
         self.curtailed = np.zeros(e)
         self.slvtpr = np.zeros(e)
@@ -62,6 +65,7 @@ class EpisodeMetrics:
         self.load_max = np.fmax(self.load_max, total)
         self.load_min = np.fmin(self.load_min, total)
         self.violations += rec["violations"]
+        self.violations_enforced += rec["violations_enforced"]
         self.max_loading = np.fmax(self.max_loading, np.nanmax(rec["line_loading"], axis=1))
         self.curtailed += rec["curtail_kw"].sum(axis=1) * self.sim.dt_h
         fl = rec["feeder_load_kw"]
@@ -82,7 +86,8 @@ class EpisodeMetrics:
         return [dict(operator_cost=float(self.op_cost[e]),
                      ev_cost_per_kwh=float(paid[e] / drawn[e]) if drawn[e] > 0 else float("nan"),
                      peak_valley_kw=float(self.load_max[e] - self.load_min[e]),
-                     voltage_violations=int(self.violations[e]), max_line_loading=float(self.max_loading[e]),
+                     voltage_violations=int(self.violations[e]),
+                     violations_enforced=int(self.violations_enforced[e]), max_line_loading=float(self.max_loading[e]),
                      curtailed_kwh=float(self.curtailed[e]), unmet_kwh=float(unmet[e]),
                      slvtpr=float(self.slvtpr[e] / n) if multi else float("nan"),
                      spatial_std_kw=float(self.spatial_std[e] / n) if multi else float("nan"),

@@ -2,7 +2,7 @@
 
 ``steps.parquet``: one row per environment and step — time, total feeder
 load, losses, bus voltages, line loadings, zone loads, prices, curtailment,
-violations.  ``sessions.parquet``: one row per EV session — energy
+violations (caused by the dispatch, and left after enforcement).  ``sessions.parquet``: one row per EV session — energy
 requested, delivered, discharged, curtailed, cost, unmet energy, status.
 Each finished episode is written as its own row group, so an interrupted
 run keeps every episode it completed.
@@ -48,7 +48,8 @@ class EpisodeLog:
                 episode=self.episode, env=e, t=rec["t"], clock_h=rec["clock_h"], period=rec["period"],
                 total_load_kw=float(rec["total_load_kw"][e]), loss_kw=float(rec["loss_kw"][e]),
                 min_vm_pu=float(np.nanmin(rec["vm_pu"][e])) if rec["converged"][e] else float("nan"),
-                violations=int(rec["violations"][e]), converged=bool(rec["converged"][e]),
+                violations=int(rec["violations"][e]), violations_enforced=int(rec["violations_enforced"][e]),
+                converged=bool(rec["converged"][e]),
                 curtailed_kwh=float(rec["curtail_kw"][e].sum() * dt), v2g_added_kwh=float(rec["v2g_add_kw"][e].sum() * dt),
                 ev_kw=float(rec["p_ev_kw"][sim.env[rec["idx"]] == e].sum()),
                 vm_pu=rec["vm_pu"][e].tolist(), line_loading=rec["line_loading"][e].tolist(),

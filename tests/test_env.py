@@ -136,8 +136,12 @@ def test_sim_physics_invariants_on_random_actions(seed):
         soc_prev = sim.soc.copy()
         # energy balance on every feeder: slack = load + losses
         assert np.isfinite(rec["vm_pu"][rec["converged"]]).all()
-        # curtailment never exceeds the charging that was there
+        # curtailment is a reduction, never an addition
         assert (rec["curtail_kw"] >= -1e-9).all()
+        # energy balance: power from the upstream grid = net zone loads + losses
+        ok = rec["converged"]
+        np.testing.assert_allclose(rec["feeder_load_kw"][ok].sum(axis=1),
+                                   rec["zone_load_kw"][ok].sum(axis=1) + rec["loss_kw"][ok], rtol=1e-6, atol=1e-3)
     # no EV leaves with more energy than its charger could have given it
     s = sim.s
     done = np.isin(sim.status, (DEPARTED, TRUNCATED))
@@ -159,11 +163,13 @@ def test_limits_bring_voltages_back_when_evs_cause_the_violation():
     cut = 0.0
     while free.t < free.n_steps:
         a, b = free.step(), held.step()
-        v_free += int(a["violations"].sum())
-        v_held += int(b["violations"].sum())
+        v_free += int(a["violations_enforced"].sum())
+        v_held += int(b["violations_enforced"].sum())
+        # without enforcement the dispatch is what the grid sees
+        assert (a["violations"] == a["violations_enforced"]).all()
         cut += float(b["curtail_kw"].sum())
     assert v_free > 0, "the scenario should overload the feeder without enforcement"
-    assert v_held < v_free and cut > 0
+    assert v_held < v_free / 10 and cut > 0
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -118,7 +118,8 @@ class EVGridEnv(ParallelEnv, EzPickle):
     * operator: ``operator_profit * (EV revenue − purchase − diesel − carbon
       − curtailment cost) / 1000 − operator_peak_valley * ((zone load − its
       episode mean) / zone nominal)^2 − operator_violation * bus-steps outside
-      voltage limits in the zone``.
+      voltage limits in the zone``, counted on the power flow of the step's
+      dispatch before enforcement corrects it.
 
     ## Starting State
     ``reset(seed)`` draws the day's sessions, base load, PV and wind from

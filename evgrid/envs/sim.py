@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -65,6 +66,16 @@ class SimActions:
     ev_power: npt.NDArray[np.float64] | None = None  # (S,) fraction of the charger limit, [0, 1]
 
 
+class GridSolution(NamedTuple):
+    """One feeder's step: the flow after enforcement, what enforcement changed, and the voltages
+    the agents' dispatch would have produced without it."""
+
+    flow: FlowResult
+    curtail_kw: np.ndarray  # (E, n_bus) EV charging curtailed
+    v2g_kw: np.ndarray  # (E, n_bus) discharge added
+    vm_dispatch_pu: np.ndarray  # (E, n_bus) before enforcement
+
+
 class LocalGrid:
     """Power flow and limit enforcement for every feeder, in this process.
 
@@ -83,11 +94,12 @@ class LocalGrid:
         self._last = [None] * len(self._last)
 
     def solve(self, f: int, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
-              flex_v2g_kw: np.ndarray) -> tuple[FlowResult, np.ndarray, np.ndarray]:
-        """Solve feeder ``f`` for a batch (E, n_bus); returns (flow, curtail_kw, v2g_kw), both (E, n_bus)."""
+              flex_v2g_kw: np.ndarray) -> GridSolution:
+        """Solve feeder ``f`` for a batch (E, n_bus) and enforce its limits."""
         last = self._last[f]
         init = last if last is not None and last.state is not None and last.batch == p_kw.shape[0] else None
         flow = self.backends[f].solve(p_kw, q_kvar, init=init)
+        vm_dispatch = flow.vm_pu
         if self.enforcers is None:
             curtail = np.zeros_like(p_kw)
             v2g = np.zeros_like(p_kw)
@@ -96,7 +108,7 @@ class LocalGrid:
             flow, curtail, v2g = enf.flow, enf.curtail_kw, enf.v2g_kw
         # a non-converged scenario would poison the next warm start
         self._last[f] = flow if flow.converged.all() else None
-        return flow, curtail, v2g
+        return GridSolution(flow, curtail, v2g, vm_dispatch)
 
 
 class Sim:
@@ -416,6 +428,7 @@ class Sim:
         p_bus = base_p + ev_bus - gen
         # power flow + limits per feeder, all environments in one batch
         vm = np.empty((E, self.n_bus))
+        vm_dispatch = np.empty((E, self.n_bus))
         curtail = np.zeros((E, self.n_bus))
         v2g_add = np.zeros((E, self.n_bus))
         loss = np.zeros(E)
@@ -424,8 +437,9 @@ class Sim:
         line_loading = []
         for fi in range(len(self.feeders)):
             sl = slice(self.bus_offset[fi], self.bus_offset[fi + 1])
-            flow, c, v = self.grid.solve(fi, p_bus[:, sl], base_q[:, sl], flex_c[:, sl], flex_v[:, sl])
+            flow, c, v, vd = self.grid.solve(fi, p_bus[:, sl], base_q[:, sl], flex_c[:, sl], flex_v[:, sl])
             vm[:, sl] = flow.vm_pu
+            vm_dispatch[:, sl] = vd
             curtail[:, sl] = c
             v2g_add[:, sl] = v
             loss += np.nan_to_num(flow.loss_kw)
@@ -458,8 +472,9 @@ class Sim:
         zone_renew = np.bincount(zlin, renewable.ravel(), zl).reshape(E, self.n_zone)
         zone_ev_rev = np.bincount(env * self.n_zone + zone, ev_cost, zl).reshape(E, self.n_zone)
         zone_curt = np.bincount(zlin, curtail.ravel(), zl).reshape(E, self.n_zone) * dt
-        under = (vm < self.v_min_pu - 1e-6) | (vm > self.v_max_pu + 1e-6) | ~np.isfinite(vm)  # (E, n_bus)
-        zone_viol = np.bincount(zlin, under.ravel().astype(float), zl).reshape(E, self.n_zone)
+        outside = self._outside_limits(vm)  # (E, n_bus) after enforcement
+        outside_dispatch = self._outside_limits(vm_dispatch)  # what the decisions alone would have caused
+        zone_viol = np.bincount(zlin, outside_dispatch.ravel().astype(float), zl).reshape(E, self.n_zone)
         costs = mk.operating_cost(
             purchase_kwh=zone_load * dt, diesel_kw=zone_diesel, curtailed_kwh=np.zeros_like(zone_load),
             dt_h=dt, cum_excess_t=self.cum_excess_t, cfg=cfg.market, period=int(self.period[T]),
@@ -473,7 +488,8 @@ class Sim:
             vm_pu=vm, line_loading=np.concatenate(line_loading, axis=1), loss_kw=loss, feeder_load_kw=feeder_load,
             total_load_kw=feeder_load.sum(axis=1), converged=converged, curtail_kw=curtail, v2g_add_kw=v2g_add,
             zone_load_kw=zone_load, zone_mean_load_kw=mean_load, zone_ev_revenue=zone_ev_rev, zone_costs=costs,
-            zone_curtailed_kwh=zone_curt, zone_violations=zone_viol, violations=under.sum(axis=1),
+            zone_curtailed_kwh=zone_curt, zone_violations=zone_viol, violations=outside_dispatch.sum(axis=1),
+            violations_enforced=outside.sum(axis=1), vm_dispatch_pu=vm_dispatch,
             price_zone=price_zone, price_mult=self.prices.current.copy(),
         )
         self.last = rec
@@ -487,6 +503,10 @@ class Sim:
         self._advance_sessions()
         rec["departed"] = np.flatnonzero((self.status == DEPARTED) & (self.dep_step == self.t))
         return rec
+
+    def _outside_limits(self, vm: np.ndarray) -> np.ndarray:
+        """Buses outside [v_min, v_max]; a non-converged scenario counts at every bus."""
+        return (vm < self.v_min_pu - 1e-6) | (vm > self.v_max_pu + 1e-6) | ~np.isfinite(vm)
 
     def _requests(self, idx, act: SimActions, p_ch_av, p_dis_av, need_rate, price_ev) -> np.ndarray:
         """Power each plugged EV asks for (kW, discharge negative), within its physical bounds."""
