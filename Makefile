@@ -33,6 +33,8 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/evgrid bench powerflow --feeder ieee33 --batch 1 64 1024 8192 --json
+	$(BIN)/evgrid bench env --feeder ieee33 --evs 1000 10000 100000 --json
+	$(BIN)/evgrid bench env --feeder ieee33 --evs 2000 --views individual --json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

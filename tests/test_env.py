@@ -210,3 +210,29 @@ def test_state_is_global_and_finite():
     s1 = env.state()
     assert s0.shape == s1.shape and np.isfinite(s1).all()
     assert s1.shape[0] > env.sim.n_bus
+
+
+@pytest.mark.parametrize("dispatch", ["equal", "llf", "cap"])
+def test_station_actions_act_on_dispatch(dispatch):
+    cfg = load_config(None, {**SMALL, "stations": {"ports": 30, "dispatch": dispatch, "p_max_kw": 300.0},
+                             "grid": {"enforce_limits": False}, "fleet": {"n_ev": 200, "v2g_share": 0.0}})
+    sim = Sim(cfg)
+    sim.reset(2)
+    from evgrid.envs.sim import SimActions
+
+    frac = np.tile([0.0, 0.5], sim.n_station // 2)
+    for _ in range(30):
+        idx = sim.plugged()
+        rec = sim.step(SimActions(station_fraction=frac))
+        p = rec["p_ev_kw"]
+        stn = sim.station[idx]
+        assert (p[frac[stn] == 0.0] <= 1e-9).all(), "a station at fraction 0 let an EV charge"
+        half = frac[stn] == 0.5
+        if dispatch == "equal":
+            assert (np.bincount(stn, p, sim.n_station) <= 150.0 + 1e-6).all()
+        elif dispatch == "cap":
+            assert (p[half] <= 0.5 * sim.s.p_ch_max_kw[idx][half] + 1e-9).all()
+        else:
+            on = np.bincount(stn, p > 1e-9, sim.n_station)
+            n = np.bincount(stn, minlength=sim.n_station)
+            assert (on <= np.rint(frac * n) + 1e-9).all()

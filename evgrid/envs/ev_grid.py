@@ -59,8 +59,9 @@ class EVGridEnv(ParallelEnv, EzPickle):
     * operator: ``Box(multiplier_min, multiplier_max, (1,))`` price multiplier
       for the next step, or ``Discrete(len(price_levels))`` with
       ``operator_action: level``.
-    * station: ``Discrete(len(fraction_levels))``: the share of its EVs that
-      may charge (``llf``) or of its power limit (``cap``).
+    * station: ``Discrete(len(fraction_levels))``: its power limit as a share
+      of ``p_max_kw`` (dispatch ``equal``), the share of its EVs that may
+      charge (``llf``), or each EV's power level (``cap``).
     * ev: ``Dict(mode=Discrete(3), power=Box(0, 1, (1,)))``; mode 0 charge,
       1 idle, 2 discharge; power is a fraction of the charger's limit.
       Physical bounds always hold: a full battery does not charge, a non-V2G

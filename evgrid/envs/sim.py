@@ -531,10 +531,12 @@ class Sim:
             req = np.where(now, full, 0.0)
         else:
             req = full
-        # price-elastic users (seed 003): a dearer period loses demand, a cheaper one gains (within power limits)
-        factor = mk.elastic_demand_factor_now(self.prices.current[self.env[idx], self.zone_of_bus[
-            self.station_bus[self.station[idx] % self.n_station]]], int(self.period[self.t]), cfg.market)
-        return np.minimum(req * factor, p_ch_av)
+        # price-elastic users (seed 003): a dearer period loses demand; a cheaper one cannot push a rule EV
+        # past full power or its target, so there the rule's request stands
+        zone = self.zone_of_bus[self.station_bus[self.station[idx] % self.n_station]]
+        factor = mk.elastic_demand_factor_now(self.prices.current[self.env[idx], zone], int(self.period[self.t]),
+                                              cfg.market)
+        return np.minimum(req * factor, full)
 
     def _dispatch(self, idx, stn, req, forced, act: SimActions) -> np.ndarray:
         """Share each station's limit among its EVs' charging requests; discharge passes through."""
@@ -542,16 +544,18 @@ class Sim:
         n_st = self.n_env * self.n_station
         charge = np.maximum(req, 0.0)
         cap = np.full(n_st, sc.p_max_kw)
-        if sc.dispatch == "cap" and act.station_fraction is not None:
-            cap = cap * act.station_fraction
+        frac = act.station_fraction
+        if frac is not None and sc.dispatch == "equal":
+            cap = cap * frac
+        elif frac is not None and sc.dispatch == "cap":
+            charge = np.minimum(charge, frac[stn] * self.s.p_ch_max_kw[idx])
         # forced (uninterruptible) EVs take their power first
         cap = np.maximum(cap - np.bincount(stn, np.where(forced, charge, 0.0), n_st), 0.0)
         free = ~forced
         out = np.where(forced, charge, 0.0)
         if sc.dispatch == "llf":
-            frac = act.station_fraction if act.station_fraction is not None else np.ones(n_st)
             c, e = self.slots(idx[free])
-            out[free] = st.llf_dispatch(charge[free], stn[free], cap, frac, c, e)
+            out[free] = st.llf_dispatch(charge[free], stn[free], cap, frac if frac is not None else np.ones(n_st), c, e)
         else:
             out[free] = st.equal_share(charge[free], stn[free], cap)
         return out + np.minimum(req, 0.0)

@@ -13,8 +13,14 @@ Rules:
   both rounded conservatively), ties by smaller ``e``; the first
   ``round(fraction * n_present)`` of them charge at their request (full power
   under rule control) while the station limit lasts; the rest idle.
-* ``cap`` — the station's agent sets its limit as a fraction of ``p_max_kw``;
-  equal share inside it.
+* ``cap`` — every EV charges at most a fraction of its charger's limit (a
+  power level the station sets for all its EVs); equal share under the
+  station limit.
+
+A learned station's action (``fraction_levels``) means: for ``equal``, its
+limit as a share of ``p_max_kw``; for ``llf``, the share of present EVs
+that charge; for ``cap``, the per-EV power level.  Under rule control the
+fraction is 1.
 
 Discharge (V2G) is never curtailed by the station limit: it lowers the
 station's draw.  The limit applies to the sum of charging power.
@@ -47,7 +53,8 @@ class StationConfig:
     dispatch: str = "equal"
     """Sharing rule: ``equal``, ``llf`` (seed 002) or ``cap``; see the module docstring."""
     fraction_levels: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    """Discrete actions of a learned station: share of present EVs to charge (``llf``) or of ``p_max_kw`` (``cap``)."""
+    """Discrete actions of a learned station: share of ``p_max_kw`` (``equal``), of present EVs that charge
+    (``llf``) or of each charger's limit (``cap``)."""
     c_max: int = 8
     """Rows of the count matrix N[c, e] (remaining charge slots, larger ones in the last row), 1..96."""
     e_max: int = 16
