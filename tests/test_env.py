@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 from pettingzoo.test import parallel_api_test, parallel_seed_test
 
 import evgrid
@@ -105,7 +107,8 @@ def test_parquet_logs_have_the_documented_columns(tmp_path):
     assert len(steps) == SMALL["n_steps"] and len(sessions) == SMALL["fleet"]["n_ev"]
 
 
-@pytest.mark.parametrize("seed", range(4))
+@settings(max_examples=5, deadline=None)
+@given(seed=hst.integers(0, 2**31 - 1))
 def test_sim_physics_invariants_on_random_actions(seed):
     cfg = load_config(None, {**SMALL, "fleet": {"n_ev": 400}, "stations": {"ports": 80,
                                                 "p_max_kw": 150.0}, "grid": {"base_load_scale": 0.9}})
