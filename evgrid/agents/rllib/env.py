@@ -1,0 +1,58 @@
+"""A thin RLlib ``MultiAgentEnv`` over the EVGrid ``ParallelEnv``.
+
+RLlib's own ``ParallelPettingZooEnv`` takes the agent set at ``reset`` as
+fixed and fails when an EV agent arrives later; this adapter passes the
+PettingZoo dicts through unchanged and adds what RLlib needs: per-agent
+spaces built from ``possible_agents``, ``__all__`` flags, and the global
+``state()`` (also in ``infos["__common__"]`` when ``state_in_infos``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.rllib.env.multi_agent_env import MultiAgentEnv
+
+from evgrid.envs.ev_grid import EVGridEnv
+
+
+class RLlibEVGrid(MultiAgentEnv):
+    """``env_config``: ``{"config": <EnvConfig | YAML path | mapping>, "overrides": {...},
+    "state_in_infos": False}``; overrides as for ``evgrid.make``."""
+
+    def __init__(self, env_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        env_config = dict(env_config or {})
+        unknown = set(env_config) - {"config", "overrides", "state_in_infos"}
+        if unknown:
+            raise ValueError(f"env_config: unknown key {sorted(unknown)[0]!r}; "
+                             "expected config, overrides, state_in_infos")
+        self.env = EVGridEnv(env_config.get("config"), **dict(env_config.get("overrides") or {}))
+        self.state_in_infos = bool(env_config.get("state_in_infos", False))
+        self.possible_agents = list(self.env.possible_agents)
+        self.observation_spaces = {a: self.env.observation_space(a) for a in self.possible_agents}
+        self.action_spaces = {a: self.env.action_space(a) for a in self.possible_agents}
+        self.agents = []
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, infos = self.env.reset(seed=seed, options=options)
+        self.agents = list(self.env.agents)
+        return obs, self._with_state(infos)
+
+    def step(self, action_dict: dict[str, Any]):
+        obs, rew, term, trunc, infos = self.env.step(action_dict)
+        self.agents = list(self.env.agents)
+        term["__all__"] = False  # the day ends by truncation; agents terminate one by one
+        trunc["__all__"] = not self.env.agents
+        return obs, rew, term, trunc, self._with_state(infos)
+
+    def state(self):
+        return self.env.state()
+
+    def _with_state(self, infos: dict) -> dict:
+        if self.state_in_infos:
+            infos["__common__"] = {"state": self.env.state()}
+        return infos
+
+    def close(self) -> None:
+        self.env.close()
