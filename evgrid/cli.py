@@ -1,4 +1,4 @@
-"""Command line: ``evgrid demo | bench | evaluate``.
+"""Command line: ``evgrid demo | train | evaluate | bench``.
 
 The CLI is the one place that prints; the library logs.
 """
@@ -82,6 +82,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from evgrid.cluster.runtime import train
+
+    if args.config is not None and "=" in args.config:  # `evgrid train key=value --resume RUN`: no config path
+        args.overrides.insert(0, args.config)
+        args.config = None
+    if args.config is None and args.resume is None:
+        raise SystemExit("evgrid train: give a config (experiments/quickstart.yaml) or --resume RUN_DIR")
+    out = train(args.config, args.overrides, address=args.address, resume=args.resume, run_dir=args.run_dir)
+    print((out / "summary.md").read_text(encoding="utf-8"), end="")
+    print(f"run directory: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="evgrid", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -105,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--views", nargs="+", default=["rule", "grouped"], choices=["rule", "grouped", "individual"],
                    help="env: simulator with rules, and/or the PettingZoo step with this EV view")
     b.set_defaults(fn=_bench)
+
+    t = sub.add_parser("train", help="train the learned levels with RLlib (Ray embedded, or --address a cluster)")
+    t.add_argument("config", nargs="?", default=None, help="experiment YAML with an optional train: section")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=50 fleet.n_ev=500")
+    t.add_argument("--address", default=None, help="join a Ray cluster: auto or ray://host:10001 (default: embedded)")
+    t.add_argument("--resume", default=None, help="run directory to continue from its last checkpoint")
+    t.add_argument("--run-dir", default=None, help="new run directory (default runs/<name>-<time>)")
+    t.set_defaults(fn=_train)
 
     from evgrid.agents.baselines import POLICIES
 

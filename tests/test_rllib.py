@@ -132,3 +132,25 @@ def test_one_ppo_iteration_trains_all_three_levels(ray_local):
             assert np.isfinite(r["learners"][mid]["total_loss"])
     finally:
         algo.stop()
+
+
+def test_train_cli_checkpoints_and_resumes_without_losing_iterations(tmp_path, ray_local):
+    import pandas as pd
+
+    from evgrid.cli import main
+
+    run = tmp_path / "run"
+    small = ["n_steps=24", "start_hour=16.0", "fleet.n_ev=100", "stations.ports=40", "train.num_env_runners=0",
+             "train.train_batch_size=48", "train.minibatch_size=24", "train.rollout_fragment_length=48",
+             "train.num_epochs=1", "train.checkpoint_every=1"]
+    assert main(["train", "experiments/quickstart.yaml", *small, "train.iterations=2", "--run-dir", str(run)]) == 0
+    for name in ("config.yaml", "metrics.parquet", "summary.md", "learning_curves.png"):
+        assert (run / name).is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
+    assert main(["train", "train.iterations=3", "--resume", str(run)]) == 0
+    m = pd.read_parquet(run / "metrics.parquet")
+    assert sorted(m.iteration.unique()) == [1, 2, 3]
+    assert set(m.module) == {"operator", "station", "ev"}
+    env_steps = m.groupby("iteration").env_steps.first()
+    assert env_steps.is_monotonic_increasing and env_steps.iloc[-1] > env_steps.iloc[1]
+    assert (m.ev_decisions > 0).all()

@@ -33,6 +33,7 @@ class RLlibEVGrid(MultiAgentEnv):
         self.observation_spaces = {a: self.env.observation_space(a) for a in self.possible_agents}
         self.action_spaces = {a: self.env.action_space(a) for a in self.possible_agents}
         self.agents = []
+        self.last_ev_decisions = 0  # per-EV actions in the last step (read by the training callback)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         obs, infos = self.env.reset(seed=seed, options=options)
@@ -40,6 +41,8 @@ class RLlibEVGrid(MultiAgentEnv):
         return obs, self._with_state(infos)
 
     def step(self, action_dict: dict[str, Any]):
+        learned_evs = self.env.cfg.agents.ev_view != "rule"
+        self.last_ev_decisions = int(self.env.sim.plugged().size) if learned_evs else 0
         obs, rew, term, trunc, infos = self.env.step(action_dict)
         self.agents = list(self.env.agents)
         term["__all__"] = False  # the day ends by truncation; agents terminate one by one

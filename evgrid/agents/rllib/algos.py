@@ -1,0 +1,155 @@
+"""Training settings (``train:`` in an experiment YAML) and the RLlib algorithm config they build.
+
+Algorithms: PPO (default), APPO, IMPALA, and DQN (double-Q) for configs whose
+learned levels all act discretely (operators with ``operator_action: level``,
+stations; EVs on their rule).  RLlib 2.60 has no A2C: PPO with one epoch over
+the batch, no clipping (``clip_param`` large) and no KL term is its special
+case — ``algorithm: PPO``, ``num_epochs: 1``, ``clip_param: 1e6``, ``kl_coeff: 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray.rllib.callbacks.callbacks import RLlibCallback
+
+from evgrid.config import check_choice, check_int, check_real
+from evgrid.envs.config import EnvConfig
+
+ALGORITHMS = ("PPO", "APPO", "IMPALA", "DQN")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How ``evgrid train`` trains the learned levels."""
+
+    algorithm: str = "PPO"
+    """PPO, APPO, IMPALA or DQN (discrete levels only; double-Q)."""
+    iterations: int = 20
+    """Training iterations, 1..1,000,000."""
+    checkpoint_every: int = 5
+    """Checkpoint every N iterations (and always at the end), 1..1,000,000."""
+    num_env_runners: int = 1
+    """Sampling workers (0 samples in the driver), 0..4096."""
+    envs_per_runner: int = 1
+    """Environments per runner, stepped together, 1..1024."""
+    rollout_fragment_length: int = 96
+    """Env steps per runner per sample call, 1..100,000."""
+    train_batch_size: int = 384
+    """Env steps per training batch, 1..10,000,000."""
+    minibatch_size: int = 128
+    """SGD minibatch (PPO), 1..train_batch_size."""
+    num_epochs: int = 4
+    """Passes over each batch (PPO), 1..100."""
+    lr: float = 3e-4
+    """Learning rate, (0, 1]."""
+    gamma: float = 0.99
+    """Discount, [0, 1]."""
+    clip_param: float = 0.2
+    """PPO ratio clip, (0, 1e9]."""
+    kl_coeff: float = 0.2
+    """PPO KL penalty coefficient, [0, 1e6]."""
+    entropy_coeff: float = 0.0
+    """Entropy bonus, [0, 10]."""
+    hidden: tuple[int, ...] = (64, 64)
+    """Hidden layer widths of every level's network."""
+    powerflow: str = "local"
+    """Power flow in each env (``local``, measured faster for one small feeder per runner) or the shared ``actor``."""
+    num_powerflow_actors: int = 1
+    """Power-flow actors when ``powerflow: actor`` (feeders sharded across them), 1..256."""
+    seed: int = 0
+    """Seed of the algorithm (network init, sampling)."""
+
+    def __post_init__(self) -> None:
+        check_choice("algorithm", self.algorithm, ALGORITHMS)
+        check_int("iterations", self.iterations, 1, 1_000_000)
+        check_int("checkpoint_every", self.checkpoint_every, 1, 1_000_000)
+        check_int("num_env_runners", self.num_env_runners, 0, 4096)
+        check_int("envs_per_runner", self.envs_per_runner, 1, 1024)
+        check_int("rollout_fragment_length", self.rollout_fragment_length, 1, 100_000)
+        check_int("train_batch_size", self.train_batch_size, 1, 10_000_000)
+        check_int("minibatch_size", self.minibatch_size, 1, self.train_batch_size)
+        check_int("num_epochs", self.num_epochs, 1, 100)
+        check_real("lr", self.lr, 0.0, 1.0, lo_open=True)
+        check_real("gamma", self.gamma, 0.0, 1.0)
+        check_real("clip_param", self.clip_param, 0.0, 1e9, lo_open=True)
+        check_real("kl_coeff", self.kl_coeff, 0.0, 1e6)
+        check_real("entropy_coeff", self.entropy_coeff, 0.0, 10.0)
+        if not self.hidden:
+            raise ValueError("hidden: expected at least one layer width")
+        for h in self.hidden:
+            check_int("hidden", h, 1, 65536)
+        check_choice("powerflow", self.powerflow, ("local", "actor"))
+        check_int("num_powerflow_actors", self.num_powerflow_actors, 1, 256)
+        check_int("seed", self.seed, 0, 2**31 - 1)
+
+
+def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid") -> Any:
+    """The RLlib ``AlgorithmConfig`` for ``env`` (registered as ``env_name``) trained per ``train``."""
+    from ray.rllib.algorithms.appo import APPOConfig
+    from ray.rllib.algorithms.dqn import DQNConfig
+    from ray.rllib.algorithms.impala import IMPALAConfig
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    from evgrid.agents.rllib.env import RLlibEVGrid
+    from evgrid.agents.rllib.modules import module_specs, policy_mapping_fn
+    from evgrid.config import to_dict
+
+    env_config = {"config": to_dict(env)}
+    probe = RLlibEVGrid(env_config)
+    specs = module_specs(probe, {"hidden": list(train.hidden), "fcnet_hiddens": list(train.hidden)})
+    if train.algorithm == "DQN":
+        import gymnasium as gym
+
+        bad = [m for m, s in specs.rl_module_specs.items() if not isinstance(s.action_space, gym.spaces.Discrete)]
+        if bad:
+            raise ValueError(f"train.algorithm: DQN needs discrete actions for every learned level; {bad[0]!r} is "
+                             f"not (set agents.operator_action: level and agents.ev_view: rule, or use PPO)")
+    cls = {"PPO": PPOConfig, "APPO": APPOConfig, "IMPALA": IMPALAConfig, "DQN": DQNConfig}[train.algorithm]
+    cfg = (cls()
+           .environment(env_name, env_config=env_config, normalize_actions=False, clip_actions=True)
+           .env_runners(num_env_runners=train.num_env_runners, num_envs_per_env_runner=train.envs_per_runner,
+                        rollout_fragment_length=train.rollout_fragment_length)
+           .multi_agent(policies=set(specs.rl_module_specs), policy_mapping_fn=policy_mapping_fn)
+           .rl_module(rl_module_spec=specs)
+           .callbacks(EVDecisionCounter)
+           .debugging(seed=train.seed))
+    common: dict[str, Any] = dict(lr=train.lr, gamma=train.gamma, train_batch_size_per_learner=train.train_batch_size)
+    if train.algorithm == "PPO":
+        common.update(minibatch_size=train.minibatch_size, num_epochs=train.num_epochs, clip_param=train.clip_param,
+                      kl_coeff=train.kl_coeff, entropy_coeff=train.entropy_coeff)
+    elif train.algorithm in ("APPO", "IMPALA"):
+        common.update(entropy_coeff=train.entropy_coeff)
+    else:
+        common.update(double_q=True)
+    return cfg.training(**common)
+
+
+class EVDecisionCounter(RLlibCallback):
+    """Logs ``ev_decisions`` (per-EV actions taken: one per plugged EV agent or occupied slot) per iteration."""
+
+    def on_episode_step(self, *, episode, env=None, metrics_logger=None, **kwargs) -> None:
+        if metrics_logger is None or env is None:
+            return
+        n = 0
+        for sub in getattr(env.unwrapped, "envs", [env.unwrapped]):
+            inner = getattr(sub, "unwrapped", sub)
+            n += int(getattr(inner, "last_ev_decisions", 0))
+        metrics_logger.log_value("ev_decisions", n, reduce="sum")
+
+
+def summary_of(result: dict) -> dict[str, float]:
+    """Flat per-iteration numbers from an RLlib result dict (NaN where RLlib did not report)."""
+    er = result.get("env_runners", {})
+    out = {"env_steps": float(er.get("num_env_steps_sampled_lifetime", np.nan)),
+           "episodes": float(er.get("num_episodes_lifetime", np.nan)),
+           "ev_decisions": float(er.get("ev_decisions", np.nan)),
+           "sample_s": float(result.get("timers", {}).get("env_runner_sampling_timer", np.nan)),
+           "learn_s": float(result.get("timers", {}).get("learner_update_timer", np.nan))}
+    for mid, ret in (er.get("module_episode_returns_mean") or {}).items():
+        out[f"return_{mid}"] = float(ret)
+    for mid, n in (er.get("num_module_steps_sampled") or {}).items():
+        out[f"agent_steps_{mid}"] = float(n)
+    return out

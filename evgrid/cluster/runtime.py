@@ -1,0 +1,174 @@
+"""Ray connection and the training run: embedded by default, or an existing cluster.
+
+``connect()`` with no address starts Ray inside this process, bound to
+127.0.0.1 with no dashboard; ``connect("auto")`` or ``connect("ray://host:10001")``
+joins a running cluster and ships the ``evgrid`` package to its workers via
+``runtime_env.py_modules``.  Every worker runs one thread
+(``OMP_NUM_THREADS=1``): on small machines more threads stall RLlib.
+
+``train()`` writes a run directory::
+
+    <run_dir>/config.yaml        the resolved config (env sections + train:)
+    <run_dir>/checkpoints/iter_000005/ ...
+    <run_dir>/metrics.parquet    one row per iteration and module
+    <run_dir>/learning_curves.png
+    <run_dir>/summary.md
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evgrid.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
+from evgrid.envs.config import EnvConfig
+
+log = logging.getLogger(__name__)
+
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+
+
+@contextlib.contextmanager
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[None]:
+    """Ray for the duration of the block; shuts down only what it started."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    else:
+        import evgrid
+
+        pkg = str(Path(evgrid.__file__).parent)
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV, "py_modules": [pkg]}, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def load_run_config(source: Any, overrides: Iterable[str] | dict = ()) -> tuple[EnvConfig, Any]:
+    """(EnvConfig, TrainConfig) from an experiment YAML whose optional ``train:`` section holds the training
+    settings; ``train.iterations=5`` style overrides go to that section."""
+    from evgrid.agents.rllib.algos import TrainConfig
+
+    data = dict(read_yaml(source)) if isinstance(source, str | os.PathLike) else dict(source or {})
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    data = merge(data, extra)
+    train = from_dict(TrainConfig, data.pop("train", None), "train.")
+    env = from_dict(EnvConfig, data)
+    return env, train
+
+
+def _register_env() -> None:
+    from ray.tune.registry import register_env
+
+    from evgrid.agents.rllib.env import RLlibEVGrid
+
+    register_env("evgrid", lambda c: RLlibEVGrid(c))
+
+
+def _latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("iter_*"))
+    if not ckpts:
+        return None
+    return ckpts[-1], int(ckpts[-1].name.split("_")[1])
+
+
+def train(config: Any = None, overrides: Iterable[str] = (), *, address: str | None = None,
+          resume: str | os.PathLike[str] | None = None, run_dir: str | os.PathLike[str] | None = None,
+          progress: bool = True) -> Path:
+    """Train the config's learned levels; returns the run directory."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    from evgrid.agents.rllib.algos import algo_config, summary_of
+
+    if resume is not None:
+        out = Path(resume)
+        if not (out / "config.yaml").is_file():
+            raise ConfigError(f"resume: {os.fspath(out)!r} is not a run directory (no config.yaml)")
+        env_cfg, train_cfg = load_run_config(out / "config.yaml", overrides)
+    else:
+        if config is None:
+            raise ConfigError("config: give an experiment YAML (e.g. experiments/quickstart.yaml)")
+        env_cfg, train_cfg = load_run_config(config, overrides)
+        out = Path(run_dir) if run_dir is not None else Path("runs") / f"{env_cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out.mkdir(parents=True, exist_ok=False)
+    (out / "config.yaml").write_text(yaml.safe_dump({**to_dict(env_cfg), "train": to_dict(train_cfg)},
+                                                    sort_keys=False), encoding="utf-8")
+    metrics_path = out / "metrics.parquet"
+    rows: list[dict] = []
+    start = 0
+    with connect(address):
+        _register_env()
+        algo = algo_config(env_cfg, train_cfg).build_algo()
+        try:
+            found = _latest_checkpoint(out) if resume is not None else None
+            if found is not None:
+                algo.restore_from_path(str(found[0].resolve()))
+                start = found[1]
+                if metrics_path.is_file():
+                    old = pd.read_parquet(metrics_path)
+                    rows = old[old.iteration <= start].to_dict("records")
+                log.info("resumed %s at iteration %d", out, start)
+            bar = tqdm(total=train_cfg.iterations, initial=start, desc="train", unit="it", disable=not progress)
+            for it in range(start + 1, train_cfg.iterations + 1):
+                t0 = time.perf_counter()
+                result = algo.train()
+                s = summary_of(result)
+                base = {k: v for k, v in s.items() if not k.startswith(("return_", "agent_steps_"))}
+                modules = sorted({k.split("_", 1)[1] for k in s if k.startswith("return_")} |
+                                 {k.split("_", 2)[2] for k in s if k.startswith("agent_steps_")})
+                for mid in modules:
+                    rows.append({"iteration": it, "module": mid, "wall_s": time.perf_counter() - t0, **base,
+                                 "return_mean": s.get(f"return_{mid}", float("nan")),
+                                 "agent_steps": s.get(f"agent_steps_{mid}", float("nan"))})
+                pd.DataFrame(rows).to_parquet(metrics_path, index=False)
+                bar.update(1)
+                bar.set_postfix({m: f"{s[f'return_{m}']:.1f}" for m in modules if f"return_{m}" in s})
+                if it % train_cfg.checkpoint_every == 0 or it == train_cfg.iterations:
+                    algo.save_to_path(str((out / "checkpoints" / f"iter_{it:06d}").resolve()))
+            bar.close()
+        finally:
+            algo.stop()
+    _report(out, rows)
+    return out
+
+
+def _report(out: Path, rows: list[dict]) -> None:
+    """learning_curves.png (return per level) and summary.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    if not rows:
+        return
+    df = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mid, g in df.groupby("module"):
+        ax.plot(g.iteration, g.return_mean, label=mid)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mean episode return")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=100)
+    plt.close(fig)
+    last = df[df.iteration == df.iteration.max()]
+    lines = [f"# {out.name}", "", f"iterations: {int(df.iteration.max())}", "",
+             "| module | return (last iteration) | agent steps |", "|---|---|---|"]
+    lines += [f"| {r.module} | {r.return_mean:.3f} | {r.agent_steps:.0f} |" for r in last.itertuples()]
+    (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
