@@ -75,8 +75,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from evgrid.evaluate import evaluate_baselines, summary_table
 
     out = Path(args.out) if args.out else Path("runs") / f"evaluate-{Path(args.config).stem}"
-    rows = evaluate_baselines(args.config, args.policy, args.episodes, out_dir=out, seed=args.seed,
-                              overrides=args.overrides)
+    if args.checkpoint is not None:
+        from evgrid.cluster.runtime import connect
+
+        with connect():  # restoring RLlib modules needs Ray
+            rows = evaluate_baselines(args.config, args.policy, args.episodes, out_dir=out, seed=args.seed,
+                                      overrides=args.overrides, checkpoint=args.checkpoint)
+    else:
+        rows = evaluate_baselines(args.config, args.policy, args.episodes, out_dir=out, seed=args.seed,
+                                  overrides=args.overrides)
     print(summary_table(rows), end="")
     print(f"metrics: {out / 'metrics.parquet'}  summary: {out / 'summary.md'}")
     return 0
@@ -137,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--episodes", type=int, default=3)
     e.add_argument("--seed", type=int, default=None, help="seed of episode 0 (default: the config's)")
     e.add_argument("--out", default=None, help="output directory (default runs/evaluate-<config>)")
+    e.add_argument("--checkpoint", default=None, help="also run trained policies: a checkpoint or a run directory")
     e.set_defaults(fn=_evaluate)
     return ap
 

@@ -105,10 +105,26 @@ def run_rule_episode(cfg: EnvConfig, seed: int) -> dict[str, float]:
     return m.rows()[0]
 
 
+def run_trained_episode(cfg: EnvConfig, checkpoint: str | os.PathLike[str], seed: int) -> dict[str, float]:
+    """One episode of the config's learned levels acting greedily with a checkpoint's modules."""
+    from evgrid.agents.rllib.policy import TrainedPolicy
+    from evgrid.envs.ev_grid import EVGridEnv
+
+    env = EVGridEnv(cfg)
+    policy = TrainedPolicy(checkpoint, env)
+    obs, _ = env.reset(seed=seed)
+    m = EpisodeMetrics(env.sim)
+    while env.agents:
+        obs, *_ = env.step(policy.act(obs))
+        m.add(env._last_rec)
+    return m.rows()[0]
+
+
 def evaluate_baselines(config: Any, policies: list[str], episodes: int, *, out_dir: str | os.PathLike[str] | None,
-                       seed: int | None = None, overrides: Any = (), progress: bool = True) -> list[dict]:
-    """Run each baseline for ``episodes`` episodes (seeds ``seed``, ``seed + 1``, ...) and write
-    ``metrics.parquet`` and ``summary.md`` to ``out_dir``."""
+                       seed: int | None = None, overrides: Any = (), progress: bool = True,
+                       checkpoint: str | os.PathLike[str] | None = None) -> list[dict]:
+    """Run each baseline (and, with ``checkpoint``, the trained policies as ``trained``) for ``episodes``
+    episodes on seeds ``seed``, ``seed + 1``, ...; write ``metrics.parquet`` and ``summary.md`` to ``out_dir``."""
     from tqdm import tqdm
 
     from evgrid.agents.baselines import rule_overrides
@@ -118,7 +134,12 @@ def evaluate_baselines(config: Any, policies: list[str], episodes: int, *, out_d
     base = load_config(config, overrides)
     seed = base.seed if seed is None else seed
     rows: list[dict] = []
-    bar = tqdm(total=len(policies) * episodes, desc="evaluate", unit="episode", disable=not progress)
+    runs = (["trained"] if checkpoint is not None else []) + list(policies)
+    bar = tqdm(total=len(runs) * episodes, desc="evaluate", unit="episode", disable=not progress)
+    if checkpoint is not None:
+        for ep in range(episodes):
+            rows.append({"policy": "trained", "episode": ep, **run_trained_episode(base, checkpoint, seed + ep)})
+            bar.update(1)
     for policy in policies:
         cfg = load_config(base, rule_overrides(policy, routed=base.routing is not None))
         for ep in range(episodes):

@@ -183,7 +183,8 @@ class EnvConfig:
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | EnvConfig | None = None,
                 overrides: Iterable[str] | Mapping[str, Any] = ()) -> EnvConfig:
-    """EnvConfig from a YAML path, a mapping or an EnvConfig, plus overrides (``fleet.n_ev=500`` strings or a nested mapping)."""
+    """EnvConfig from a YAML path, a mapping or an EnvConfig, plus overrides (``fleet.n_ev=500`` strings or a
+    nested mapping).  A ``train:`` section (training settings) is not the env's and is left out."""
     from evgrid.config import to_dict
 
     if isinstance(source, EnvConfig):
@@ -195,4 +196,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | EnvConfig |
     else:
         data = read_yaml(source)
     extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    return from_dict(EnvConfig, merge(data, extra))
+    data = merge(data, extra)
+    # an experiment YAML's train: section is for `evgrid train` (evgrid.agents.rllib.algos.TrainConfig)
+    data.pop("train", None)
+    return from_dict(EnvConfig, data)
