@@ -120,7 +120,7 @@ class RewardConfig:
     ev_cost: float = 1.0
     """EV: weight of its charging cost (currency; V2G income counts negative)."""
     ev_unmet_per_kwh: float = 2.0
-    """EV: penalty per kWh short of the target at departure."""
+    """EV: penalty per kWh short of the target at departure (paid per step as progress, see EVGridEnv)."""
     ev_throughput_per_kwh: float = 0.02
     """EV: battery wear per kWh through the battery."""
     curtail_per_kwh: float = 1.0
@@ -130,7 +130,7 @@ class RewardConfig:
     station_w2: float = 1.0
     """Station: seed 002's w2, normalised load disparity between networks (zones on one feeder)."""
     station_unmet_per_kwh: float = 0.2
-    """Station: penalty per kWh its departing EVs miss."""
+    """Station: penalty per kWh its EVs miss at departure (paid per step as progress)."""
     operator_profit: float = 1.0
     """Operator: weight of its zone profit (EV revenue minus purchase, diesel, carbon and curtailment costs), per 1000 currency."""
     operator_peak_valley: float = 1.0

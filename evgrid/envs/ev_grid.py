@@ -109,13 +109,17 @@ class EVGridEnv(ParallelEnv, EzPickle):
     Weights in ``reward`` (:class:`evgrid.envs.config.RewardConfig`).
 
     * ev: ``-ev_cost * cost - ev_throughput_per_kwh * battery kWh -
-      curtail_per_kwh * curtailed kWh``; at departure also
-      ``-ev_unmet_per_kwh * kWh short of the target``.
+      curtail_per_kwh * curtailed kWh + ev_unmet_per_kwh * progress``, where
+      progress is the step's reduction of the energy still missing to the
+      target.  Summed over a stay, the progress term is ``-ev_unmet_per_kwh *
+      kWh short at departure`` plus a constant (the need on arrival): the
+      unmet-energy penalty, paid on the steps that cause it.
     * evs (grouped): the sum over its slots.
     * station: ``-(station_w1 * price cost / (p_max dt max price) +
       station_w2 * load disparity)`` (seed 002; disparity = (max − min) /
       max of network loads, zones on a single feeder) minus its EVs'
-      curtailment and unmet energy penalties.
+      curtailment penalty, plus ``station_unmet_per_kwh`` times its EVs'
+      progress (the unmet-energy penalty in the same per-step form).
     * operator: ``operator_profit * (EV revenue − purchase − diesel − carbon
       − curtailment cost) / 1000 − operator_peak_valley * ((zone load − its
       episode mean) / zone nominal)^2 − operator_violation * bus-steps outside
@@ -247,11 +251,12 @@ class EVGridEnv(ParallelEnv, EzPickle):
         sim = self.sim
         act = self._decode(actions)
         plugged_before = sim.plugged()
+        need_before = sim._need_kwh(plugged_before)
         rec = sim.step(act)
         self._last_rec = rec
         if self._log is not None:
             self._log.add_step(rec)
-        rewards = self._rewards(rec, plugged_before)
+        rewards = self._rewards(rec, need_before)
         truncate = sim.t >= sim.n_steps
         gone = set()
         if self.cfg.agents.ev_view == "individual":
@@ -475,27 +480,24 @@ class EVGridEnv(ParallelEnv, EzPickle):
 
     # ------------------------------------------------------------------ rewards
 
-    def _rewards(self, rec: dict, before: npt.NDArray[np.int64]) -> dict[str, float]:
+    def _rewards(self, rec: dict, need_before: npt.NDArray[np.float64]) -> dict[str, float]:
         sim = self.sim
         w = self.cfg.reward
         dt = sim.dt_h
         out: dict[str, float] = {}
         idx = rec["idx"]
+        # energy the step brought each EV towards its target (negative when discharge took it further away);
+        # over a stay it sums to (need on arrival - need at departure), so paying it per step is the unmet
+        # penalty at departure plus a constant, with the credit on the steps that cause it
+        progress = need_before - sim._need_kwh(idx)
         ev_r = -(w.ev_cost * rec["ev_cost"] + w.ev_throughput_per_kwh * rec["e_batt_kwh"]
-                 + w.curtail_per_kwh * rec["cut_ev_kw"] * dt)
-        left = before[sim.status[before] != sm.PLUGGED]
-        unmet = np.nan_to_num(sim.unmet_kwh[left])
-        # the unmet penalty reaches an EV only when its stay ends before the horizon
-        unmet = np.where(sim.status[left] == sm.DEPARTED, unmet, 0.0)
-        ev_r_all = np.zeros(sim.s.n)
-        ev_r_all[idx] = ev_r
-        ev_r_all[left] -= w.ev_unmet_per_kwh * unmet
+                 + w.curtail_per_kwh * rec["cut_ev_kw"] * dt) + w.ev_unmet_per_kwh * progress
         view = self.cfg.agents.ev_view
         if view == "individual":
-            for k, r in zip(sim.ev_index[idx], ev_r_all[idx]):
+            for k, r in zip(sim.ev_index[idx], ev_r):
                 out[f"ev_{k}"] = r
         elif view == "grouped":
-            per = np.bincount(sim.station[idx], ev_r_all[idx], sim.n_station)
+            per = np.bincount(sim.station[idx], ev_r, sim.n_station)
             for j in range(sim.n_station):
                 out[f"evs_{j}"] = per[j]
         if self._stns:
@@ -508,9 +510,9 @@ class EVGridEnv(ParallelEnv, EzPickle):
             hi = np.max(np.abs(loads))
             disparity = (loads.max() - loads.min()) / hi if hi > 0 else 0.0
             curt = np.bincount(st_idx, rec["cut_ev_kw"] * dt, sim.n_station)
-            st_unmet = np.bincount(sim.station[left], unmet, sim.n_station)
+            st_progress = np.bincount(st_idx, progress, sim.n_station)
             r = -(w.station_w1 * norm_cost + w.station_w2 * disparity) - w.curtail_per_kwh * curt \
-                - w.station_unmet_per_kwh * st_unmet
+                + w.station_unmet_per_kwh * st_progress
             for j, a in enumerate(self._stns):
                 out[a] = r[j]
         if self._ops:

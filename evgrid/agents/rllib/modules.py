@@ -141,9 +141,11 @@ class SlotSetModule(TorchRLModule, ValueFunctionAPI):
         self.ev_net = _mlp(n_feat + n_ctx, hidden)
         self.pi_head = nn.Linear(hidden[-1], _PARAMS - 1)
         self.vf_net = _mlp(hidden[-1] + n_ctx, hidden, 1)
-        # start near "charge at a middling power" rather than at random extremes
+        # start close to uncontrolled charging (mode charge, power ~0.65): exploration then learns when to
+        # wait or discharge, instead of first having to discover that EVs must charge at all
         nn.init.zeros_(self.pi_head.weight)
-        nn.init.zeros_(self.pi_head.bias)
+        with torch.no_grad():
+            self.pi_head.bias.copy_(torch.tensor([1.5, 0.0, -1.5, 1.0, -1.0]))
 
     def _embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         obs = batch[Columns.OBS]
