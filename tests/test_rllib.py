@@ -103,9 +103,12 @@ def test_shared_per_ev_network_is_permutation_equivariant_and_ignores_empty_slot
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    from evgrid.cluster.runtime import connect
+
+    with connect(num_cpus=2):
+        # nothing leaves the machine: the node, and every address Ray hands out, is loopback
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+        yield ray
 
 
 def test_one_ppo_iteration_trains_all_three_levels(ray_local):

@@ -44,6 +44,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Itera
         yield
         return
     if address is None:
+        loopback_only()
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
     else:
@@ -55,6 +56,20 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Itera
         yield
     finally:
         ray.shutdown()
+
+
+def loopback_only() -> None:
+    """Keep an embedded Ray on 127.0.0.1.
+
+    Ray 2.60 rewrites a loopback ``_node_ip_address`` to the machine's interface address unless
+    "clusters" are disabled, which is what ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` does on Linux too:
+    node, GCS and workers then bind to 127.0.0.1.  The variable reaches the processes Ray starts; the
+    constant is also set in this process, where ray may already have been imported.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def load_run_config(source: Any, overrides: Iterable[str] | dict = ()) -> tuple[EnvConfig, Any]:

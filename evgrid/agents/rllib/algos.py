@@ -123,7 +123,9 @@ def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid") ->
     elif train.algorithm in ("APPO", "IMPALA"):
         common.update(entropy_coeff=train.entropy_coeff)
     else:
-        common.update(double_q=True)
+        # the default single-agent episode buffer breaks on multi-agent episodes (RLlib 2.60)
+        common.update(double_q=True, replay_buffer_config={"type": "MultiAgentPrioritizedEpisodeReplayBuffer",
+                                                           "capacity": 50_000, "alpha": 0.6, "beta": 0.4})
     return cfg.training(**common)
 
 
