@@ -157,3 +157,28 @@ def test_train_cli_checkpoints_and_resumes_without_losing_iterations(tmp_path, r
     env_steps = m.groupby("iteration").env_steps.first()
     assert env_steps.is_monotonic_increasing and env_steps.iloc[-1] > env_steps.iloc[1]
     assert (m.ev_decisions > 0).all()
+
+
+@pytest.mark.parametrize("algorithm,extra", [("IMPALA", []),
+                                             ("DQN", ["agents.operator_action=level", "agents.ev_view=rule"])])
+def test_other_algorithms_train_from_config(tmp_path, ray_local, algorithm, extra):
+    import pandas as pd
+
+    from evgrid.cluster.runtime import train
+
+    out = train("experiments/quickstart.yaml",
+                ["n_steps=24", "start_hour=16.0", "fleet.n_ev=100", "stations.ports=40", f"train.algorithm={algorithm}",
+                 "train.iterations=2", "train.num_env_runners=0", "train.train_batch_size=48", "train.minibatch_size=24",
+                 "train.rollout_fragment_length=24", *extra], run_dir=tmp_path / "run", progress=False)
+    m = pd.read_parquet(out / "metrics.parquet")
+    assert m.iteration.max() == 2 and m.env_steps.max() > 0
+
+
+def test_dqn_and_appo_are_refused_where_they_cannot_run():
+    from evgrid.agents.rllib.algos import TrainConfig, algo_config
+    from evgrid.envs.config import load_config
+
+    with pytest.raises(ValueError, match="algorithm: APPO"):
+        TrainConfig(algorithm="APPO")
+    with pytest.raises(ValueError, match="DQN needs discrete actions"):
+        algo_config(load_config("experiments/quickstart.yaml"), TrainConfig(algorithm="DQN"))
