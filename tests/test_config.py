@@ -46,3 +46,15 @@ def test_override_syntax_errors():
         parse_overrides(["fleet.n_ev"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("experiments/nope.yaml")
+
+
+def test_cluster_examples_parse_and_point_at_real_configs():
+    import yaml
+
+    root = Path(__file__).parent.parent
+    up = yaml.safe_load((root / "experiments/cluster/ray-up.yaml").read_text())
+    job = yaml.safe_load((root / "experiments/cluster/rayjob.yaml").read_text())
+    assert up["cluster_name"] == "evgrid" and any("ray start --head" in c for c in up["head_start_ray_commands"])
+    assert job["kind"] == "RayJob" and job["spec"]["rayClusterSpec"]["rayVersion"].startswith("2.60")
+    entry = job["spec"]["entrypoint"].split()
+    assert entry[:2] == ["evgrid", "train"] and (root / entry[2]).is_file() and "--address" in entry

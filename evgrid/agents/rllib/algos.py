@@ -135,16 +135,19 @@ def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid") ->
 
 
 class EVDecisionCounter(RLlibCallback):
-    """Logs ``ev_decisions`` (per-EV actions taken: one per plugged EV agent or occupied slot) per iteration."""
+    """Logs per iteration ``ev_decisions`` (per-EV actions taken: one per plugged EV agent or occupied
+    slot) and ``env_step_s`` (seconds inside the env's step: simulator, power flow, observations)."""
 
     def on_episode_step(self, *, episode, env=None, metrics_logger=None, **kwargs) -> None:
         if metrics_logger is None or env is None:
             return
-        n = 0
+        n, secs = 0, 0.0
         for sub in getattr(env.unwrapped, "envs", [env.unwrapped]):
             inner = getattr(sub, "unwrapped", sub)
             n += int(getattr(inner, "last_ev_decisions", 0))
+            secs += float(getattr(inner, "last_step_s", 0.0))
         metrics_logger.log_value("ev_decisions", n, reduce="sum")
+        metrics_logger.log_value("env_step_s", secs, reduce="sum")
 
 
 def summary_of(result: dict) -> dict[str, float]:
@@ -153,6 +156,7 @@ def summary_of(result: dict) -> dict[str, float]:
     out = {"env_steps": float(er.get("num_env_steps_sampled_lifetime", np.nan)),
            "episodes": float(er.get("num_episodes_lifetime", np.nan)),
            "ev_decisions": float(er.get("ev_decisions", np.nan)),
+           "env_step_s": float(er.get("env_step_s", np.nan)),
            "sample_s": float(result.get("timers", {}).get("env_runner_sampling_timer", np.nan)),
            "learn_s": float(result.get("timers", {}).get("learner_update_timer", np.nan))}
     for mid, ret in (er.get("module_episode_returns_mean") or {}).items():

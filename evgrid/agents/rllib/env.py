@@ -9,6 +9,7 @@ spaces built from ``possible_agents``, ``__all__`` flags, and the global
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
@@ -34,6 +35,7 @@ class RLlibEVGrid(MultiAgentEnv):
         self.action_spaces = {a: self.env.action_space(a) for a in self.possible_agents}
         self.agents = []
         self.last_ev_decisions = 0  # per-EV actions in the last step (read by the training callback)
+        self.last_step_s = 0.0  # seconds inside the env's step (simulator + power flow), same reader
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         obs, infos = self.env.reset(seed=seed, options=options)
@@ -43,7 +45,9 @@ class RLlibEVGrid(MultiAgentEnv):
     def step(self, action_dict: dict[str, Any]):
         learned_evs = self.env.cfg.agents.ev_view != "rule"
         self.last_ev_decisions = int(self.env.sim.plugged().size) if learned_evs else 0
+        t0 = time.perf_counter()
         obs, rew, term, trunc, infos = self.env.step(action_dict)
+        self.last_step_s = time.perf_counter() - t0
         self.agents = list(self.env.agents)
         term["__all__"] = False  # the day ends by truncation; agents terminate one by one
         trunc["__all__"] = not self.env.agents
