@@ -195,3 +195,158 @@ def _fixed_actions(env) -> Callable[[dict], dict]:
 
     policy = BaselinePolicy("uncontrolled", env)
     return policy.act
+
+
+# ---------------------------------------------------------------------------
+# shared power-flow actor
+
+
+def _actor_inputs(feeder, batch: int, n_steps: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_steps, 4, batch, n_bus): p_kw, q_kvar, flex_charge_kw, flex_v2g_kw of consecutive env-like steps.
+
+    Base load 0.4..1.0 x nominal, EV charging 0..400 kW at six load buses (the enforcer curtails now and then),
+    loads drifting by up to +-3 % a step as consecutive steps do (so warm starts matter as in an env).
+    """
+    n_bus = feeder.n_bus
+    ev_bus = np.argsort(-feeder.base_p_kw, kind="stable")[:6]
+    level = rng.uniform(0.4, 1.0, (batch, n_bus))
+    ev = np.zeros((batch, n_bus))
+    ev[:, ev_bus] = rng.uniform(0.0, 400.0, (batch, ev_bus.size))
+    out = np.empty((n_steps, 4, batch, n_bus))
+    for t in range(n_steps):
+        level = np.clip(level * rng.uniform(0.97, 1.03, level.shape), 0.0, 1.2)
+        ev = np.clip(ev * rng.uniform(0.97, 1.03, ev.shape), 0.0, 400.0)
+        out[t, 0] = feeder.base_p_kw * level + ev
+        out[t, 1] = feeder.base_q_kvar * level
+        out[t, 2] = ev
+        out[t, 3] = 0.0
+    return out
+
+
+def bench_actor(
+    clients: Iterable[int] = (1, 2, 4, 8),
+    scenarios_per_call: Iterable[int] = (1, 8),
+    feeder: str = "ieee33",
+    calls: int = 300,
+    seed: int = 0,
+    *,
+    modes: Iterable[str] = ("local", "actor"),
+    micro_batching: Iterable[bool] = (True, False),
+    max_wait_ms: float = 1.0,
+) -> list[dict]:
+    """Solve + enforce throughput and latency: the shared power-flow actor against solving in-process.
+
+    Callers are real parallel clients: small Ray actors (``num_cpus=0``, one process each), each holding a
+    ``LocalGrid`` and a ``PowerFlowClient`` of one power-flow actor (``num_cpus=0``).  For a row, ``clients``
+    callers start together at a wall-clock instant and each makes ``calls`` timed calls of ``scenarios_per_call``
+    scenarios (after 10 untimed ones), cycling through 16 env-like consecutive steps (warm-started).
+    ``mode`` ``local``: each caller solves in its own process; ``actor``: it calls the actor, with
+    ``micro_batching`` on (concurrent calls merged, at most ``max_wait_ms`` of waiting) or off.
+    ``scenarios_per_s``: all callers' scenarios / (last caller's end - start); ``p50_ms``, ``p99_ms``: latency
+    of one call over all callers' calls; ``requests_per_solve``: the actor's requests / batched solves.
+
+    Starts Ray on loopback (``evgrid.cluster.runtime.connect``) unless it is running, and stops only what it
+    started (the Ray instance, else its own actors).
+    """
+    import ray
+
+    from evgrid.cluster.powerflow import get_or_create_actor
+    from evgrid.envs.sim import build_feeders
+    from evgrid.cluster.runtime import connect
+    from evgrid.envs.config import load_config
+
+    clients = sorted({int(c) for c in clients})
+    spcs = [int(s) for s in scenarios_per_call]
+    modes = list(modes)
+    mbs = [bool(m) for m in micro_batching]
+    if not clients or clients[0] < 1 or clients[-1] > 256:
+        raise ValueError(f"clients: expected counts in [1, 256], got {clients}")
+    if not spcs or min(spcs) < 1 or max(spcs) > 65536:
+        raise ValueError(f"scenarios_per_call: expected sizes in [1, 65536], got {spcs}")
+    if not 1 <= calls <= 1_000_000:
+        raise ValueError(f"calls: expected 1..1,000,000 calls per client, got {calls}")
+    if feeder == "city":
+        raise ValueError("feeder: expected one feeder (ieee33, feeder14, cigre_mv), got 'city'")
+    bad = [m for m in modes if m not in ("local", "actor")]
+    if bad or not modes:
+        raise ValueError(f"modes: expected a non-empty subset of local, actor, got {modes}")
+    cfg = load_config(None, {"grid": {"feeder": feeder}, "seed": seed})
+    warmup, n_steps = 10, 16
+    name, namespace = "evgrid-bench-powerflow", "evgrid-bench"
+
+    @ray.remote(num_cpus=0)
+    class _Caller:
+        """One client process: its own LocalGrid and its own PowerFlowClient."""
+
+        def __init__(self, cfg, name, namespace):
+            from evgrid.cluster.powerflow import PowerFlowClient, build_feeders
+            from evgrid.envs.sim import LocalGrid
+
+            self.local = LocalGrid(build_feeders(cfg.grid).feeders, cfg)
+            self.remote = PowerFlowClient(cfg, name=name, namespace=namespace)
+
+        def ready(self) -> bool:
+            return True
+
+        def warm(self, mode, inputs, warmup):
+            grid = self.local if mode == "local" else self.remote
+            grid.reset()
+            for i in range(warmup):
+                grid.solve(0, *inputs[i % inputs.shape[0]])
+
+        def run(self, mode, inputs, calls, warmup, start_at):
+            grid = self.local if mode == "local" else self.remote
+            n = inputs.shape[0]
+            while time.time() < start_at:
+                time.sleep(1e-4)
+            lat = np.empty(calls)
+            for i in range(calls):
+                t0 = time.perf_counter()
+                grid.solve(0, *inputs[(warmup + i) % n])
+                lat[i] = time.perf_counter() - t0
+            return lat, time.time()
+
+    rows: list[dict] = []
+    started_ray = not ray.is_initialized()
+    f = build_feeders(cfg.grid).feeders[0]
+    rng = np.random.default_rng(seed)
+    with connect():
+        handles: list = []
+        try:
+            pf_actor = get_or_create_actor(cfg, name=name, namespace=namespace, max_wait_ms=max_wait_ms)[0]
+            handles.append(pf_actor)
+            callers = [_Caller.remote(cfg, name, namespace) for _ in range(clients[-1])]
+            handles += callers
+            ray.get([c.ready.remote() for c in callers])  # no caller still building its feeder while others run
+            for spc in spcs:
+                inputs = [ray.put(_actor_inputs(f, spc, n_steps, rng)) for _ in callers]
+                for n in clients:
+                    plan = [("local", False)] if "local" in modes else []
+                    plan += [("actor", mb) for mb in mbs] if "actor" in modes else []
+                    for mode, mb in plan:
+                        if mode == "actor":
+                            ray.get(pf_actor.configure.remote(micro_batching=mb, max_wait_ms=max_wait_ms))
+                        ray.get([c.warm.remote(mode, inputs[k], warmup) for k, c in enumerate(callers[:n])])
+                        ray.get(pf_actor.stats.remote(True))  # count this row's timed calls only
+                        # callers start together at a wall-clock instant every one of them receives in time
+                        start_at = time.time() + 0.5
+                        res = ray.get([c.run.remote(mode, inputs[k], calls, warmup, start_at)
+                                       for k, c in enumerate(callers[:n])])
+                        stats = ray.get(pf_actor.stats.remote(True)) if mode == "actor" else None
+                        lat_ms = np.concatenate([r[0] for r in res]) * 1e3
+                        wall_s = max(r[1] for r in res) - start_at
+                        rows.append(dict(
+                            bench="actor", feeder=feeder, mode=mode, clients=n, scenarios_per_call=spc,
+                            micro_batching=mb, calls_per_client=calls,
+                            scenarios_per_s=round(n * calls * spc / wall_s, 1),
+                            p50_ms=round(float(np.percentile(lat_ms, 50)), 3),
+                            p99_ms=round(float(np.percentile(lat_ms, 99)), 3),
+                            requests_per_solve=(round(stats["requests"] / max(stats["solves"], 1), 2)
+                                                if stats else None),
+                        ))
+                        log.info("bench actor: %s", rows[-1])
+        finally:
+            if not started_ray:  # someone else's Ray: leave it, minus our actors
+                for h in handles:
+                    ray.kill(h)
+    return rows

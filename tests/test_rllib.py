@@ -182,3 +182,34 @@ def test_dqn_and_appo_are_refused_where_they_cannot_run():
         TrainConfig(algorithm="APPO")
     with pytest.raises(ValueError, match="DQN needs discrete actions"):
         algo_config(load_config("experiments/quickstart.yaml"), TrainConfig(algorithm="DQN"))
+
+
+def test_training_survives_the_power_flow_actor_being_killed(tmp_path, ray_local):
+    """powerflow: actor; the actor is killed between iterations (Ray restarts it) and training continues."""
+    import ray
+
+    from evgrid.agents.rllib.algos import algo_config
+    from evgrid.cluster import powerflow as pf
+    from evgrid.cluster.runtime import _register_env, load_run_config
+
+    env_cfg, train_cfg = load_run_config("experiments/quickstart.yaml", [
+        "n_steps=24", "start_hour=16.0", "fleet.n_ev=100", "stations.ports=40", "train.powerflow=actor",
+        "train.num_env_runners=1", "train.train_batch_size=48", "train.minibatch_size=24",
+        "train.rollout_fragment_length=24", "train.num_epochs=1"])
+    _register_env()
+    handle = pf.get_or_create_actor(env_cfg, max_restarts=2)[0]
+    algo = algo_config(env_cfg, train_cfg).build_algo()
+    try:
+        algo.train()
+        before = ray.get(handle.stats.remote())
+        assert before["requests"] > 0, "the env runner did not use the shared actor"
+        ray.kill(handle, no_restart=False)
+        r = algo.train()  # the clients retry through the restart
+        assert r["env_runners"]["num_env_steps_sampled_lifetime"] >= 96
+        after = ray.get(handle.stats.remote())
+        # a new process, whose counters only know the iteration after the kill
+        assert after["pid"] != before["pid"] and after["requests"] > 0
+    finally:
+        algo.stop()
+        for h in pf.get_or_create_actor(env_cfg):
+            ray.kill(h, no_restart=True)

@@ -127,6 +127,11 @@ def train(config: Any = None, overrides: Iterable[str] = (), *, address: str | N
     start = 0
     with connect(address):
         _register_env()
+        if train_cfg.powerflow == "actor":
+            from evgrid.cluster.powerflow import get_or_create_actor
+
+            # before the env runners start, so each finds the shards by name
+            get_or_create_actor(env_cfg, num_actors=train_cfg.num_powerflow_actors)
         algo = algo_config(env_cfg, train_cfg).build_algo()
         try:
             found = _latest_checkpoint(out) if resume is not None else None

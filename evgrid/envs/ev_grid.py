@@ -148,7 +148,7 @@ class EVGridEnv(ParallelEnv, EzPickle):
 
     metadata = {"name": "EVGrid-v0", "render_modes": [], "is_parallelizable": True}
 
-    def __init__(self, config: Any = None, powerflow: sm.LocalGrid | None = None, **overrides: Any) -> None:
+    def __init__(self, config: Any = None, powerflow: sm.GridService | None = None, **overrides: Any) -> None:
         EzPickle.__init__(self, config, None, **overrides)
         self.cfg = cfg = load_config(config, _keyword_overrides(overrides))
         a = cfg.agents

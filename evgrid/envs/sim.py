@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +39,7 @@ from evgrid.envs import fleet as fl
 from evgrid.envs import market as mk
 from evgrid.envs import routing as rt
 from evgrid.envs import stations as st
-from evgrid.envs.config import EnvConfig
+from evgrid.envs.config import EnvConfig, GridConfig
 from evgrid.grid import profiles
 from evgrid.grid.feeders import Feeder, build_city, build_feeder
 from evgrid.grid.flow import FlowResult, make_backend
@@ -66,6 +66,26 @@ class SimActions:
     ev_power: npt.NDArray[np.float64] | None = None  # (S,) fraction of the charger limit, [0, 1]
 
 
+class FeederSet(NamedTuple):
+    """A grid configuration's feeders and what Sim derives per feeder."""
+
+    feeders: list[Feeder]
+    load_kinds: list[str]  # base-load shape per feeder
+    zone_of_bus: list[np.ndarray]  # (n_bus,) per feeder, zones numbered per feeder
+
+
+def build_feeders(grid: GridConfig) -> FeederSet:
+    """The feeders of ``grid``: one, or a city's networks (one zone each); Sim and the power-flow actor build them here."""
+    if grid.feeder == "city":
+        city = build_city(grid.city_networks, base=grid.city_base, v_min_pu=grid.v_min_pu, v_max_pu=grid.v_max_pu)
+        feeders = list(city.feeders)
+        # one zone per network
+        return FeederSet(feeders, list(city.load_kinds), [np.zeros(f.n_bus, dtype=np.int64) for f in feeders])
+    f0 = build_feeder(grid.feeder, der=grid.der, n_zones=grid.n_zones, v_min_pu=grid.v_min_pu,
+                      v_max_pu=grid.v_max_pu)
+    return FeederSet([f0], [grid.load_kind], [f0.zone_of_bus])
+
+
 class GridSolution(NamedTuple):
     """One feeder's step: the flow after enforcement, what enforcement changed, and the voltages
     the agents' dispatch would have produced without it."""
@@ -74,6 +94,23 @@ class GridSolution(NamedTuple):
     curtail_kw: np.ndarray  # (E, n_bus) EV charging curtailed
     v2g_kw: np.ndarray  # (E, n_bus) discharge added
     vm_dispatch_pu: np.ndarray  # (E, n_bus) before enforcement
+
+
+class GridService(Protocol):
+    """What Sim needs from a power-flow service: :class:`LocalGrid` in process, or the shared actor's
+    client (:class:`evgrid.cluster.powerflow.PowerFlowClient`)."""
+
+    def reset(self) -> None: ...
+
+    def submit(self, f: int, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
+               flex_v2g_kw: np.ndarray) -> Any: ...
+
+
+class _Done(NamedTuple):
+    solution: GridSolution
+
+    def result(self) -> GridSolution:
+        return self.solution
 
 
 class LocalGrid:
@@ -92,6 +129,11 @@ class LocalGrid:
 
     def reset(self) -> None:
         self._last = [None] * len(self._last)
+
+    def submit(self, f: int, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
+               flex_v2g_kw: np.ndarray) -> _Done:
+        """:meth:`solve`, in the shape of a remote call (``.result()``): Sim sends every feeder before waiting."""
+        return _Done(self.solve(f, p_kw, q_kvar, flex_charge_kw, flex_v2g_kw))
 
     def solve(self, f: int, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
               flex_v2g_kw: np.ndarray) -> GridSolution:
@@ -114,7 +156,7 @@ class LocalGrid:
 class Sim:
     """``n_env`` lock-stepped environments of one configuration."""
 
-    def __init__(self, cfg: EnvConfig, n_env: int = 1, grid: LocalGrid | None = None) -> None:
+    def __init__(self, cfg: EnvConfig, n_env: int = 1, grid: GridService | None = None) -> None:
         if n_env < 1:
             raise ValueError(f"n_env: expected >= 1, got {n_env}")
         self.cfg = cfg
@@ -122,16 +164,7 @@ class Sim:
         self.dt_h = cfg.dt_min / 60.0
         self.n_steps = cfg.n_steps
         g = cfg.grid
-        if g.feeder == "city":
-            city = build_city(g.city_networks, base=g.city_base, v_min_pu=g.v_min_pu, v_max_pu=g.v_max_pu)
-            self.feeders = list(city.feeders)
-            self.load_kinds = list(city.load_kinds)
-            zone_of_bus = [np.zeros(f.n_bus, dtype=np.int64) for f in self.feeders]  # one zone per network
-        else:
-            f0 = build_feeder(g.feeder, der=g.der, n_zones=g.n_zones, v_min_pu=g.v_min_pu, v_max_pu=g.v_max_pu)
-            self.feeders = [f0]
-            self.load_kinds = [g.load_kind]
-            zone_of_bus = [f0.zone_of_bus]
+        self.feeders, self.load_kinds, zone_of_bus = build_feeders(g)
         # buses of all feeders concatenated, zones numbered globally
         self.bus_offset = np.cumsum([0] + [f.n_bus for f in self.feeders])
         self.n_bus = int(self.bus_offset[-1])
@@ -435,9 +468,14 @@ class Sim:
         feeder_load = np.empty((E, len(self.feeders)))
         converged = np.ones(E, dtype=bool)
         line_loading = []
+        # every feeder's request goes out before any answer is awaited: shards of a remote service overlap
+        pending = []
         for fi in range(len(self.feeders)):
             sl = slice(self.bus_offset[fi], self.bus_offset[fi + 1])
-            flow, c, v, vd = self.grid.solve(fi, p_bus[:, sl], base_q[:, sl], flex_c[:, sl], flex_v[:, sl])
+            pending.append(self.grid.submit(fi, p_bus[:, sl], base_q[:, sl], flex_c[:, sl], flex_v[:, sl]))
+        for fi, job in enumerate(pending):
+            sl = slice(self.bus_offset[fi], self.bus_offset[fi + 1])
+            flow, c, v, vd = job.result()
             vm[:, sl] = flow.vm_pu
             vm_dispatch[:, sl] = vd
             curtail[:, sl] = c

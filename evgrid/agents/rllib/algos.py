@@ -53,6 +53,9 @@ class TrainConfig:
     """PPO KL penalty coefficient, [0, 1e6]."""
     entropy_coeff: float = 0.0
     """Entropy bonus, [0, 10]."""
+    env_runner_resources: dict[str, float] | None = None
+    """Custom Ray resources each env runner needs (e.g. ``{"evgrid_runner": 1}`` to place runners on nodes
+    started with that resource)."""
     hidden: tuple[int, ...] = (64, 64)
     """Hidden layer widths of every level's network."""
     powerflow: str = "local"
@@ -87,6 +90,12 @@ class TrainConfig:
         for h in self.hidden:
             check_int("hidden", h, 1, 65536)
         check_choice("powerflow", self.powerflow, ("local", "actor"))
+        if self.env_runner_resources is not None:
+            if not isinstance(self.env_runner_resources, dict):
+                raise ValueError(f"env_runner_resources: expected a mapping of resource name to amount, "
+                                 f"got {self.env_runner_resources!r}")
+            for k, v in self.env_runner_resources.items():
+                check_real(f"env_runner_resources.{k}", v, 0.0, 1e6, lo_open=True)
         check_int("num_powerflow_actors", self.num_powerflow_actors, 1, 256)
         check_int("seed", self.seed, 0, 2**31 - 1)
 
@@ -102,8 +111,8 @@ def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid") ->
     from evgrid.agents.rllib.modules import module_specs, policy_mapping_fn
     from evgrid.config import to_dict
 
-    env_config = {"config": to_dict(env)}
-    probe = RLlibEVGrid(env_config)
+    env_config = {"config": to_dict(env), "powerflow": train.powerflow}
+    probe = RLlibEVGrid({"config": env_config["config"]})  # spaces only: no solver service needed
     specs = module_specs(probe, {"hidden": list(train.hidden), "fcnet_hiddens": list(train.hidden)})
     if train.algorithm == "DQN":
         import gymnasium as gym
@@ -116,7 +125,8 @@ def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid") ->
     cfg = (cls()
            .environment(env_name, env_config=env_config, normalize_actions=False, clip_actions=True)
            .env_runners(num_env_runners=train.num_env_runners, num_envs_per_env_runner=train.envs_per_runner,
-                        rollout_fragment_length=train.rollout_fragment_length)
+                        rollout_fragment_length=train.rollout_fragment_length,
+                        custom_resources_per_env_runner=dict(train.env_runner_resources or {}))
            .multi_agent(policies=set(specs.rl_module_specs), policy_mapping_fn=policy_mapping_fn)
            .rl_module(rl_module_spec=specs)
            .callbacks(EVDecisionCounter)

@@ -19,16 +19,24 @@ from evgrid.envs.ev_grid import EVGridEnv
 
 class RLlibEVGrid(MultiAgentEnv):
     """``env_config``: ``{"config": <EnvConfig | YAML path | mapping>, "overrides": {...},
-    "state_in_infos": False}``; overrides as for ``evgrid.make``."""
+    "state_in_infos": False, "powerflow": "local" | "actor"}``; overrides as for ``evgrid.make``.
+    ``actor``: solve through the shared power-flow actor of this job (in-process if there is none)."""
 
     def __init__(self, env_config: dict[str, Any] | None = None) -> None:
         super().__init__()
         env_config = dict(env_config or {})
-        unknown = set(env_config) - {"config", "overrides", "state_in_infos"}
+        unknown = set(env_config) - {"config", "overrides", "state_in_infos", "powerflow"}
         if unknown:
             raise ValueError(f"env_config: unknown key {sorted(unknown)[0]!r}; "
-                             "expected config, overrides, state_in_infos")
-        self.env = EVGridEnv(env_config.get("config"), **dict(env_config.get("overrides") or {}))
+                             "expected config, overrides, state_in_infos, powerflow")
+        overrides = dict(env_config.get("overrides") or {})
+        service = None
+        if env_config.get("powerflow", "local") == "actor":
+            from evgrid.cluster.powerflow import make_grid
+            from evgrid.envs.config import load_config
+
+            service = make_grid(load_config(env_config.get("config"), _nested(overrides)), "actor")
+        self.env = EVGridEnv(env_config.get("config"), powerflow=service, **overrides)
         self.state_in_infos = bool(env_config.get("state_in_infos", False))
         self.possible_agents = list(self.env.possible_agents)
         self.observation_spaces = {a: self.env.observation_space(a) for a in self.possible_agents}
@@ -63,3 +71,10 @@ class RLlibEVGrid(MultiAgentEnv):
 
     def close(self) -> None:
         self.env.close()
+
+
+def _nested(overrides: dict[str, Any]) -> dict[str, Any]:
+    """EVGridEnv keyword overrides as the nested mapping load_config takes."""
+    from evgrid.envs.ev_grid import _keyword_overrides
+
+    return _keyword_overrides(overrides)
