@@ -350,3 +350,49 @@ def bench_actor(
                 for h in handles:
                     ray.kill(h)
     return rows
+
+
+# ---------------------------------------------------------------------------
+# train
+
+
+def bench_train(views: Iterable[str] = ("grouped", "individual"), n_ev: int = 1000, *, env_runners: int = 0,
+                iterations: int = 3, seed: int = 0) -> list[dict]:
+    """RLlib PPO sampling and learning throughput per EV view on the quickstart with ``n_ev`` EVs a day.
+
+    Times ``iterations`` training iterations after one warm-up (module build, first compile), on
+    the evening (16:00 onwards, 24 steps per episode: most EVs plugged in).  ``ev_decisions_per_s``:
+    per-EV actions sampled per second of sampling; ``env_share_of_sampling``: seconds inside the env's
+    step (simulator, power flow, observations) over sampling seconds.
+    """
+    from evgrid.agents.rllib.algos import algo_config, summary_of
+    from evgrid.cluster.runtime import _register_env, connect, load_run_config
+
+    rows = []
+    ports = int(np.ceil(n_ev / 6 * 1.5)) + 10
+    with connect():
+        _register_env()
+        for view in views:
+            env_cfg, train_cfg = load_run_config("experiments/quickstart.yaml", [
+                f"agents.ev_view={view}", f"fleet.n_ev={n_ev}", f"stations.ports={ports}", "n_steps=24",
+                "start_hour=16.0", f"train.num_env_runners={env_runners}", "train.rollout_fragment_length=24",
+                "train.train_batch_size=48", "train.minibatch_size=48", "train.num_epochs=1", f"train.seed={seed}"])
+            algo = algo_config(env_cfg, train_cfg).build_algo()
+            try:
+                algo.train()  # warm-up
+                sums = dict(env_steps=0.0, ev_decisions=0.0, sample_s=0.0, learn_s=0.0, env_step_s=0.0)
+                for _ in range(iterations):
+                    s = summary_of(algo.train())
+                    steps_before = sums["env_steps"]
+                    for k in ("ev_decisions", "sample_s", "learn_s", "env_step_s"):
+                        sums[k] += s[k]
+                    sums["env_steps"] = steps_before + train_cfg.train_batch_size
+            finally:
+                algo.stop()
+            rows.append(dict(bench="train", ev_view=view, n_ev=n_ev, env_runners=env_runners,
+                             env_steps_per_s=round(sums["env_steps"] / sums["sample_s"], 2),
+                             ev_decisions_per_s=round(sums["ev_decisions"] / sums["sample_s"], 1),
+                             sample_s=round(sums["sample_s"] / iterations, 4), learn_s=round(sums["learn_s"] / iterations, 4),
+                             env_share_of_sampling=round(sums["env_step_s"] / sums["sample_s"], 4)))
+            log.info("bench train: %s done", view)
+    return rows

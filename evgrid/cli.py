@@ -16,6 +16,16 @@ import numpy as np
 def _bench(args: argparse.Namespace) -> int:
     from evgrid.bench import bench_powerflow
 
+    if args.what in ("actor", "train"):
+        from evgrid.bench import bench_actor, bench_train
+
+        if args.what == "actor":
+            rows = bench_actor(args.clients, args.scenarios_per_call, args.feeder[0], calls=args.calls, seed=args.seed)
+        else:
+            rows = bench_train(args.views_train, args.n_ev, env_runners=args.env_runners, seed=args.seed)
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        return 0
     if args.what == "env":
         from evgrid.bench import bench_env
 
@@ -146,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_demo)
 
     b = sub.add_parser("bench", help="benchmarks with JSON output")
-    b.add_argument("what", choices=["powerflow", "env"], help="what to measure")
+    b.add_argument("what", choices=["powerflow", "env", "actor", "train"], help="what to measure")
     b.add_argument("--feeder", nargs="+", default=["ieee33"], help="feeders: ieee33, feeder14, cigre_mv")
     b.add_argument("--batch", nargs="+", type=int, default=[1, 64, 1024, 8192], help="batch sizes (scenarios)")
     b.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -159,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=24, help="env: timed steps (from 17:00)")
     b.add_argument("--views", nargs="+", default=["rule", "grouped"], choices=["rule", "grouped", "individual"],
                    help="env: simulator with rules, and/or the PettingZoo step with this EV view")
+    b.add_argument("--clients", nargs="+", type=int, default=[1, 2, 4, 8], help="actor: concurrent callers")
+    b.add_argument("--scenarios-per-call", nargs="+", type=int, default=[1, 8], help="actor: scenarios per call")
+    b.add_argument("--calls", type=int, default=300, help="actor: timed calls per caller")
+    b.add_argument("--views-train", nargs="+", default=["grouped", "individual"], choices=["grouped", "individual"],
+                   help="train: EV views to compare")
+    b.add_argument("--n-ev", type=int, default=1000, help="train: EV sessions per day and env")
+    b.add_argument("--env-runners", type=int, default=0, help="train: RLlib env runners (0: sample in the driver)")
     b.set_defaults(fn=_bench)
 
     t = sub.add_parser("train", help="train the learned levels with RLlib (Ray embedded, or --address a cluster)")

@@ -50,7 +50,9 @@ restarting (``RayActorError``: ``ActorDiedError``, ``ActorUnavailableError``)
 is re-sent after an exponential backoff, up to ``max_retries`` times, then a
 ``RuntimeError`` names the actor and the number of tries.  No step is skipped.
 
-Lifetime: actors are *not* detached by default, so they end with the job
+Lifetime: hold the handles ``get_or_create_actor`` returns for as long as
+the actors must live: Ray collects a named, non-detached actor once no
+handle to it is left.  Actors are *not* detached by default, so they end with the job
 (driver) that created them and never outlive a crashed training run; env
 runners of that job find them by name because the namespace is explicit
 (``evgrid``).  ``detached=True`` makes a long-lived service shared by several

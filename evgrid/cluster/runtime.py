@@ -51,7 +51,15 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Itera
         import evgrid
 
         pkg = str(Path(evgrid.__file__).parent)
-        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV, "py_modules": [pkg]}, log_to_driver=False)
+        kwargs: dict[str, Any] = {}
+        host = address.split("://")[-1].rsplit(":", 1)[0]
+        if host in ("127.0.0.1", "localhost"):
+            # a cluster of nodes on this machine bound to loopback (the multi-node test): the driver must
+            # announce 127.0.0.1 too, or Ray 2.60 swaps in the interface address and finds no local node
+            keep_loopback_addresses()
+            kwargs["_node_ip_address"] = "127.0.0.1"
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV, "py_modules": [pkg]}, log_to_driver=False,
+                 **kwargs)
     try:
         yield
     finally:
@@ -70,6 +78,14 @@ def loopback_only() -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def keep_loopback_addresses() -> None:
+    """Let an explicit 127.0.0.1 stand (Ray 2.60 rewrites it to the interface address) while multi-node
+    clusters stay enabled: for ``ray start --node-ip-address=127.0.0.1`` nodes on one machine."""
+    from ray._private import services
+
+    services.resolve_ip_for_localhost = lambda host: host
 
 
 def load_run_config(source: Any, overrides: Iterable[str] | dict = ()) -> tuple[EnvConfig, Any]:
@@ -127,11 +143,13 @@ def train(config: Any = None, overrides: Iterable[str] = (), *, address: str | N
     start = 0
     with connect(address):
         _register_env()
+        shards: list = []
         if train_cfg.powerflow == "actor":
             from evgrid.cluster.powerflow import get_or_create_actor
 
-            # before the env runners start, so each finds the shards by name
-            get_or_create_actor(env_cfg, num_actors=train_cfg.num_powerflow_actors)
+            # before the env runners start, so each finds the shards by name; the handles are held for the
+            # whole run: Ray collects a named, non-detached actor once no handle to it is left
+            shards = get_or_create_actor(env_cfg, num_actors=train_cfg.num_powerflow_actors)
         algo = algo_config(env_cfg, train_cfg).build_algo()
         try:
             found = _latest_checkpoint(out) if resume is not None else None
@@ -160,10 +178,22 @@ def train(config: Any = None, overrides: Iterable[str] = (), *, address: str | N
                 if it % train_cfg.checkpoint_every == 0 or it == train_cfg.iterations:
                     algo.save_to_path(str((out / "checkpoints" / f"iter_{it:06d}").resolve()))
             bar.close()
+            if shards:
+                _save_powerflow_stats(shards, out)
         finally:
             algo.stop()
     _report(out, rows)
     return out
+
+
+def _save_powerflow_stats(shards: list, out: Path) -> None:
+    """The shared actors' counters (requests, batched solves, requests per node) as powerflow_stats.json."""
+    import json
+
+    import ray
+
+    stats = ray.get([h.stats.remote() for h in shards])
+    (out / "powerflow_stats.json").write_text(json.dumps(stats, indent=1, default=str), encoding="utf-8")
 
 
 def _report(out: Path, rows: list[dict]) -> None:
