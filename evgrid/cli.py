@@ -128,6 +128,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from evgrid.cluster.sweeps import parse_grid, sweep
+
+    out = sweep(args.config, parse_grid(args.grid), seeds=args.seeds, overrides=args.overrides, out_dir=args.out,
+                address=args.address)
+    table = pd.read_parquet(out / "sweep.parquet")
+    last = table.sort_values("iteration").groupby("trial").tail(1)
+    print(last.to_string(index=False))
+    print(f"results: {out / 'sweep.parquet'}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from evgrid.cluster.runtime import train
 
@@ -185,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, help="run directory to continue from its last checkpoint")
     t.add_argument("--run-dir", default=None, help="new run directory (default runs/<name>-<time>)")
     t.set_defaults(fn=_train)
+
+    w = sub.add_parser("sweep", help="Ray Tune sweep: grid x seeds, results in one sweep.parquet")
+    w.add_argument("config", help="experiment YAML")
+    w.add_argument("overrides", nargs="*", help="key=value overrides for every trial")
+    w.add_argument("--grid", nargs="+", default=[], help="key=v1,v2 ... (e.g. train.algorithm=PPO,IMPALA)")
+    w.add_argument("--seeds", type=int, default=1, help="seeds per grid point")
+    w.add_argument("--address", default=None, help="join a Ray cluster (default: embedded)")
+    w.add_argument("--out", default=None, help="output directory (default runs/sweep-<time>)")
+    w.set_defaults(fn=_sweep)
 
     from evgrid.agents.baselines import POLICIES
 

@@ -63,6 +63,9 @@ def _wait_port(port: int, timeout_s: float = 60.0) -> None:
 def test_training_on_a_two_node_cluster_uses_both_nodes(tmp_path):
     port = _free_port()
     runner = json.dumps({"evgrid_runner": 1})
+    # `ray start --head` records itself in /tmp/ray/ray_current_cluster: put back what was there
+    current = Path("/tmp/ray/ray_current_cluster")
+    before = current.read_text() if current.is_file() else None
     head = _start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
                         f"--resources={runner}"], tmp_path / "head.log")
     nodes = [head]
@@ -88,4 +91,8 @@ def test_training_on_a_two_node_cluster_uses_both_nodes(tmp_path):
     finally:
         for proc in reversed(nodes):
             _stop(proc)
+        if before is None:
+            current.unlink(missing_ok=True)
+        else:
+            current.write_text(before)
     assert all(p.poll() is not None for p in nodes)

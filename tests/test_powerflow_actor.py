@@ -70,7 +70,7 @@ def ray_session():
     from evgrid.cluster.runtime import loopback_only
 
     loopback_only()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     # start every test's actors now: they build their feeders concurrently
     # (each actor process costs ~5 s of imports and feeder building on 2 cores: t33 also serves the fault test,

@@ -213,3 +213,21 @@ def test_training_survives_the_power_flow_actor_being_killed(tmp_path, ray_local
         algo.stop()
         for h in pf.get_or_create_actor(env_cfg):
             ray.kill(h, no_restart=True)
+
+
+def test_sweep_grid_times_seeds_lands_in_one_table(tmp_path, ray_local):
+    import pandas as pd
+
+    from evgrid.cluster.sweeps import parse_grid, sweep
+
+    grid = parse_grid(["train.lr=0.0003,0.001"])
+    assert grid == {"train.lr": [0.0003, 0.001]}
+    out = sweep("experiments/quickstart.yaml", grid, seeds=2, out_dir=tmp_path, overrides=[
+        "n_steps=24", "start_hour=16.0", "fleet.n_ev=80", "stations.ports=40", "train.iterations=1",
+        "train.num_env_runners=0", "train.train_batch_size=24", "train.minibatch_size=24",
+        "train.rollout_fragment_length=24", "train.num_epochs=1", "agents.ev_view=grouped"])
+    t = pd.read_parquet(out / "sweep.parquet")
+    assert len(t.trial.unique()) == 4
+    assert sorted(t.groupby(["train.lr", "seed"]).size().index.tolist()) == [(0.0003, 0), (0.0003, 1), (0.001, 0),
+                                                                            (0.001, 1)]
+    assert {"return_ev", "env_steps", "iteration"} <= set(t.columns)

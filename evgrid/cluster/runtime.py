@@ -45,7 +45,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Itera
         return
     if address is None:
         loopback_only()
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+        # address="local": a new embedded instance, never a cluster that /tmp/ray/ray_current_cluster names
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
     else:
         import evgrid
