@@ -77,7 +77,7 @@ import ray
 import ray.exceptions
 
 from evgrid.envs.config import EnvConfig, GridConfig
-from evgrid.envs.sim import FeederSet, GridSolution, LocalGrid, build_feeders
+from evgrid.envs.sim import FeederSet, GridSolution, LocalGrid, build_feeders, enforce_limits
 from evgrid.grid.feeders import Feeder
 from evgrid.grid.flow import FlowResult, make_backend
 from evgrid.grid.flow.base import _as_batch
@@ -438,13 +438,8 @@ class PowerFlowService:
             fw = backend.solve(p[rw], q[rw], init=_flow_concat([prev[i] for i in warm]))
             fcold = backend.solve(p[rc], q[rc])
             flow = _flow_scatter([(fw, rw), (fcold, rc)], n)
-        vm_dispatch = flow.vm_pu
-        if self.enforcers is None:
-            curtail = np.zeros_like(p)
-            v2g = np.zeros_like(p)
-        else:
-            enf = self.enforcers[f].enforce(p, q, fc, fv, flow=flow)
-            flow, curtail, v2g = enf.flow, enf.curtail_kw, enf.v2g_kw
+        flow, curtail, v2g, vm_dispatch = enforce_limits(self.enforcers[f] if self.enforcers else None, p, q, fc, fv,
+                                                         flow)
         out = []
         for i, r in enumerate(reqs):
             rows = slice(int(off[i]), int(off[i + 1]))

@@ -96,6 +96,15 @@ class GridSolution(NamedTuple):
     vm_dispatch_pu: np.ndarray  # (E, n_bus) before enforcement
 
 
+def enforce_limits(enforcer: LimitEnforcer | None, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
+                   flex_v2g_kw: np.ndarray, flow: FlowResult) -> GridSolution:
+    """The step's solution from the dispatch's power flow: enforced, or as it is when enforcement is off."""
+    if enforcer is None:
+        return GridSolution(flow, np.zeros_like(p_kw), np.zeros_like(p_kw), flow.vm_pu)
+    enf = enforcer.enforce(p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flow=flow)
+    return GridSolution(enf.flow, enf.curtail_kw, enf.v2g_kw, flow.vm_pu)
+
+
 class GridService(Protocol):
     """What Sim needs from a power-flow service: :class:`LocalGrid` in process, or the shared actor's
     client (:class:`evgrid.cluster.powerflow.PowerFlowClient`)."""
@@ -141,16 +150,11 @@ class LocalGrid:
         last = self._last[f]
         init = last if last is not None and last.state is not None and last.batch == p_kw.shape[0] else None
         flow = self.backends[f].solve(p_kw, q_kvar, init=init)
-        vm_dispatch = flow.vm_pu
-        if self.enforcers is None:
-            curtail = np.zeros_like(p_kw)
-            v2g = np.zeros_like(p_kw)
-        else:
-            enf = self.enforcers[f].enforce(p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flow=flow)
-            flow, curtail, v2g = enf.flow, enf.curtail_kw, enf.v2g_kw
+        sol = enforce_limits(self.enforcers[f] if self.enforcers else None, p_kw, q_kvar, flex_charge_kw,
+                             flex_v2g_kw, flow)
         # a non-converged scenario would poison the next warm start
-        self._last[f] = flow if flow.converged.all() else None
-        return GridSolution(flow, curtail, v2g, vm_dispatch)
+        self._last[f] = sol.flow if sol.flow.converged.all() else None
+        return sol
 
 
 class Sim:
