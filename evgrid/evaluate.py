@@ -116,7 +116,7 @@ def run_trained_episode(cfg: EnvConfig, checkpoint: str | os.PathLike[str], seed
     m = EpisodeMetrics(env.sim)
     while env.agents:
         obs, *_ = env.step(policy.act(obs))
-        m.add(env._last_rec)
+        m.add(env.last_rec)
     return m.rows()[0]
 
 

@@ -69,13 +69,13 @@ def test_grouped_slots_are_stable_and_masks_match_plugged_evs():
                       fleet={"n_ev": 200})
     obs, _ = env.reset(seed=1)
     policy = BaselinePolicy("uncontrolled", env)
-    owner_prev = env._slot_owner.copy()
+    owner_prev = env.vec._slot_owner.copy()
     while env.agents:
         obs, *_ = env.step(policy.act(obs))
         if not env.agents:
             break
         sim = env.sim
-        owner = env._slot_owner
+        owner = env.vec._slot_owner
         # an EV that stays plugged keeps its slot
         kept = (owner_prev >= 0) & (sim.status[np.maximum(owner_prev, 0)] == PLUGGED)
         np.testing.assert_array_equal(owner[kept], owner_prev[kept])

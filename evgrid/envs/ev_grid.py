@@ -29,6 +29,500 @@ STATION_CONTEXT = ("bus_vm_pu", "price_now", "valley", "offpeak", "peak", "clock
                    "load_share", "plugged_share", "time_left")
 
 
+class EVGridVectorEnv:
+    """``n_env`` lock-stepped EVGrid environments over one :class:`evgrid.envs.sim.Sim` with ``n_env`` scenarios.
+
+    Everything :class:`EVGridEnv` documents (agents, spaces, observations,
+    rewards), with a leading environment axis: ``reset`` and ``step`` take and
+    return one PettingZoo dict per environment, and a step is one simulator
+    step, so all environments share **one** batched power-flow call per
+    feeder (the shape of Gymnasium's ``CartPoleVectorEnv``).  Every
+    environment has the same ``possible_agents``; environment ``e`` of a reset
+    with ``seed`` draws its day from ``(seed, e)``, so environment 0 replays
+    ``EVGridEnv`` with that seed.  All environments start and end together
+    (an episode ends only by truncation), which is what lets them share the
+    simulator.  ``EVGridEnv`` is this class with ``n_env = 1``; RLlib's env
+    runners hold their ``envs_per_runner`` environments as one of these
+    (:mod:`evgrid.agents.rllib.env`).
+    """
+
+    def __init__(self, config: Any = None, n_env: int = 1, powerflow: sm.GridService | None = None,
+                 **overrides: Any) -> None:
+        self.cfg = cfg = load_config(config, _keyword_overrides(overrides))
+        a = cfg.agents
+        if a.operator == "rule" and a.station == "rule" and a.ev_view == "rule":
+            raise ConfigError("agents: every level runs its rule, so the env has no agents; "
+                              "drive evgrid.envs.sim.Sim directly (evgrid evaluate does)")
+        if a.ev_view == "individual" and a.operator == "rule" and a.station == "rule":
+            raise ConfigError("agents.ev_view: 'individual' with rule operators and stations leaves no live agent "
+                              "while no EV is plugged in; make a level learned or use the grouped view")
+        self.slots = a.ev_slots if a.ev_slots is not None else cfg.stations.ports
+        if a.ev_view == "grouped" and self.slots < cfg.stations.ports:
+            raise ConfigError(f"agents.ev_slots: expected >= stations.ports ({cfg.stations.ports}) so every "
+                              f"plugged EV has a slot, got {self.slots}")
+        if not isinstance(n_env, int | np.integer) or not 1 <= n_env <= 65536:
+            raise ValueError(f"n_env: expected an integer in [1, 65536], got {n_env!r}")
+        self.n_env = int(n_env)
+        self.sim = sim = sm.Sim(cfg, self.n_env, grid=powerflow)
+        ops = [f"operator_{k}" for k in range(sim.n_zone)] if a.operator == "learned" else []
+        stns = [f"station_{j}" for j in range(sim.n_station)] if a.station == "learned" else []
+        if a.ev_view == "individual":
+            evs = [f"ev_{k}" for k in range(cfg.fleet.n_ev)]
+        elif a.ev_view == "grouped":
+            evs = [f"evs_{j}" for j in range(sim.n_station)]
+        else:
+            evs = []
+        self.possible_agents = ops + stns + evs
+        self.agents: list[list[str]] = [[] for _ in range(self.n_env)]  # live agents per environment
+        self._ops, self._stns = ops, stns
+        self._mult_lo = cfg.market.price_multiplier_min
+        self._mult_hi = cfg.market.price_multiplier_max
+        self._max_price = max(cfg.market.tariff.peak_price_per_kwh, cfg.market.tariff.offpeak_price_per_kwh,
+                              cfg.market.tariff.valley_price_per_kwh) * self._mult_hi
+        self._ports_zone = np.maximum(np.bincount(sim.station_zone, minlength=sim.n_zone) * cfg.stations.ports, 1)
+        self._zone_buses = [np.flatnonzero(sim.zone_of_bus == z) for z in range(sim.n_zone)]
+        self.last_rec: dict | None = None  # the simulator's record of the last step
+        self._log = None
+        if cfg.log_dir is not None:
+            from evgrid.io import EpisodeLog
+
+            self._log = EpisodeLog(cfg.log_dir, sim)
+
+    # ------------------------------------------------------------------ spaces
+
+    @functools.cache
+    def observation_space(self, agent: str) -> gymnasium.Space:
+        kind = agent.split("_")[0]
+        sc = self.cfg.stations
+        if kind == "operator":
+            return spaces.Box(-np.inf, np.inf, (len(OPERATOR_FEATURES),), np.float32)
+        if kind == "station":
+            n = (sc.c_max + 1) * (sc.e_max + 1) + len(STATION_CONTEXT)
+            return spaces.Box(-np.inf, np.inf, (n,), np.float32)
+        if kind == "ev":
+            return spaces.Box(-np.inf, np.inf, (len(EV_FEATURES),), np.float32)
+        if kind == "evs":
+            return spaces.Dict({
+                "evs": spaces.Box(-np.inf, np.inf, (self.slots, len(EV_FEATURES)), np.float32),
+                "mask": spaces.Box(0.0, 1.0, (self.slots,), np.float32),
+                "context": spaces.Box(-np.inf, np.inf, (len(STATION_CONTEXT),), np.float32),
+            })
+        raise KeyError(f"agent: unknown agent {agent!r}")
+
+    @functools.cache
+    def action_space(self, agent: str) -> gymnasium.Space:
+        kind = agent.split("_")[0]
+        m = self.cfg.market
+        if kind == "operator":
+            if self.cfg.agents.operator_action == "level":
+                return spaces.Discrete(len(m.price_levels))
+            return spaces.Box(np.float32(self._mult_lo), np.float32(self._mult_hi), (1,), np.float32)
+        if kind == "station":
+            return spaces.Discrete(len(self.cfg.stations.fraction_levels))
+        if kind == "ev":
+            return spaces.Dict({"mode": spaces.Discrete(3), "power": spaces.Box(0.0, 1.0, (1,), np.float32)})
+        if kind == "evs":
+            return spaces.Dict({"mode": spaces.MultiDiscrete([3] * self.slots),
+                                "power": spaces.Box(0.0, 1.0, (self.slots,), np.float32)})
+        raise KeyError(f"agent: unknown agent {agent!r}")
+
+    # ------------------------------------------------------------------ API
+
+    def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[list[dict], list[dict]]:
+        """New episode in every environment; ``None`` continues the seed sequence (first: ``cfg.seed``)."""
+        if seed is None and not hasattr(self, "_next_seed"):
+            seed = self.cfg.seed
+        if seed is None:
+            seed = self._next_seed
+        self._next_seed = seed + 1  # a reset without a seed continues the sequence
+        sim = self.sim
+        sim.reset(seed)
+        self._slot_owner = np.full((self.n_env * sim.n_station, self.slots), -1, dtype=np.int64)  # global station
+        self._slot_of = np.full(sim.s.n, -1, dtype=np.int64)
+        self._assign_slots()
+        self.last_rec = None
+        self.agents = self._live_agents()
+        if self._log is not None:
+            self._log.start(sim.episode)
+        obs = self._observations(self.agents)
+        return obs, [{a: {} for a in ag} for ag in self.agents]
+
+    def step(self, actions: list[dict[str, Any]]) -> tuple[list[dict], ...]:
+        """One step of every environment: ``actions[e]`` holds an action for each live agent of environment e."""
+        sim = self.sim
+        if sim.t >= sim.n_steps or not any(self.agents):
+            raise RuntimeError("step: the episode is over; call reset()")
+        act = self._decode(actions)
+        plugged_before = sim.plugged()
+        need_before = sim._need_kwh(plugged_before)
+        rec = sim.step(act)
+        self.last_rec = rec
+        if self._log is not None:
+            self._log.add_step(rec)
+        rewards = self._rewards(rec, need_before)
+        truncate = sim.t >= sim.n_steps
+        # sessions that left in this step: departed, or cut by the end of the episode
+        left = plugged_before[sim.status[plugged_before] != sm.PLUGGED]
+        gone: list[set[str]] = [set() for _ in range(self.n_env)]
+        if self.cfg.agents.ev_view == "individual":
+            departed = left[sim.status[left] == sm.DEPARTED]  # a cut stay is truncated, not terminated
+            for e, part in enumerate(self._by_env(departed)):
+                gone[e] = {f"ev_{k}" for k in sim.ev_index[part]}
+        if not truncate:
+            self._free_slots(plugged_before)
+            self._assign_slots()
+        # at the end every slot keeps its EV: the last observation shows the EVs as the day leaves them (what a
+        # value bootstrap at truncation should see), and the same set of slots the last action was taken for
+        live_next = [[] for _ in range(self.n_env)] if truncate else self._live_agents()
+        reported = [list(dict.fromkeys(now + nxt)) for now, nxt in zip(self.agents, live_next)]
+        obs = self._observations(reported, left)
+        terminated = [{a: a in g for a in rep} for rep, g in zip(reported, gone)]
+        truncated = [{a: truncate for a in rep} for rep in reported]
+        rew = [{a: float(r.get(a, 0.0)) for a in rep} for rep, r in zip(reported, rewards)]
+        info = [{a: {} for a in rep} for rep in reported]
+        self.agents = live_next
+        if truncate and self._log is not None:
+            self._log.end_episode()
+        return obs, rew, terminated, truncated, info
+
+    def state(self, e: int = 0) -> npt.NDArray[np.float32]:
+        """Global state of environment ``e`` for centralised critics: bus voltages, line loadings, zone loads,
+        prices, time."""
+        sim = self.sim
+        rec = self.last_rec
+        n_branch = sum(f.n_line + f.n_trafo for f in sim.feeders)
+        vm = rec["vm_pu"][e] if rec is not None else np.ones(sim.n_bus)
+        loading = rec["line_loading"][e] if rec is not None else np.zeros(n_branch)
+        zl = rec["zone_load_kw"][e] / sim.zone_nominal_kw if rec is not None else np.zeros(sim.n_zone)
+        t = min(sim.t, sim.n_steps - 1)
+        clock = 2 * np.pi * sim.clock_h[t] / 24
+        return np.concatenate([vm, np.nan_to_num(loading), zl, sim.prices.current[e], sim.prices.next[e],
+                               np.eye(3)[sim.period[t]], [np.sin(clock), np.cos(clock)]]).astype(np.float32)
+
+    def ev_decisions(self) -> npt.NDArray[np.int64]:
+        """Per-EV actions the learned EVs take in the coming step, per environment: one per plugged EV."""
+        if self.cfg.agents.ev_view == "rule":
+            return np.zeros(self.n_env, dtype=np.int64)
+        return np.bincount(self.sim.env[self.sim.plugged()], minlength=self.n_env)
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+
+    # ------------------------------------------------------------------ agents and slots
+
+    def _by_env(self, idx: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
+        """Sessions ``idx`` (ascending) split per environment: sessions are stored environment by environment."""
+        if self.n_env == 1:
+            return [idx]
+        return np.split(idx, np.searchsorted(self.sim.env[idx], np.arange(1, self.n_env)))
+
+    def _label(self, agent: str, e: int) -> str:
+        """An agent's name in messages: its id, and its environment when there are several."""
+        return agent if self.n_env == 1 else f"{agent} (env {e})"
+
+    def _live_agents(self) -> list[list[str]]:
+        fixed = self._ops + self._stns
+        view = self.cfg.agents.ev_view
+        if view == "individual":
+            sim = self.sim
+            return [fixed + [f"ev_{k}" for k in sim.ev_index[part]] for part in self._by_env(sim.plugged())]
+        if view == "grouped":
+            fixed = fixed + [f"evs_{j}" for j in range(self.sim.n_station)]
+        return [list(fixed) for _ in range(self.n_env)]
+
+    def _assign_slots(self) -> None:
+        """Give each newly plugged EV the lowest free slot of its station."""
+        sim = self.sim
+        idx = sim.plugged()
+        new = idx[self._slot_of[idx] < 0]
+        if new.size == 0 or self.cfg.agents.ev_view != "grouped":
+            return
+        stn = sim.station[new]  # global station: its row of _slot_owner
+        order = np.argsort(stn, kind="stable")
+        new, stn = new[order], stn[order]
+        rank = np.arange(new.size) - sm.st._group_starts(stn)
+        free_s, free_k = np.nonzero(self._slot_owner < 0)  # sorted by station, then slot
+        first = np.searchsorted(free_s, stn)
+        slot = free_k[first + rank]
+        self._slot_owner[stn, slot] = new
+        self._slot_of[new] = slot
+
+    def _free_slots(self, before: npt.NDArray[np.int64]) -> None:
+        left = before[self.sim.status[before] != sm.PLUGGED]
+        if left.size and self.cfg.agents.ev_view == "grouped":
+            self._slot_owner[self.sim.station[left], self._slot_of[left]] = -1
+
+    # ------------------------------------------------------------------ actions
+
+    def _decode(self, actions: list[dict[str, Any]]) -> sm.SimActions:
+        sim = self.sim
+        cfg = self.cfg
+        E = self.n_env
+        if not isinstance(actions, list | tuple) or len(actions) != E:
+            raise ValueError(f"actions: expected a list of {E} dicts (one per environment), got "
+                             f"{type(actions).__name__} of length {len(actions) if hasattr(actions, '__len__') else '?'}")
+        for e, (acts, live) in enumerate(zip(actions, self.agents)):
+            unknown = [a for a in acts if a not in live]
+            if unknown:
+                raise ValueError(f"actions: {self._label(unknown[0], e)!r} is not a live agent")
+            missing = [a for a in live if a not in acts]
+            if missing:
+                raise ValueError(f"actions: no action for live agent {self._label(missing[0], e)!r}")
+        act = sm.SimActions()
+        if self._ops:
+            if cfg.agents.operator_action == "level":
+                lv = self._levels(actions, self._ops, len(cfg.market.price_levels))
+                mult = np.asarray(cfg.market.price_levels, dtype=float)[lv]
+            else:
+                mult = self._multipliers(actions)
+            act.price_multiplier = mult  # (E, Z)
+        if self._stns:
+            lv = self._levels(actions, self._stns, len(cfg.stations.fraction_levels)).ravel()  # global station order
+            act.station_fraction = np.asarray(cfg.stations.fraction_levels, dtype=float)[lv]
+        view = cfg.agents.ev_view
+        if view == "individual":
+            idx = sim.plugged()
+            mode = np.empty(idx.size, dtype=np.int64)
+            power = np.empty(idx.size)
+            i = 0
+            for e, part in enumerate(self._by_env(idx)):
+                acts = actions[e]
+                for k in sim.ev_index[part]:
+                    a = f"ev_{k}"
+                    mode[i], power[i] = _ev_action(acts[a], self._label(a, e))
+                    i += 1
+            act.ev_mode = np.full(sim.s.n, sm.IDLE, dtype=np.int64)
+            act.ev_power = np.zeros(sim.s.n)
+            act.ev_mode[idx] = mode
+            act.ev_power[idx] = power
+        elif view == "grouped":
+            mode, power = self._grouped_actions(actions)  # (E * n_station, slots), global station order
+            owner = self._slot_owner
+            occ = owner >= 0
+            act.ev_mode = np.full(sim.s.n, sm.IDLE, dtype=np.int64)
+            act.ev_power = np.zeros(sim.s.n)
+            act.ev_mode[owner[occ]] = mode[occ]
+            act.ev_power[owner[occ]] = power[occ]
+        return act
+
+    def _levels(self, actions: list[dict[str, Any]], names: list[str], n: int) -> np.ndarray:
+        """Discrete actions of ``names`` in every environment, (E, len(names)), checked at once (one by one only
+        to name a bad one)."""
+        shape = (self.n_env, len(names))
+        try:
+            v = np.array([[actions[e][a] for a in names] for e in range(self.n_env)])
+            ok = v.shape == shape and np.issubdtype(v.dtype, np.integer) and v.min() >= 0 and v.max() < n
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            v = np.array([[_int_action(actions[e][a], self._label(a, e), n) for a in names]
+                          for e in range(self.n_env)]).reshape(shape)
+        return v
+
+    def _multipliers(self, actions: list[dict[str, Any]]) -> np.ndarray:
+        """Operators' price multipliers, (E, Z), checked at once (one by one only to name a bad one)."""
+        lo, hi = self._mult_lo, self._mult_hi
+        shape = (self.n_env, len(self._ops))
+        try:
+            v = np.array([[actions[e][a] for a in self._ops] for e in range(self.n_env)], dtype=float)
+            ok = v.size == shape[0] * shape[1] and np.isfinite(v).all() and v.min() >= lo - 1e-6 \
+                and v.max() <= hi + 1e-6
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            v = np.array([[_box_scalar(actions[e][a], self._label(a, e), lo, hi) for a in self._ops]
+                          for e in range(self.n_env)])
+        return np.clip(v.reshape(shape), lo, hi)  # float32 rounding of the bounds only
+
+    def _grouped_actions(self, actions: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """Every ``evs_<j>`` action stacked and checked at once; only an invalid one is looked at alone, to
+        name it."""
+        names = [(e, f"evs_{j}") for e in range(self.n_env) for j in range(self.sim.n_station)]
+        try:
+            mode = np.stack([np.asarray(actions[e][a]["mode"]) for e, a in names])
+            power = np.stack([np.asarray(actions[e][a]["power"], dtype=float) for e, a in names])
+            ok = (mode.shape == power.shape == (len(names), self.slots) and np.issubdtype(mode.dtype, np.integer)
+                  and mode.min() >= 0 and mode.max() <= 2 and np.isfinite(power).all()
+                  and power.min() >= 0 and power.max() <= 1)
+        except (TypeError, KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:  # the first bad action raises, naming its agent
+            checked = [_grouped_action(actions[e][a], self._label(a, e), self.slots) for e, a in names]
+            mode, power = np.stack([m for m, _ in checked]), np.stack([p for _, p in checked])
+        return mode, power
+
+    # ------------------------------------------------------------------ observations
+
+    def _observations(self, agents: list[list[str]],
+                      left: npt.NDArray[np.int64] | None = None) -> list[dict[str, Any]]:
+        """Observations of ``agents`` (per environment); ``left``: sessions that left in the last step, whose
+        EVs are still reported (an individual EV's final observation, the slots at the episode's end)."""
+        if not any(agents):
+            return [{} for _ in agents]
+        sim = self.sim
+        E, n_st = self.n_env, sim.n_station
+        out: list[dict[str, Any]] = [{} for _ in range(E)]
+        t = min(sim.t, sim.n_steps - 1)
+        clock = 2 * np.pi * sim.clock_h[t] / 24
+        period = np.eye(3)[sim.period[t]]
+        time_left = (sim.n_steps - sim.t) / sim.n_steps
+        rec = self.last_rec
+        vm = rec["vm_pu"] if rec is not None else np.ones((E, sim.n_bus))  # (E, n_bus)
+        idx = sim.plugged()
+        if self._ops:
+            feats = self._operator_obs(idx, rec, vm, period, clock, time_left)  # (E, Z, F)
+            for e in range(E):
+                out[e].update(zip(self._ops, feats[e]))
+        ctx = None
+        if self._stns or self.cfg.agents.ev_view == "grouped":
+            ctx = self._station_context(idx, vm, period, clock, time_left)  # (E * n_st, F)
+        if self._stns:
+            c, e_slots = sim.slots(idx)
+            sc = self.cfg.stations
+            n = sm.st.count_matrix(c, e_slots, sim.station[idx], E * n_st, sc.c_max, sc.e_max) / sc.ports
+            flat = np.concatenate([n.reshape(E * n_st, -1), ctx], axis=1).astype(np.float32)
+            for e in range(E):
+                out[e].update(zip(self._stns, flat[e * n_st:(e + 1) * n_st]))
+        view = self.cfg.agents.ev_view
+        shown = idx if left is None or left.size == 0 else np.union1d(idx, left)  # sessions with EV features
+        if view == "individual":
+            feats = self._ev_features(shown, vm)
+            bounds = np.searchsorted(sim.env[shown], np.arange(E + 1))
+            for e in range(E):
+                want = {a for a in agents[e] if a.startswith("ev_")}
+                rows = slice(bounds[e], bounds[e + 1])
+                for k, row in zip(sim.ev_index[shown[rows]], feats[rows]):
+                    name = f"ev_{k}"
+                    if name in want:
+                        out[e][name] = row
+        elif view == "grouped":
+            owner = self._slot_owner.ravel()
+            flat = np.flatnonzero(owner >= 0)  # occupied slots, (station, slot) flattened
+            feats = np.zeros((owner.size, len(EV_FEATURES)), np.float32)
+            if flat.size:
+                row_of = np.empty(sim.s.n, dtype=np.int64)  # session -> its row in `shown`
+                row_of[shown] = np.arange(shown.size)
+                feats[flat] = self._ev_features(shown, vm)[row_of[owner[flat]]]
+            feats = feats.reshape(E * n_st, self.slots, -1)
+            mask = (self._slot_owner >= 0).astype(np.float32)
+            ctx32 = ctx.astype(np.float32)
+            for e in range(E):
+                for j in range(n_st):
+                    g = e * n_st + j
+                    out[e][f"evs_{j}"] = {"evs": feats[g], "mask": mask[g], "context": ctx32[g]}
+        return [{a: o[a] for a in ag} for o, ag in zip(out, agents)]
+
+    def _operator_obs(self, idx, rec, vm, period, clock, time_left) -> np.ndarray:
+        """(E, Z, len(OPERATOR_FEATURES))."""
+        sim = self.sim
+        E, Z = self.n_env, sim.n_zone
+        t = min(sim.t, sim.n_steps - 1)
+        nom = sim.zone_nominal_kw
+        zl = rec["zone_load_kw"] / nom if rec is not None else np.zeros((E, Z))
+        pv = np.zeros((E, Z))
+        wind = np.zeros((E, Z))
+        for arr, kind, pu in ((pv, "pv", sim.pv_pu), (wind, "wind", sim.wind_pu)):
+            b, p = sim.der[kind]
+            arr += pu[:, t, None] * np.bincount(sim.zone_of_bus[b], p, Z)[None, :]  # one output share per env
+        vmin = np.column_stack([np.nan_to_num(vm[:, b], nan=0.0).min(axis=1) for b in self._zone_buses])
+        env = sim.env[idx]
+        zone = sim.zone_of_bus[sim.station_bus[sim.station[idx] % sim.n_station]]
+        key = env * Z + zone
+        plugged = np.bincount(key, minlength=E * Z).reshape(E, Z) / self._ports_zone
+        need = np.bincount(key, sim._need_kwh(idx), E * Z).reshape(E, Z) / nom
+        ones = np.ones((E, Z))
+        feats = np.stack([zl, pv / nom, wind / nom, sim.prices.current, sim.prices.next,
+                          ones * period[0], ones * period[1], ones * period[2], ones * np.sin(clock),
+                          ones * np.cos(clock), vmin, plugged, need, ones * time_left], axis=-1)
+        return feats.astype(np.float32)
+
+    def _station_context(self, idx, vm, period, clock, time_left) -> np.ndarray:
+        """(E * n_station, len(STATION_CONTEXT)), rows in global station order."""
+        sim = self.sim
+        sc = self.cfg.stations
+        rec = self.last_rec
+        n = self.n_env * sim.n_station
+        load = np.zeros(n)
+        if rec is not None:
+            load = np.bincount(sim.station[rec["idx"]], np.maximum(rec["p_ev_kw"], 0.0), n) / sc.p_max_kw
+        price_now = sim.retail_price()  # (E, Z)
+        return np.column_stack([vm[:, sim.station_bus].ravel(), price_now[:, sim.station_zone].ravel(),
+                                np.broadcast_to(period, (n, 3)), np.full(n, np.sin(clock)), np.full(n, np.cos(clock)),
+                                load, np.bincount(sim.station[idx], minlength=n) / sc.ports, np.full(n, time_left)])
+
+    def _ev_features(self, idx, vm) -> np.ndarray:
+        sim = self.sim
+        s = sim.s
+        env = sim.env[idx]
+        bus = sim.station_bus[sim.station[idx] % sim.n_station]
+        zone = sim.zone_of_bus[bus]
+        c, e = sim.slots(idx)
+        t_next = min(sim.t + 1, sim.n_steps - 1)
+        price_next = sim.prices.next[env, zone] * np.asarray(_tariff_prices(self.cfg))[sim.period[t_next]]
+        unint = sim.started[idx] & self.cfg.fleet.uninterruptible
+        valley = float(sim.period[min(sim.t, sim.n_steps - 1)] == VALLEY)
+        cols = (sim.soc[idx], s.soc_target[idx], sim._need_kwh(idx) / s.cap_kwh[idx],
+                (sim.dep_step[idx] - sim.t) * sim.dt_h / 24.0, s.p_ch_max_kw[idx] / 50.0, s.p_dis_max_kw[idx] / 50.0,
+                s.v2g[idx], sim.retail_price()[env, zone], price_next, vm[env, bus], c / np.maximum(e, 1), unint,
+                valley)
+        out = np.empty((idx.size, len(EV_FEATURES)), np.float32)  # filled column by column: no float64 copy
+        for k, col in enumerate(cols):
+            out[:, k] = col
+        return out
+
+    # ------------------------------------------------------------------ rewards
+
+    def _rewards(self, rec: dict, need_before: npt.NDArray[np.float64]) -> list[dict[str, float]]:
+        sim = self.sim
+        w = self.cfg.reward
+        dt = sim.dt_h
+        E, n_st = self.n_env, sim.n_station
+        out: list[dict[str, float]] = [{} for _ in range(E)]
+        idx = rec["idx"]
+        # energy the step brought each EV towards its target (negative when discharge took it further away);
+        # over a stay it sums to (need on arrival - need at departure), so paying it per step is the unmet
+        # penalty at departure plus a constant, with the credit on the steps that cause it
+        progress = need_before - sim._need_kwh(idx)
+        ev_r = -(w.ev_cost * rec["ev_cost"] + w.ev_throughput_per_kwh * rec["e_batt_kwh"]
+                 + w.curtail_per_kwh * rec["cut_ev_kw"] * dt) + w.ev_unmet_per_kwh * progress
+        view = self.cfg.agents.ev_view
+        if view == "individual":
+            bounds = np.searchsorted(sim.env[idx], np.arange(E + 1))
+            for e in range(E):
+                rows = slice(bounds[e], bounds[e + 1])
+                out[e].update((f"ev_{k}", r) for k, r in zip(sim.ev_index[idx[rows]], ev_r[rows]))
+        elif view == "grouped":
+            per = np.bincount(sim.station[idx], ev_r, E * n_st).reshape(E, n_st)
+            for e in range(E):
+                out[e].update((f"evs_{j}", per[e, j]) for j in range(n_st))
+        if self._stns:
+            st_idx = sim.station[idx]
+            charge_e = np.maximum(rec["p_ev_kw"], 0.0) * dt
+            price = rec["price_zone"][sim.env[idx], sim.zone_of_bus[sim.station_bus[st_idx % n_st]]]
+            cost = np.bincount(st_idx, charge_e * price, E * n_st).reshape(E, n_st)
+            norm_cost = cost / (self.cfg.stations.p_max_kw * dt * self._max_price)
+            loads = rec["feeder_load_kw"] if len(sim.feeders) > 1 else rec["zone_load_kw"] / sim.zone_nominal_kw
+            hi = np.max(np.abs(loads), axis=1)
+            spread = loads.max(axis=1) - loads.min(axis=1)
+            disparity = np.divide(spread, hi, out=np.zeros(E), where=hi > 0)  # (E,)
+            curt = np.bincount(st_idx, rec["cut_ev_kw"] * dt, E * n_st).reshape(E, n_st)
+            st_progress = np.bincount(st_idx, progress, E * n_st).reshape(E, n_st)
+            r = -(w.station_w1 * norm_cost + w.station_w2 * disparity[:, None]) - w.curtail_per_kwh * curt \
+                + w.station_unmet_per_kwh * st_progress
+            for e in range(E):
+                out[e].update(zip(self._stns, r[e]))
+        if self._ops:
+            c = rec["zone_costs"]
+            profit = rec["zone_ev_revenue"] - c["total"]
+            dev = (rec["zone_load_kw"] - rec["zone_mean_load_kw"]) / sim.zone_nominal_kw
+            r = w.operator_profit * profit / 1000.0 - w.operator_peak_valley * dev ** 2 \
+                - w.operator_violation * rec["zone_violations"]
+            for e in range(E):
+                out[e].update(zip(self._ops, r[e]))
+        return out
+
+
 class EVGridEnv(ParallelEnv, EzPickle):
     """Multi-agent EV charging on a distribution feeder with a per-step power flow.
 
@@ -141,6 +635,8 @@ class EVGridEnv(ParallelEnv, EzPickle):
     as nested mappings (``fleet={"n_ev": 500}``), ``section__field=value``
     keywords, or the shortcut ``ev_view=...``; ``powerflow`` the solver
     service (default: in-process, :class:`evgrid.envs.sim.LocalGrid`).
+    :class:`EVGridVectorEnv` runs several of these in lock-step with one
+    batched power flow per step.
 
     ## Version History
     * v0: initial version.
@@ -150,380 +646,41 @@ class EVGridEnv(ParallelEnv, EzPickle):
 
     def __init__(self, config: Any = None, powerflow: sm.GridService | None = None, **overrides: Any) -> None:
         EzPickle.__init__(self, config, None, **overrides)
-        self.cfg = cfg = load_config(config, _keyword_overrides(overrides))
-        a = cfg.agents
-        if a.operator == "rule" and a.station == "rule" and a.ev_view == "rule":
-            raise ConfigError("agents: every level runs its rule, so the env has no agents; "
-                              "drive evgrid.envs.sim.Sim directly (evgrid evaluate does)")
-        if a.ev_view == "individual" and a.operator == "rule" and a.station == "rule":
-            raise ConfigError("agents.ev_view: 'individual' with rule operators and stations leaves no live agent "
-                              "while no EV is plugged in; make a level learned or use the grouped view")
-        self.slots = a.ev_slots if a.ev_slots is not None else cfg.stations.ports
-        if a.ev_view == "grouped" and self.slots < cfg.stations.ports:
-            raise ConfigError(f"agents.ev_slots: expected >= stations.ports ({cfg.stations.ports}) so every "
-                              f"plugged EV has a slot, got {self.slots}")
-        self.sim = sm.Sim(cfg, 1, grid=powerflow)
-        sim = self.sim
-        ops = [f"operator_{k}" for k in range(sim.n_zone)] if a.operator == "learned" else []
-        stns = [f"station_{j}" for j in range(sim.n_station)] if a.station == "learned" else []
-        if a.ev_view == "individual":
-            evs = [f"ev_{k}" for k in range(cfg.fleet.n_ev)]
-        elif a.ev_view == "grouped":
-            evs = [f"evs_{j}" for j in range(sim.n_station)]
-        else:
-            evs = []
-        self.possible_agents = ops + stns + evs
-        self.agents: list[str] = []
-        self._ops, self._stns = ops, stns
+        self.vec = EVGridVectorEnv(config, 1, powerflow, **overrides)
+        self.cfg = self.vec.cfg
+        self.sim = self.vec.sim
+        self.possible_agents = self.vec.possible_agents
         self.render_mode = None
-        self._mult_lo = cfg.market.price_multiplier_min
-        self._mult_hi = cfg.market.price_multiplier_max
-        self._max_price = max(cfg.market.tariff.peak_price_per_kwh, cfg.market.tariff.offpeak_price_per_kwh,
-                              cfg.market.tariff.valley_price_per_kwh) * self._mult_hi
-        self._ports_zone = np.maximum(np.bincount(sim.station_zone, minlength=sim.n_zone) * cfg.stations.ports, 1)
-        self._log = None
-        if cfg.log_dir is not None:
-            from evgrid.io import EpisodeLog
 
-            self._log = EpisodeLog(cfg.log_dir, sim)
+    @property
+    def agents(self) -> list[str]:
+        return self.vec.agents[0]
 
-    # ------------------------------------------------------------------ spaces
+    @property
+    def last_rec(self) -> dict | None:
+        """The simulator's record of the last step (None right after ``reset``)."""
+        return self.vec.last_rec
 
-    @functools.cache
     def observation_space(self, agent: str) -> gymnasium.Space:
-        kind = agent.split("_")[0]
-        sc = self.cfg.stations
-        if kind == "operator":
-            return spaces.Box(-np.inf, np.inf, (len(OPERATOR_FEATURES),), np.float32)
-        if kind == "station":
-            n = (sc.c_max + 1) * (sc.e_max + 1) + len(STATION_CONTEXT)
-            return spaces.Box(-np.inf, np.inf, (n,), np.float32)
-        if kind == "ev":
-            return spaces.Box(-np.inf, np.inf, (len(EV_FEATURES),), np.float32)
-        if kind == "evs":
-            return spaces.Dict({
-                "evs": spaces.Box(-np.inf, np.inf, (self.slots, len(EV_FEATURES)), np.float32),
-                "mask": spaces.Box(0.0, 1.0, (self.slots,), np.float32),
-                "context": spaces.Box(-np.inf, np.inf, (len(STATION_CONTEXT),), np.float32),
-            })
-        raise KeyError(f"agent: unknown agent {agent!r}")
+        return self.vec.observation_space(agent)  # memoised there: the same object every call
 
-    @functools.cache
     def action_space(self, agent: str) -> gymnasium.Space:
-        kind = agent.split("_")[0]
-        m = self.cfg.market
-        if kind == "operator":
-            if self.cfg.agents.operator_action == "level":
-                return spaces.Discrete(len(m.price_levels))
-            return spaces.Box(np.float32(self._mult_lo), np.float32(self._mult_hi), (1,), np.float32)
-        if kind == "station":
-            return spaces.Discrete(len(self.cfg.stations.fraction_levels))
-        if kind == "ev":
-            return spaces.Dict({"mode": spaces.Discrete(3), "power": spaces.Box(0.0, 1.0, (1,), np.float32)})
-        if kind == "evs":
-            return spaces.Dict({"mode": spaces.MultiDiscrete([3] * self.slots),
-                                "power": spaces.Box(0.0, 1.0, (self.slots,), np.float32)})
-        raise KeyError(f"agent: unknown agent {agent!r}")
-
-    # ------------------------------------------------------------------ API
+        return self.vec.action_space(agent)
 
     def reset(self, seed: int | None = None, options: dict | None = None):
-        if seed is None and not hasattr(self, "_next_seed"):
-            seed = self.cfg.seed
-        if seed is None:
-            seed = self._next_seed
-        self._next_seed = seed + 1  # a reset without a seed continues the sequence
-        self.sim.reset(seed)
-        n_st = self.sim.n_station
-        self._slot_owner = np.full((n_st, self.slots), -1, dtype=np.int64)
-        self._slot_of = np.full(self.sim.s.n, -1, dtype=np.int64)
-        self._assign_slots()
-        self._last_rec = None
-        self.agents = self._live_agents()
-        if self._log is not None:
-            self._log.start(self.sim.episode)
-        obs = self._observations(self.agents)
-        return obs, {a: {} for a in self.agents}
+        obs, infos = self.vec.reset(seed, options)
+        return obs[0], infos[0]
 
     def step(self, actions: dict[str, Any]):
-        if not self.agents:
-            raise RuntimeError("step: the episode is over; call reset()")
-        sim = self.sim
-        act = self._decode(actions)
-        plugged_before = sim.plugged()
-        need_before = sim._need_kwh(plugged_before)
-        rec = sim.step(act)
-        self._last_rec = rec
-        if self._log is not None:
-            self._log.add_step(rec)
-        rewards = self._rewards(rec, need_before)
-        truncate = sim.t >= sim.n_steps
-        gone = set()
-        if self.cfg.agents.ev_view == "individual":
-            left = plugged_before[sim.status[plugged_before] != sm.PLUGGED]
-            gone = {f"ev_{k}" for k in sim.ev_index[left]}
-        self._free_slots(plugged_before)
-        if not truncate:
-            self._assign_slots()
-        live_next = [] if truncate else self._live_agents()
-        reported = list(dict.fromkeys(self.agents + live_next))
-        obs = self._observations(reported)
-        terminated = {a: a in gone for a in reported}
-        truncated = {a: truncate for a in reported}
-        rew = {a: float(rewards.get(a, 0.0)) for a in reported}
-        info = {a: {} for a in reported}
-        self.agents = live_next
-        if truncate and self._log is not None:
-            self._log.end_episode()
-        return obs, rew, terminated, truncated, info
+        obs, rew, term, trunc, info = self.vec.step([actions])
+        return obs[0], rew[0], term[0], trunc[0], info[0]
 
     def state(self) -> npt.NDArray[np.float32]:
         """Global state for centralised critics: bus voltages, line loadings, zone loads, prices, time."""
-        sim = self.sim
-        rec = self._last_rec
-        n_branch = sum(f.n_line + f.n_trafo for f in sim.feeders)
-        vm = rec["vm_pu"][0] if rec is not None else np.ones(sim.n_bus)
-        loading = rec["line_loading"][0] if rec is not None else np.zeros(n_branch)
-        zl = rec["zone_load_kw"][0] / sim.zone_nominal_kw if rec is not None else np.zeros(sim.n_zone)
-        t = min(sim.t, sim.n_steps - 1)
-        clock = 2 * np.pi * sim.clock_h[t] / 24
-        return np.concatenate([vm, np.nan_to_num(loading), zl, sim.prices.current[0], sim.prices.next[0],
-                               np.eye(3)[sim.period[t]], [np.sin(clock), np.cos(clock)]]).astype(np.float32)
+        return self.vec.state(0)
 
     def close(self) -> None:
-        if self._log is not None:
-            self._log.close()
-
-    # ------------------------------------------------------------------ agents and slots
-
-    def _live_agents(self) -> list[str]:
-        agents = self._ops + self._stns
-        view = self.cfg.agents.ev_view
-        if view == "individual":
-            agents = agents + [f"ev_{k}" for k in self.sim.ev_index[self.sim.plugged()]]
-        elif view == "grouped":
-            agents = agents + [f"evs_{j}" for j in range(self.sim.n_station)]
-        return agents
-
-    def _assign_slots(self) -> None:
-        """Give each newly plugged EV the lowest free slot of its station."""
-        sim = self.sim
-        idx = sim.plugged()
-        new = idx[self._slot_of[idx] < 0]
-        if new.size == 0 or self.cfg.agents.ev_view != "grouped":
-            return
-        stn = sim.station[new]  # single env: global station == local
-        order = np.argsort(stn, kind="stable")
-        new, stn = new[order], stn[order]
-        rank = np.arange(new.size) - sm.st._group_starts(stn)
-        free_s, free_k = np.nonzero(self._slot_owner < 0)  # sorted by station, then slot
-        first = np.searchsorted(free_s, stn)
-        slot = free_k[first + rank]
-        self._slot_owner[stn, slot] = new
-        self._slot_of[new] = slot
-
-    def _free_slots(self, before: npt.NDArray[np.int64]) -> None:
-        left = before[self.sim.status[before] != sm.PLUGGED]
-        if left.size and self.cfg.agents.ev_view == "grouped":
-            self._slot_owner[self.sim.station[left], self._slot_of[left]] = -1
-
-    # ------------------------------------------------------------------ actions
-
-    def _decode(self, actions: dict[str, Any]) -> sm.SimActions:
-        sim = self.sim
-        cfg = self.cfg
-        unknown = [a for a in actions if a not in self.agents]
-        if unknown:
-            raise ValueError(f"actions: {unknown[0]!r} is not a live agent")
-        missing = [a for a in self.agents if a not in actions]
-        if missing:
-            raise ValueError(f"actions: no action for live agent {missing[0]!r}")
-        act = sm.SimActions()
-        if self._ops:
-            if cfg.agents.operator_action == "level":
-                lv = np.array([_int_action(actions[a], a, len(cfg.market.price_levels)) for a in self._ops])
-                mult = np.asarray(cfg.market.price_levels, dtype=float)[lv]
-            else:
-                mult = np.array([_box_scalar(actions[a], a, self._mult_lo, self._mult_hi) for a in self._ops])
-            act.price_multiplier = mult[None, :]
-        if self._stns:
-            lv = np.array([_int_action(actions[a], a, len(cfg.stations.fraction_levels)) for a in self._stns])
-            act.station_fraction = np.asarray(cfg.stations.fraction_levels, dtype=float)[lv]
-        view = cfg.agents.ev_view
-        if view == "individual":
-            idx = sim.plugged()
-            names = [f"ev_{k}" for k in sim.ev_index[idx]]
-            mode = np.empty(idx.size, dtype=np.int64)
-            power = np.empty(idx.size)
-            for i, a in enumerate(names):
-                mode[i], power[i] = _ev_action(actions[a], a)
-            act.ev_mode = np.full(sim.s.n, sm.IDLE, dtype=np.int64)
-            act.ev_power = np.zeros(sim.s.n)
-            act.ev_mode[idx] = mode
-            act.ev_power[idx] = power
-        elif view == "grouped":
-            n_st = sim.n_station
-            mode = np.empty((n_st, self.slots), dtype=np.int64)
-            power = np.empty((n_st, self.slots))
-            for j in range(n_st):
-                a = f"evs_{j}"
-                mode[j], power[j] = _grouped_action(actions[a], a, self.slots)
-            owner = self._slot_owner
-            occ = owner >= 0
-            act.ev_mode = np.full(sim.s.n, sm.IDLE, dtype=np.int64)
-            act.ev_power = np.zeros(sim.s.n)
-            act.ev_mode[owner[occ]] = mode[occ]
-            act.ev_power[owner[occ]] = power[occ]
-        return act
-
-    # ------------------------------------------------------------------ observations
-
-    def _observations(self, agents: list[str]) -> dict[str, Any]:
-        if not agents:
-            return {}
-        sim = self.sim
-        out: dict[str, Any] = {}
-        t = min(sim.t, sim.n_steps - 1)
-        clock = 2 * np.pi * sim.clock_h[t] / 24
-        period = np.eye(3)[sim.period[t]]
-        time_left = (sim.n_steps - sim.t) / sim.n_steps
-        rec = self._last_rec
-        vm = rec["vm_pu"][0] if rec is not None else np.ones(sim.n_bus)
-        price_now = sim.retail_price()[0]  # (Z,)
-        idx = sim.plugged()
-        if self._ops:
-            out.update(self._operator_obs(idx, rec, vm, period, clock, time_left))
-        ctx = None
-        if self._stns or self.cfg.agents.ev_view == "grouped":
-            ctx = self._station_context(idx, vm, price_now, period, clock, time_left)
-        if self._stns:
-            c, e = sim.slots(idx)
-            sc = self.cfg.stations
-            n = sm.st.count_matrix(c, e, sim.station[idx], sim.n_station, sc.c_max, sc.e_max) / sc.ports
-            flat = np.concatenate([n.reshape(sim.n_station, -1), ctx], axis=1).astype(np.float32)
-            for j, a in enumerate(self._stns):
-                out[a] = flat[j]
-        view = self.cfg.agents.ev_view
-        if view == "individual":
-            feats = self._ev_features(idx, vm).astype(np.float32)
-            want = {a for a in agents if a.startswith("ev_")}
-            for k, row in zip(sim.ev_index[idx], feats):
-                name = f"ev_{k}"
-                if name in want:
-                    out[name] = row
-            # EVs that just left: their last observation (the state they left in)
-            zero = np.zeros(len(EV_FEATURES), np.float32)
-            for a in want - out.keys():
-                out[a] = zero
-        elif view == "grouped":
-            feats = np.zeros((sim.n_station, self.slots, len(EV_FEATURES)), np.float32)
-            owner = self._slot_owner
-            occ = owner >= 0
-            if occ.any():
-                rows = owner[occ]
-                pos = np.searchsorted(idx, rows)
-                feats[occ] = self._ev_features(idx, vm)[pos]
-            mask = occ.astype(np.float32)
-            for j in range(sim.n_station):
-                out[f"evs_{j}"] = {"evs": feats[j], "mask": mask[j], "context": ctx[j].astype(np.float32)}
-        return {a: out[a] for a in agents}
-
-    def _operator_obs(self, idx, rec, vm, period, clock, time_left) -> dict[str, np.ndarray]:
-        sim = self.sim
-        t = min(sim.t, sim.n_steps - 1)
-        nom = sim.zone_nominal_kw
-        zl = rec["zone_load_kw"][0] / nom if rec is not None else np.zeros(sim.n_zone)
-        pv = np.zeros(sim.n_zone)
-        wind = np.zeros(sim.n_zone)
-        for arr, kind, pu in ((pv, "pv", sim.pv_pu), (wind, "wind", sim.wind_pu)):
-            b, p = sim.der[kind]
-            np.add.at(arr, sim.zone_of_bus[b], p * pu[0, t])
-        vmin = np.full(sim.n_zone, np.inf)
-        np.minimum.at(vmin, sim.zone_of_bus, np.nan_to_num(vm, nan=0.0))
-        zone = sim.zone_of_bus[sim.station_bus[sim.station[idx]]]
-        plugged = np.bincount(zone, minlength=sim.n_zone) / self._ports_zone
-        need = np.bincount(zone, sim._need_kwh(idx), sim.n_zone) / nom
-        feats = np.column_stack([zl, pv / nom, wind / nom, sim.prices.current[0], sim.prices.next[0],
-                                 np.broadcast_to(period, (sim.n_zone, 3)), np.full(sim.n_zone, np.sin(clock)),
-                                 np.full(sim.n_zone, np.cos(clock)), vmin, plugged, need,
-                                 np.full(sim.n_zone, time_left)]).astype(np.float32)
-        return {a: feats[k] for k, a in enumerate(self._ops)}
-
-    def _station_context(self, idx, vm, price_now, period, clock, time_left) -> np.ndarray:
-        sim = self.sim
-        sc = self.cfg.stations
-        rec = self._last_rec
-        stn = sim.station[idx]
-        load = np.zeros(sim.n_station)
-        if rec is not None:
-            load = np.bincount(sim.station[rec["idx"]], np.maximum(rec["p_ev_kw"], 0.0), sim.n_station) / sc.p_max_kw
-        n = sim.n_station
-        return np.column_stack([vm[sim.station_bus], price_now[sim.station_zone], np.broadcast_to(period, (n, 3)),
-                                np.full(n, np.sin(clock)), np.full(n, np.cos(clock)), load,
-                                np.bincount(stn, minlength=n) / sc.ports, np.full(n, time_left)])
-
-    def _ev_features(self, idx, vm) -> np.ndarray:
-        sim = self.sim
-        s = sim.s
-        stn = sim.station[idx]
-        bus = sim.station_bus[stn]
-        zone = sim.zone_of_bus[bus]
-        c, e = sim.slots(idx)
-        t_next = min(sim.t + 1, sim.n_steps - 1)
-        price_next = (sim.prices.next[0][zone] * np.asarray(_tariff_prices(self.cfg))[sim.period[t_next]])
-        unint = sim.started[idx] & self.cfg.fleet.uninterruptible
-        return np.column_stack([
-            sim.soc[idx], s.soc_target[idx], sim._need_kwh(idx) / s.cap_kwh[idx],
-            (sim.dep_step[idx] - sim.t) * sim.dt_h / 24.0, s.p_ch_max_kw[idx] / 50.0, s.p_dis_max_kw[idx] / 50.0,
-            s.v2g[idx].astype(float), sim.retail_price()[0][zone], price_next, vm[bus],
-            c / np.maximum(e, 1), unint.astype(float), np.full(idx.size, float(sim.period[min(sim.t, sim.n_steps - 1)] == VALLEY))])
-
-    # ------------------------------------------------------------------ rewards
-
-    def _rewards(self, rec: dict, need_before: npt.NDArray[np.float64]) -> dict[str, float]:
-        sim = self.sim
-        w = self.cfg.reward
-        dt = sim.dt_h
-        out: dict[str, float] = {}
-        idx = rec["idx"]
-        # energy the step brought each EV towards its target (negative when discharge took it further away);
-        # over a stay it sums to (need on arrival - need at departure), so paying it per step is the unmet
-        # penalty at departure plus a constant, with the credit on the steps that cause it
-        progress = need_before - sim._need_kwh(idx)
-        ev_r = -(w.ev_cost * rec["ev_cost"] + w.ev_throughput_per_kwh * rec["e_batt_kwh"]
-                 + w.curtail_per_kwh * rec["cut_ev_kw"] * dt) + w.ev_unmet_per_kwh * progress
-        view = self.cfg.agents.ev_view
-        if view == "individual":
-            for k, r in zip(sim.ev_index[idx], ev_r):
-                out[f"ev_{k}"] = r
-        elif view == "grouped":
-            per = np.bincount(sim.station[idx], ev_r, sim.n_station)
-            for j in range(sim.n_station):
-                out[f"evs_{j}"] = per[j]
-        if self._stns:
-            st_idx = sim.station[idx]
-            charge_e = np.maximum(rec["p_ev_kw"], 0.0) * dt
-            price = rec["price_zone"][0][sim.zone_of_bus[sim.station_bus[st_idx]]]
-            cost = np.bincount(st_idx, charge_e * price, sim.n_station)
-            norm_cost = cost / (self.cfg.stations.p_max_kw * dt * self._max_price)
-            loads = rec["feeder_load_kw"][0] if len(sim.feeders) > 1 else rec["zone_load_kw"][0] / sim.zone_nominal_kw
-            hi = np.max(np.abs(loads))
-            disparity = (loads.max() - loads.min()) / hi if hi > 0 else 0.0
-            curt = np.bincount(st_idx, rec["cut_ev_kw"] * dt, sim.n_station)
-            st_progress = np.bincount(st_idx, progress, sim.n_station)
-            r = -(w.station_w1 * norm_cost + w.station_w2 * disparity) - w.curtail_per_kwh * curt \
-                + w.station_unmet_per_kwh * st_progress
-            for j, a in enumerate(self._stns):
-                out[a] = r[j]
-        if self._ops:
-            c = rec["zone_costs"]
-            profit = rec["zone_ev_revenue"][0] - c["total"][0]
-            dev = (rec["zone_load_kw"][0] - rec["zone_mean_load_kw"][0]) / sim.zone_nominal_kw
-            r = w.operator_profit * profit / 1000.0 - w.operator_peak_valley * dev ** 2 \
-                - w.operator_violation * rec["zone_violations"][0]
-            for k, a in enumerate(self._ops):
-                out[a] = r[k]
-        return out
+        self.vec.close()
 
 
 # ---------------------------------------------------------------------- action decoding helpers

@@ -105,7 +105,10 @@ def equal_share(req_kw: npt.NDArray[np.float64], station: npt.NDArray[np.int64],
     total = np.bincount(station, weights=req_kw, minlength=cap_kw.shape[0])
     if (total <= cap_kw).all():
         return req_kw.copy()
-    order = np.lexsort((req_kw, station))
+    # by station, then ascending request: np.lexsort's order, from two quicksorts (lexsort is ~4x slower here)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(req_kw)] = np.arange(n)
+    order = np.argsort(station * n + rank)
     s_sorted = station[order]
     r_sorted = req_kw[order]
     starts = _group_starts(s_sorted)
