@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(BIN)/evgrid bench powerflow --feeder ieee33 --batch 1 64 1024 8192 --json
 	$(BIN)/evgrid bench env --feeder ieee33 --evs 1000 10000 100000 --json
 	$(BIN)/evgrid bench env --feeder ieee33 --evs 2000 --views individual --json
+	$(BIN)/evgrid bench actor --clients 1 2 4 8 --scenarios-per-call 1 8 --json
+	$(BIN)/evgrid bench train --json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

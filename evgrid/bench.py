@@ -352,47 +352,117 @@ def bench_actor(
     return rows
 
 
+def bench_actor_sampling(envs_per_runner: int = 8, n_ev: int = 300, *, steps: int = 96, repeats: int = 3,
+                         seed: int = 0) -> list[dict]:
+    """RLlib sampling throughput with the power flow in-process (``local``) and through the shared actor.
+
+    The quickstart (IEEE 33, operators, stations and grouped EVs learned) with ``envs_per_runner``
+    environments stepping together in one env runner (sampling in the driver), so each step is one
+    power-flow call for all of them: a function call, or one Ray round trip to the actor.  The best of
+    ``repeats`` timed ``steps``-step samples (a whole day by default) after a warm-up day.
+    ``env_steps_per_s`` counts environment steps (K per vector step); on the actor row, ``vs_local`` is its
+    throughput over the local row's and ``actor_requests_per_step`` the actor's requests per vector step.
+    """
+    import ray
+
+    from evgrid.agents.rllib.algos import algo_config
+    from evgrid.cluster.powerflow import get_or_create_actor
+    from evgrid.cluster.runtime import _register_env, connect, load_run_config
+
+    k = int(envs_per_runner)
+    if not 1 <= k <= 1024:
+        raise ValueError(f"envs_per_runner: expected 1..1024, got {envs_per_runner!r}")
+    rows: list[dict] = []
+    with connect():
+        _register_env()
+        for mode in ("local", "actor"):
+            env_cfg, train_cfg = load_run_config("experiments/quickstart.yaml", [
+                f"fleet.n_ev={n_ev}", f"train.powerflow={mode}", "train.num_env_runners=0",
+                f"train.envs_per_runner={k}", f"train.rollout_fragment_length={steps}",
+                f"train.train_batch_size={steps * k}", f"train.minibatch_size={steps * k}", f"train.seed={seed}"])
+            shards = get_or_create_actor(env_cfg) if mode == "actor" else []
+            algo = algo_config(env_cfg, train_cfg).build_algo()
+            try:
+                runner = algo.env_runner
+                runner.sample(num_timesteps=steps * k, explore=True)  # warm-up: modules, kernels, actor
+                if shards:
+                    ray.get(shards[0].stats.remote(True))
+                best = np.inf
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    runner.sample(num_timesteps=steps * k, explore=True)
+                    best = min(best, time.perf_counter() - t0)
+                stats = ray.get(shards[0].stats.remote()) if shards else None
+            finally:
+                algo.stop()
+                for h in shards:
+                    ray.kill(h, no_restart=True)
+            rows.append(dict(bench="actor_sampling", feeder="ieee33", mode=mode, envs_per_runner=k, n_ev=n_ev,
+                             env_steps_per_s=round(steps * k / best, 1),
+                             actor_requests_per_step=(round(stats["requests"] / (repeats * steps), 2)
+                                                      if stats else None)))
+            log.info("bench actor sampling: %s", rows[-1])
+    rows[1]["vs_local"] = round(rows[1]["env_steps_per_s"] / rows[0]["env_steps_per_s"], 3)
+    return rows
+
+
 # ---------------------------------------------------------------------------
 # train
 
 
 def bench_train(views: Iterable[str] = ("grouped", "individual"), n_ev: int = 1000, *, env_runners: int = 0,
-                iterations: int = 3, seed: int = 0) -> list[dict]:
-    """RLlib PPO sampling and learning throughput per EV view on the quickstart with ``n_ev`` EVs a day.
+                envs_per_runner: int = 8, iterations: int = 2, seed: int = 0) -> list[dict]:
+    """RLlib PPO sampling and learning throughput per EV view with ``n_ev`` EVs in every environment.
 
-    Times ``iterations`` training iterations after one warm-up (module build, first compile), on
-    the evening (16:00 onwards, 24 steps per episode: most EVs plugged in).  ``ev_decisions_per_s``:
-    per-EV actions sampled per second of sampling; ``env_share_of_sampling``: seconds inside the env's
-    step (simulator, power flow, observations) over sampling seconds.
+    The quickstart's operators, stations and EVs, all learned, with seed 001's household fleet arriving at
+    18:00, so all ``n_ev`` EVs are plugged in and decide at every step of the evening (18:00-24:00, 24 steps);
+    ``envs_per_runner`` environments per runner step together.  Times ``iterations`` training iterations
+    after one warm-up (module build, first compile).  ``ev_decisions_per_s``: per-EV actions sampled per
+    second of sampling; ``env_share_of_sampling``: seconds inside the env's step (simulator, power flow,
+    observations) over sampling seconds; on the grouped row, ``ev_decisions_vs_individual`` divides its
+    ``ev_decisions_per_s`` by the individual view's of the same run.
     """
     from evgrid.agents.rllib.algos import algo_config, summary_of
     from evgrid.cluster.runtime import _register_env, connect, load_run_config
 
     rows = []
-    ports = int(np.ceil(n_ev / 6 * 1.5)) + 10
+    n_station = 6
+    ports = int(np.ceil(n_ev / n_station * 1.3)) + 10  # a plug for every EV the station draws
+    steps = 24
     with connect():
         _register_env()
         for view in views:
             env_cfg, train_cfg = load_run_config("experiments/quickstart.yaml", [
-                f"agents.ev_view={view}", f"fleet.n_ev={n_ev}", f"stations.ports={ports}", "n_steps=24",
-                "start_hour=16.0", f"train.num_env_runners={env_runners}", "train.rollout_fragment_length=24",
-                "train.train_batch_size=48", "train.minibatch_size=48", "train.num_epochs=1", f"train.seed={seed}"])
+                f"agents.ev_view={view}", "fleet.scenario=household_valley", f"fleet.n_ev={n_ev}",
+                "fleet.household_arrival_h=[18.0,0.0,18.0,18.0]", f"stations.n_station={n_station}",
+                f"stations.ports={ports}", f"n_steps={steps}", "start_hour=18.0",
+                f"train.num_env_runners={env_runners}", f"train.envs_per_runner={envs_per_runner}",
+                f"train.rollout_fragment_length={steps}",
+                f"train.train_batch_size={steps * envs_per_runner * max(env_runners, 1)}",
+                f"train.minibatch_size={steps * envs_per_runner * max(env_runners, 1)}", "train.num_epochs=1",
+                f"train.seed={seed}"])
             algo = algo_config(env_cfg, train_cfg).build_algo()
             try:
                 algo.train()  # warm-up
                 sums = dict(env_steps=0.0, ev_decisions=0.0, sample_s=0.0, learn_s=0.0, env_step_s=0.0)
                 for _ in range(iterations):
                     s = summary_of(algo.train())
-                    steps_before = sums["env_steps"]
                     for k in ("ev_decisions", "sample_s", "learn_s", "env_step_s"):
                         sums[k] += s[k]
-                    sums["env_steps"] = steps_before + train_cfg.train_batch_size
+                    sums["env_steps"] += train_cfg.train_batch_size
             finally:
                 algo.stop()
             rows.append(dict(bench="train", ev_view=view, n_ev=n_ev, env_runners=env_runners,
+                             envs_per_runner=envs_per_runner,
+                             ev_decisions_per_step=round(sums["ev_decisions"] / sums["env_steps"], 1),
                              env_steps_per_s=round(sums["env_steps"] / sums["sample_s"], 2),
                              ev_decisions_per_s=round(sums["ev_decisions"] / sums["sample_s"], 1),
-                             sample_s=round(sums["sample_s"] / iterations, 4), learn_s=round(sums["learn_s"] / iterations, 4),
+                             sample_s=round(sums["sample_s"] / iterations, 4),
+                             learn_s=round(sums["learn_s"] / iterations, 4),
                              env_share_of_sampling=round(sums["env_step_s"] / sums["sample_s"], 4)))
             log.info("bench train: %s done", view)
+    by_view = {r["ev_view"]: r for r in rows}
+    if {"grouped", "individual"} <= by_view.keys():
+        g, i = by_view["grouped"], by_view["individual"]
+        g["ev_decisions_vs_individual"] = round(g["ev_decisions_per_s"] / i["ev_decisions_per_s"], 2)
     return rows

@@ -17,12 +17,15 @@ def _bench(args: argparse.Namespace) -> int:
     from evgrid.bench import bench_powerflow
 
     if args.what in ("actor", "train"):
-        from evgrid.bench import bench_actor, bench_train
+        from evgrid.bench import bench_actor, bench_actor_sampling, bench_train
 
         if args.what == "actor":
             rows = bench_actor(args.clients, args.scenarios_per_call, args.feeder[0], calls=args.calls, seed=args.seed)
+            if args.envs_per_runner > 0:
+                rows += bench_actor_sampling(args.envs_per_runner, seed=args.seed)
         else:
-            rows = bench_train(args.views_train, args.n_ev, env_runners=args.env_runners, seed=args.seed)
+            rows = bench_train(args.views_train, args.n_ev, env_runners=args.env_runners,
+                                   envs_per_runner=args.envs_per_runner, seed=args.seed)
         for r in rows:
             print(json.dumps(r), flush=True)
         return 0
@@ -188,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calls", type=int, default=300, help="actor: timed calls per caller")
     b.add_argument("--views-train", nargs="+", default=["grouped", "individual"], choices=["grouped", "individual"],
                    help="train: EV views to compare")
-    b.add_argument("--n-ev", type=int, default=1000, help="train: EV sessions per day and env")
+    b.add_argument("--n-ev", type=int, default=1000, help="train: EVs per environment, all plugged in")
+    b.add_argument("--envs-per-runner", type=int, default=8,
+                   help="train, actor: environments stepped together per runner (actor: 0 skips the sampling rows)")
     b.add_argument("--env-runners", type=int, default=0, help="train: RLlib env runners (0: sample in the driver)")
     b.set_defaults(fn=_bench)
 
@@ -224,10 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from evgrid.config import ConfigError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ConfigError, ConnectionError) as e:
+        # the user's input or cluster, not a bug: the message names the field; -v shows the traceback
+        if args.verbose:
+            raise
+        print(f"evgrid {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
-from evgrid.agents.rllib.env import RLlibEVGrid
+from evgrid.agents.rllib.env import RLlibEVGrid, RLlibEVGridVector
 from evgrid.agents.rllib.modules import SlotDistribution, SlotSetModule, module_specs, policy_mapping_fn
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -41,6 +41,38 @@ def test_adapter_passes_rllib_checks_and_ends_with_all(view):
         if trunc["__all__"]:
             break
     assert steps == SMALL["n_steps"] and env.agents == []
+
+
+def test_vector_adapter_steps_together_resets_next_step_and_strides_seeds():
+    from ray.rllib.env.env_context import EnvContext
+
+    ctx = EnvContext(_env_config("grouped"), worker_index=1, num_workers=2)
+    env = RLlibEVGridVector(ctx, num_envs=2)
+    assert len(env.envs) == 2 and env.single_action_space.keys() == set(env.envs[0].possible_agents)
+    obs, infos = env.reset(seed=5)
+    assert len(obs) == 2 and set(obs[1]) == set(env.envs[1].agents)
+    steps = 0
+    while True:
+        acts = [{a: env.single_action_spaces[a].sample() for a in view.agents} for view in env.envs]
+        occupied = [sum(int(o[a]["mask"].sum()) for a in o if a.startswith("evs_")) for o in obs]
+        obs, rew, term, trunc, infos = env.step(acts)
+        steps += 1
+        # the training callback's count: one decision per occupied slot
+        assert [v.last_ev_decisions for v in env.envs] == occupied
+        assert all(t["__all__"] is False for t in term)
+        if all(t["__all__"] for t in trunc):
+            break
+        assert not any(t["__all__"] for t in trunc), "the environments of a vector end together"
+    assert steps == SMALL["n_steps"]
+    # the step after the end resets (RLlib's "next step" auto-reset), to seed 5 + (num_workers + 1)
+    obs, rew, term, trunc, infos = env.step([{}, {}])
+    assert rew == [{}, {}] and all(set(o) == set(v.agents) for o, v in zip(obs, env.envs))
+    fresh = RLlibEVGridVector(ctx, num_envs=2)
+    want, _ = fresh.reset(seed=8)
+    for got, exp in zip(obs, want):
+        for a in exp:
+            np.testing.assert_array_equal(got[a]["evs"] if a.startswith("evs_") else got[a],
+                                          exp[a]["evs"] if a.startswith("evs_") else exp[a])
 
 
 def _slot_logits(n_batch, n_slot, mask):
@@ -159,29 +191,96 @@ def test_train_cli_checkpoints_and_resumes_without_losing_iterations(tmp_path, r
     assert (m.ev_decisions > 0).all()
 
 
-@pytest.mark.parametrize("algorithm,extra", [("IMPALA", []),
-                                             ("DQN", ["agents.operator_action=level", "agents.ev_view=rule"])])
-def test_other_algorithms_train_from_config(tmp_path, ray_local, algorithm, extra):
+@pytest.mark.parametrize("algorithm,view,k,extra", [
+    ("PPO", "individual", 2, []),
+    ("IMPALA", "grouped", 1, []),
+    ("IMPALA", "individual", 2, []),
+    ("DQN", "rule", 1, ["agents.operator_action=level"]),
+])
+def test_every_algorithm_trains_every_ev_view_it_supports(tmp_path, ray_local, algorithm, view, k, extra):
+    """PPO grouped runs in the CLI test above; DQN takes discrete levels only (the EV views are refused)."""
     import pandas as pd
 
     from evgrid.cluster.runtime import train
 
     out = train("experiments/quickstart.yaml",
                 ["n_steps=24", "start_hour=16.0", "fleet.n_ev=100", "stations.ports=40", f"train.algorithm={algorithm}",
-                 "train.iterations=2", "train.num_env_runners=0", "train.train_batch_size=48", "train.minibatch_size=24",
+                 f"agents.ev_view={view}", "train.iterations=2", "train.num_env_runners=0",
+                 f"train.envs_per_runner={k}", f"train.train_batch_size={48 * k}", "train.minibatch_size=24",
                  "train.rollout_fragment_length=24", *extra], run_dir=tmp_path / "run", progress=False)
     m = pd.read_parquet(out / "metrics.parquet")
     assert m.iteration.max() == 2 and m.env_steps.max() > 0
+    assert np.isfinite(m.return_mean).all()
+    assert ((m.ev_decisions > 0) if view != "rule" else (m.ev_decisions == 0)).all()
+    assert ("ev" in set(m.module)) == (view != "rule")
+
+
+def test_envs_of_a_runner_share_one_actor_call_per_step(ray_local):
+    """powerflow: actor with 3 environments per runner: every request to the actor carries all 3 scenarios."""
+    import ray
+
+    from evgrid.agents.rllib.algos import algo_config
+    from evgrid.cluster import powerflow as pf
+    from evgrid.cluster.runtime import _register_env, load_run_config
+
+    env_cfg, train_cfg = load_run_config("experiments/quickstart.yaml", [
+        "n_steps=24", "start_hour=16.0", "fleet.n_ev=100", "stations.ports=40", "train.powerflow=actor",
+        "train.num_env_runners=0", "train.envs_per_runner=3", "train.train_batch_size=72", "train.minibatch_size=24",
+        "train.rollout_fragment_length=24", "train.num_epochs=1"])
+    _register_env()
+    handle = pf.get_or_create_actor(env_cfg)[0]
+    try:
+        algo = algo_config(env_cfg, train_cfg).build_algo()
+        try:
+            algo.train()
+            stats = ray.get(handle.stats.remote())
+        finally:
+            algo.stop()
+    finally:
+        ray.kill(handle, no_restart=True)
+    assert stats["requests"] >= 24
+    assert stats["scenarios"] == 3 * stats["requests"]
 
 
 def test_dqn_and_appo_are_refused_where_they_cannot_run():
     from evgrid.agents.rllib.algos import TrainConfig, algo_config
     from evgrid.envs.config import load_config
 
-    with pytest.raises(ValueError, match="algorithm: APPO"):
+    with pytest.raises(ValueError, match="algorithm: APPO's checkpoints hang"):
         TrainConfig(algorithm="APPO")
     with pytest.raises(ValueError, match="DQN needs discrete actions"):
         algo_config(load_config("experiments/quickstart.yaml"), TrainConfig(algorithm="DQN"))
+
+
+@pytest.mark.parametrize("overrides,address,match", [
+    (["train.algorithm=A2C"], None, "train.algorithm: RLlib 2.60 has no A2C"),
+    (["train.algorithm=SAC"], None, "train.algorithm: expected one of"),
+    (["agents.station=rule", "train.hidden_per_level={station: [32]}"], None,
+     r"train\.hidden_per_level\.station: the station level runs its rule"),
+    (["agents.operator=rule", "agents.station=rule", "agents.ev_view=rule"], None, "nothing to train"),
+    (["train.algorithm=DQN"], None, "DQN needs discrete actions"),
+    ([], "127.0.0.1:1", "no Ray cluster answers at 127.0.0.1:1"),
+])
+def test_bad_runs_fail_before_ray_starts(tmp_path, monkeypatch, overrides, address, match):
+    from evgrid.cluster import runtime
+    from evgrid.config import ConfigError
+
+    monkeypatch.setattr(runtime, "connect", lambda *a, **k: pytest.fail("Ray was started for a run that cannot work"))
+    with pytest.raises((ConfigError, ConnectionError), match=match):
+        runtime.train("experiments/quickstart.yaml", overrides, address=address, run_dir=tmp_path / "run",
+                      progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_per_level_widths_reach_their_modules():
+    from evgrid.agents.rllib.algos import TrainConfig, algo_config
+    from evgrid.envs.config import load_config
+
+    env = load_config("experiments/quickstart.yaml", {"fleet": {"n_ev": 50}})
+    cfg = algo_config(env, TrainConfig(hidden=(32, 32), hidden_per_level={"ev": (16,)}))
+    specs = cfg.rl_module_spec.rl_module_specs
+    assert specs["ev"].model_config["hidden"] == [16]
+    assert specs["operator"].model_config["fcnet_hiddens"] == [32, 32]
 
 
 def test_training_survives_the_power_flow_actor_being_killed(tmp_path, ray_local):
@@ -231,3 +330,23 @@ def test_sweep_grid_times_seeds_lands_in_one_table(tmp_path, ray_local):
     assert sorted(t.groupby(["train.lr", "seed"]).size().index.tolist()) == [(0.0003, 0), (0.0003, 1), (0.001, 0),
                                                                             (0.001, 1)]
     assert {"return_ev", "env_steps", "iteration"} <= set(t.columns)
+
+
+def test_training_and_actor_benchmarks_report_their_fields(ray_local):
+    """`evgrid bench train` and `bench actor` (tiny budgets): the JSON fields the targets are read from."""
+    from evgrid.bench import bench_actor, bench_actor_sampling, bench_train
+
+    rows = bench_train(("grouped", "individual"), n_ev=40, envs_per_runner=2, iterations=1)
+    g, i = rows
+    for r in rows:
+        assert r["ev_decisions_per_step"] == 40.0, "every EV of the evening fleet decides at every step"
+        assert r["ev_decisions_per_s"] > 0 and 0 < r["env_share_of_sampling"] < 1 and r["learn_s"] > 0
+    assert g["ev_decisions_vs_individual"] == pytest.approx(g["ev_decisions_per_s"] / i["ev_decisions_per_s"],
+                                                            rel=0.01)
+    local, actor = bench_actor_sampling(2, n_ev=60, steps=8, repeats=1)
+    assert (local["mode"], actor["mode"]) == ("local", "actor")
+    assert actor["actor_requests_per_step"] == 1.0, "the runner's environments share one actor call per step"
+    assert 0 < actor["vs_local"] < 10
+    calls = bench_actor((1, 2), (1, 4), calls=5)
+    assert {(r["mode"], r["clients"], r["scenarios_per_call"]) for r in calls} >= {("local", 2, 4), ("actor", 2, 4)}
+    assert all(r["scenarios_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in calls)

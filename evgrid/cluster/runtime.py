@@ -10,7 +10,7 @@ joins a running cluster and ships the ``evgrid`` package to its workers via
 
     <run_dir>/config.yaml        the resolved config (env sections + train:)
     <run_dir>/checkpoints/iter_000005/ ...
-    <run_dir>/metrics.parquet    one row per iteration and module
+    <run_dir>/metrics.parquet    one row per iteration and module (elapsed_s: seconds since train() began)
     <run_dir>/learning_curves.png
     <run_dir>/summary.md
 """
@@ -51,6 +51,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Itera
     else:
         import evgrid
 
+        check_reachable(address)
         pkg = str(Path(evgrid.__file__).parent)
         kwargs: dict[str, Any] = {}
         host = address.split("://")[-1].rsplit(":", 1)[0]
@@ -65,6 +66,26 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Itera
         yield
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing listens at ``host:port`` (or ``ray://host:port``): ``ray.init`` would wait
+    minutes for the GCS before giving up.  ``auto`` is left to Ray, which fails at once without a cluster."""
+    import socket
+
+    if address == "auto":
+        return
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"address: expected auto, host:port or ray://host:port, got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConnectionError(f"address: no Ray cluster answers at {target} ({e.strerror or e}); start one "
+                              f"(`ray start --head`, experiments/cluster/) or leave --address out to run "
+                              f"embedded") from None
 
 
 def loopback_only() -> None:
@@ -121,10 +142,11 @@ def train(config: Any = None, overrides: Iterable[str] = (), *, address: str | N
           resume: str | os.PathLike[str] | None = None, run_dir: str | os.PathLike[str] | None = None,
           progress: bool = True) -> Path:
     """Train the config's learned levels; returns the run directory."""
+    t_start = time.perf_counter()
     import pandas as pd
     from tqdm import tqdm
 
-    from evgrid.agents.rllib.algos import algo_config, summary_of
+    from evgrid.agents.rllib.algos import algo_config, check_run, summary_of
 
     if resume is not None:
         out = Path(resume)
@@ -136,6 +158,10 @@ def train(config: Any = None, overrides: Iterable[str] = (), *, address: str | N
             raise ConfigError("config: give an experiment YAML (e.g. experiments/quickstart.yaml)")
         env_cfg, train_cfg = load_run_config(config, overrides)
         out = Path(run_dir) if run_dir is not None else Path("runs") / f"{env_cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_run(env_cfg, train_cfg)  # a bad combination fails here, before Ray or any worker starts
+    if address is not None:
+        check_reachable(address)
+    if resume is None:
         out.mkdir(parents=True, exist_ok=False)
     (out / "config.yaml").write_text(yaml.safe_dump({**to_dict(env_cfg), "train": to_dict(train_cfg)},
                                                     sort_keys=False), encoding="utf-8")
@@ -170,7 +196,8 @@ def train(config: Any = None, overrides: Iterable[str] = (), *, address: str | N
                 modules = sorted({k.split("_", 1)[1] for k in s if k.startswith("return_")} |
                                  {k.split("_", 2)[2] for k in s if k.startswith("agent_steps_")})
                 for mid in modules:
-                    rows.append({"iteration": it, "module": mid, "wall_s": time.perf_counter() - t0, **base,
+                    rows.append({"iteration": it, "module": mid, "wall_s": time.perf_counter() - t0,
+                                 "elapsed_s": time.perf_counter() - t_start, **base,
                                  "return_mean": s.get(f"return_{mid}", float("nan")),
                                  "agent_steps": s.get(f"agent_steps_{mid}", float("nan"))})
                 pd.DataFrame(rows).to_parquet(metrics_path, index=False)

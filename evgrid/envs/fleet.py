@@ -14,7 +14,8 @@ Generators (``FleetConfig.scenario``), with the parameters of each study:
   public: arrive U(07:00, 22:00), stay U(0.5, 3) h.
 * ``household_valley`` (seed 001): 50 kWh batteries, efficiency 90 %,
   target SOC 100 %, charger U(3.5, 7) kW, SOC0 N(0.4, 0.1), arrival
-  N(19:00, 1.5 h), departure 08:00 next morning.
+  N(19:00, 1.5 h) in [15:00, 23:30] (``household_arrival_h``), departure
+  08:00 next morning.
 * ``city_requests`` (seed 002): a charging request with a position in the
   city square and SOC0 U(0.1, 0.5), request times spread over 07:00-22:00,
   parking U(1, 4) h after arrival, target SOC 0.9 (ours); the station is
@@ -76,6 +77,10 @@ class FleetConfig:
     """No discharge below this SOC, 0..1."""
     uninterruptible: bool = False
     """Seed 001: once an EV starts charging it charges at full power until its target."""
+    household_arrival_h: tuple[float, float, float, float] = (19.0, 1.5, 15.0, 23.5)
+    """``household_valley`` arrival time, hours after midnight: (mean, standard deviation, earliest, latest) of a
+    normal truncated to [earliest, latest] (seed 001 gives no numbers: N(19:00, 1.5 h) is ours); 0 <= earliest <=
+    mean <= latest < 32 (the 08:00 departure)."""
     station_weights: tuple[float, ...] | None = None
     """Relative share of sessions per station when no routing assigns them (seed 001: 179, 225, 146); None = equal."""
 
@@ -103,6 +108,13 @@ class FleetConfig:
         check_real("v2g_soc_min", self.v2g_soc_min, 0.0, 1.0)
         if not isinstance(self.uninterruptible, bool):
             raise ValueError(f"uninterruptible: expected true or false, got {self.uninterruptible!r}")
+        arr = self.household_arrival_h
+        if len(arr) != 4:
+            raise ValueError(f"household_arrival_h: expected (mean, std, earliest, latest) hours, got {arr!r}")
+        mean, std, lo, hi = (check_real("household_arrival_h", x, 0.0, 32.0, hi_open=True) for x in arr)
+        if not lo <= mean <= hi or std > 12.0:
+            raise ValueError(f"household_arrival_h: expected earliest <= mean <= latest in [0, 32) h and a standard "
+                             f"deviation in [0, 12] h, got {arr!r}")
         if self.station_weights is not None:
             w = [check_real("station_weights", x, 0.0) for x in self.station_weights]
             if not w or sum(w) <= 0:
@@ -164,7 +176,7 @@ def generate(cfg: FleetConfig, rng: np.random.Generator, *, n_station: int, area
         cap = np.full(n, 50.0)
         p_ch = rng.uniform(3.5, 7.0, n)
         soc0 = _truncnorm(rng, cfg.soc0_mean, cfg.soc0_std, 0.05, 0.95, n)
-        t_req = _truncnorm(rng, 19.0, 1.5, 15.0, 23.5, n)
+        t_req = _truncnorm(rng, *cfg.household_arrival_h, n)
         t_depart[:] = 32.0  # 08:00 next morning
         stay = t_depart - t_req
         soc_target[:] = 1.0

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
-from evgrid.config import check_choice, check_int, check_real
+from evgrid.agents.rllib.modules import LEVELS
+from evgrid.config import ConfigError, check_choice, check_int, check_real
 from evgrid.envs.config import EnvConfig
 
 ALGORITHMS = ("PPO", "APPO", "IMPALA", "DQN")
@@ -26,7 +27,7 @@ class TrainConfig:
     """How ``evgrid train`` trains the learned levels."""
 
     algorithm: str = "PPO"
-    """PPO, IMPALA or DQN (discrete levels only; double-Q); APPO is refused (it hangs in RLlib 2.60 here)."""
+    """PPO, IMPALA or DQN (discrete levels only; double-Q); APPO is refused (its checkpoints hang in RLlib 2.60)."""
     iterations: int = 20
     """Training iterations, 1..1,000,000."""
     checkpoint_every: int = 5
@@ -34,7 +35,8 @@ class TrainConfig:
     num_env_runners: int = 1
     """Sampling workers (0 samples in the driver), 0..4096."""
     envs_per_runner: int = 1
-    """Environments per runner, stepped together, 1..1024."""
+    """Environments per runner, 1..1024: one simulator with a leading environment axis, so they step together
+    and share one power-flow call per step."""
     rollout_fragment_length: int = 96
     """Env steps per runner per sample call, 1..100,000."""
     train_batch_size: int = 384
@@ -58,6 +60,9 @@ class TrainConfig:
     started with that resource)."""
     hidden: tuple[int, ...] = (64, 64)
     """Hidden layer widths of every level's network."""
+    hidden_per_level: dict[str, tuple[int, ...]] | None = None
+    """Widths for some levels instead of ``hidden``, e.g. ``{ev: [128, 128]}``; only learned levels
+    (``operator``, ``station``, ``ev``) have a network."""
     powerflow: str = "local"
     """Power flow in each env (``local``, measured faster for one small feeder per runner) or the shared ``actor``."""
     num_powerflow_actors: int = 1
@@ -66,12 +71,16 @@ class TrainConfig:
     """Seed of the algorithm (network init, sampling)."""
 
     def __post_init__(self) -> None:
+        if self.algorithm == "A2C":
+            raise ValueError("algorithm: RLlib 2.60 has no A2C; use its special case, PPO with num_epochs: 1, "
+                             "clip_param: 1e6, kl_coeff: 0")
         check_choice("algorithm", self.algorithm, ALGORITHMS)
         if self.algorithm == "APPO":
-            # measured: RLlib 2.60's APPO never returns from its first train() on our multi-agent env, with
-            # 0 or 1 env runners, while IMPALA (the same off-policy architecture) trains; refuse, don't hang
-            raise ValueError("algorithm: APPO hangs in RLlib 2.60 on this multi-agent env; use IMPALA "
-                             "(same asynchronous architecture) or PPO")
+            # measured: APPO trains here, but saving its state (every checkpoint) never returns: the learner
+            # group's get_state waits on a learner actor that its learner thread keeps busy (cf.
+            # ray-project/ray#53468); refuse rather than hang at the first checkpoint
+            raise ValueError("algorithm: APPO's checkpoints hang in RLlib 2.60 (saving its learner state never "
+                             "returns); use IMPALA (the same asynchronous architecture) or PPO")
         check_int("iterations", self.iterations, 1, 1_000_000)
         check_int("checkpoint_every", self.checkpoint_every, 1, 1_000_000)
         check_int("num_env_runners", self.num_env_runners, 0, 4096)
@@ -89,6 +98,16 @@ class TrainConfig:
             raise ValueError("hidden: expected at least one layer width")
         for h in self.hidden:
             check_int("hidden", h, 1, 65536)
+        if self.hidden_per_level is not None:
+            if not isinstance(self.hidden_per_level, dict):
+                raise ValueError(f"hidden_per_level: expected a mapping of level to layer widths, got "
+                                 f"{self.hidden_per_level!r}")
+            for level, widths in self.hidden_per_level.items():
+                check_choice("hidden_per_level", level, LEVELS)
+                if not isinstance(widths, list | tuple) or not widths:
+                    raise ValueError(f"hidden_per_level.{level}: expected a list of layer widths, got {widths!r}")
+                for h in widths:
+                    check_int(f"hidden_per_level.{level}", h, 1, 65536)
         check_choice("powerflow", self.powerflow, ("local", "actor"))
         if self.env_runner_resources is not None:
             if not isinstance(self.env_runner_resources, dict):
@@ -100,6 +119,33 @@ class TrainConfig:
         check_int("seed", self.seed, 0, 2**31 - 1)
 
 
+def learned_levels(env: EnvConfig) -> list[str]:
+    """The levels of ``env`` whose agents are trained (each has one module)."""
+    a = env.agents
+    return [level for level, on in (("operator", a.operator == "learned"), ("station", a.station == "learned"),
+                                    ("ev", a.ev_view != "rule")) if on]
+
+
+def check_run(env: EnvConfig, train: TrainConfig) -> None:
+    """What would fail only once Ray and its workers run, raised before: nothing to learn, a network for a
+    level that runs its rule, DQN on a level with continuous actions."""
+    learned = learned_levels(env)
+    if not learned:
+        raise ConfigError("agents: every level runs its rule, so there is nothing to train; set agents.operator "
+                          "or agents.station to learned, or agents.ev_view to grouped or individual")
+    for level in train.hidden_per_level or {}:
+        if level not in learned:
+            setting = "agents.ev_view: rule" if level == "ev" else f"agents.{level}: rule"
+            raise ConfigError(f"train.hidden_per_level.{level}: the {level} level runs its rule ({setting}), so it "
+                              f"has no module; learned levels: {', '.join(learned)}")
+    if train.algorithm == "DQN":
+        continuous = [lv for lv in learned if lv == "ev" or (lv == "operator" and env.agents.operator_action != "level")]
+        if continuous:
+            raise ConfigError(f"train.algorithm: DQN needs discrete actions for every learned level; "
+                              f"{continuous[0]!r} is not (set agents.operator_action: level and agents.ev_view: "
+                              f"rule, or use PPO)")
+
+
 def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid") -> Any:
     """The RLlib ``AlgorithmConfig`` for ``env`` (registered as ``env_name``) trained per ``train``."""
     from ray.rllib.algorithms.appo import APPOConfig
@@ -107,24 +153,21 @@ def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid") ->
     from ray.rllib.algorithms.impala import IMPALAConfig
     from ray.rllib.algorithms.ppo import PPOConfig
 
-    from evgrid.agents.rllib.env import RLlibEVGrid
+    from evgrid.agents.rllib.env import EVGridEnvRunner, RLlibEVGrid
     from evgrid.agents.rllib.modules import module_specs, policy_mapping_fn
     from evgrid.config import to_dict
 
+    check_run(env, train)
     env_config = {"config": to_dict(env), "powerflow": train.powerflow}
     probe = RLlibEVGrid({"config": env_config["config"]})  # spaces only: no solver service needed
     specs = module_specs(probe, {"hidden": list(train.hidden), "fcnet_hiddens": list(train.hidden)})
-    if train.algorithm == "DQN":
-        import gymnasium as gym
-
-        bad = [m for m, s in specs.rl_module_specs.items() if not isinstance(s.action_space, gym.spaces.Discrete)]
-        if bad:
-            raise ValueError(f"train.algorithm: DQN needs discrete actions for every learned level; {bad[0]!r} is "
-                             f"not (set agents.operator_action: level and agents.ev_view: rule, or use PPO)")
+    for level, widths in (train.hidden_per_level or {}).items():
+        specs.rl_module_specs[level].model_config = {"hidden": list(widths), "fcnet_hiddens": list(widths)}
     cls = {"PPO": PPOConfig, "APPO": APPOConfig, "IMPALA": IMPALAConfig, "DQN": DQNConfig}[train.algorithm]
     cfg = (cls()
-           .environment(env_name, env_config=env_config, normalize_actions=False, clip_actions=True)
-           .env_runners(num_env_runners=train.num_env_runners, num_envs_per_env_runner=train.envs_per_runner,
+           .environment(env_name, env_config=env_config, normalize_actions=False, clip_actions=False)
+           .env_runners(env_runner_cls=EVGridEnvRunner, num_env_runners=train.num_env_runners,
+                        num_envs_per_env_runner=train.envs_per_runner,
                         rollout_fragment_length=train.rollout_fragment_length,
                         custom_resources_per_env_runner=dict(train.env_runner_resources or {}))
            .multi_agent(policies=set(specs.rl_module_specs), policy_mapping_fn=policy_mapping_fn)
@@ -148,16 +191,12 @@ class EVDecisionCounter(RLlibCallback):
     """Logs per iteration ``ev_decisions`` (per-EV actions taken: one per plugged EV agent or occupied
     slot) and ``env_step_s`` (seconds inside the env's step: simulator, power flow, observations)."""
 
-    def on_episode_step(self, *, episode, env=None, metrics_logger=None, **kwargs) -> None:
+    def on_episode_step(self, *, episode, env=None, env_index=0, metrics_logger=None, **kwargs) -> None:
         if metrics_logger is None or env is None:
             return
-        n, secs = 0, 0.0
-        for sub in getattr(env.unwrapped, "envs", [env.unwrapped]):
-            inner = getattr(sub, "unwrapped", sub)
-            n += int(getattr(inner, "last_ev_decisions", 0))
-            secs += float(getattr(inner, "last_step_s", 0.0))
-        metrics_logger.log_value("ev_decisions", n, reduce="sum")
-        metrics_logger.log_value("env_step_s", secs, reduce="sum")
+        view = env.unwrapped.envs[env_index]  # an RLlibEVGridVector's environment
+        metrics_logger.log_value("ev_decisions", view.last_ev_decisions, reduce="sum")
+        metrics_logger.log_value("env_step_s", view.last_step_s, reduce="sum")
 
 
 def summary_of(result: dict) -> dict[str, float]:

@@ -1,10 +1,30 @@
-"""A thin RLlib ``MultiAgentEnv`` over the EVGrid ``ParallelEnv``.
+"""The EVGrid environment as RLlib sees it: a thin ``MultiAgentEnv``, and a vector env whose sub-envs share
+one simulator.
 
 RLlib's own ``ParallelPettingZooEnv`` takes the agent set at ``reset`` as
-fixed and fails when an EV agent arrives later; this adapter passes the
-PettingZoo dicts through unchanged and adds what RLlib needs: per-agent
+fixed and fails when an EV agent arrives later; these adapters pass the
+PettingZoo dicts through unchanged and add what RLlib needs: per-agent
 spaces built from ``possible_agents``, ``__all__`` flags, and the global
 ``state()`` (also in ``infos["__common__"]`` when ``state_in_infos``).
+
+* :class:`RLlibEVGrid` — one environment (``MultiAgentEnv``), for users who
+  bring their own RLlib setup.
+* :class:`RLlibEVGridVector` — the ``K = envs_per_runner`` environments of an
+  env runner as one :class:`evgrid.envs.ev_grid.EVGridVectorEnv`: they step
+  together, so a step makes **one** power-flow call for all K (one Ray round
+  trip in ``powerflow: actor`` mode, instead of K with RLlib's
+  ``SyncVectorMultiAgentEnv``, which steps its sub-envs one after the other).
+* :class:`EVGridEnvRunner` — RLlib's ``MultiAgentEnvRunner`` building that
+  vector env; ``evgrid train`` always uses it.  It overrides ``make_env``
+  only, against the pinned RLlib 2.60.
+
+Actions: RLlib's default modules put a Gaussian on Box actions (operators'
+price multiplier, an individual EV's power), whose samples leave the box;
+the vector env clips those agents' actions into their space, as RLlib's
+``clip_actions`` would, but only theirs: RLlib's generic per-agent clipping
+cost more than the environment step itself (grouped EVs' Beta powers and
+discrete levels are inside their spaces by construction).  The environment
+still rejects what lies outside.
 """
 
 from __future__ import annotations
@@ -12,9 +32,49 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import gymnasium as gym
+import numpy as np
+from ray.rllib.callbacks.utils import make_callback
+from ray.rllib.env.env_context import EnvContext
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
+from ray.rllib.env.multi_agent_env_runner import MultiAgentEnvRunner
+from ray.rllib.env.vector.vector_multi_agent_env import VectorMultiAgentEnv
 
-from evgrid.envs.ev_grid import EVGridEnv
+from evgrid.envs.ev_grid import EVGridEnv, EVGridVectorEnv
+
+_ENV_CONFIG_KEYS = ("config", "overrides", "state_in_infos", "powerflow")
+
+
+def _parse_env_config(env_config: dict[str, Any] | None) -> tuple[Any, dict[str, Any], Any, bool]:
+    """(config, keyword overrides, power-flow service or None, state_in_infos) from an RLlib ``env_config``."""
+    env_config = dict(env_config or {})
+    unknown = set(env_config) - set(_ENV_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"env_config: unknown key {sorted(unknown)[0]!r}; expected {', '.join(_ENV_CONFIG_KEYS)}")
+    overrides = dict(env_config.get("overrides") or {})
+    service = None
+    if env_config.get("powerflow", "local") == "actor":
+        from evgrid.cluster.powerflow import make_grid
+        from evgrid.envs.config import load_config
+        from evgrid.envs.ev_grid import _keyword_overrides
+
+        service = make_grid(load_config(env_config.get("config"), _keyword_overrides(overrides)), "actor")
+    return env_config.get("config"), overrides, service, bool(env_config.get("state_in_infos", False))
+
+
+def clip_action(a: Any, space: gym.Space) -> Any:
+    """What RLlib's ``clip_actions`` does: Box actions into their bounds, discrete ones as integers."""
+    if isinstance(space, gym.spaces.Dict):
+        return {k: clip_action(a[k], space[k]) for k in space.spaces}
+    if isinstance(space, gym.spaces.Box):
+        return np.clip(np.asarray(a, dtype=space.dtype).reshape(space.shape), space.low, space.high)
+    return np.asarray(a).astype(np.int64)
+
+
+def _all_flags(term: dict, trunc: dict, live: list[str]) -> None:
+    # the day ends by truncation (all environments together); agents terminate one by one
+    term["__all__"] = False
+    trunc["__all__"] = not live
 
 
 class RLlibEVGrid(MultiAgentEnv):
@@ -24,26 +84,12 @@ class RLlibEVGrid(MultiAgentEnv):
 
     def __init__(self, env_config: dict[str, Any] | None = None) -> None:
         super().__init__()
-        env_config = dict(env_config or {})
-        unknown = set(env_config) - {"config", "overrides", "state_in_infos", "powerflow"}
-        if unknown:
-            raise ValueError(f"env_config: unknown key {sorted(unknown)[0]!r}; "
-                             "expected config, overrides, state_in_infos, powerflow")
-        overrides = dict(env_config.get("overrides") or {})
-        service = None
-        if env_config.get("powerflow", "local") == "actor":
-            from evgrid.cluster.powerflow import make_grid
-            from evgrid.envs.config import load_config
-
-            service = make_grid(load_config(env_config.get("config"), _nested(overrides)), "actor")
-        self.env = EVGridEnv(env_config.get("config"), powerflow=service, **overrides)
-        self.state_in_infos = bool(env_config.get("state_in_infos", False))
+        config, overrides, service, self.state_in_infos = _parse_env_config(env_config)
+        self.env = EVGridEnv(config, powerflow=service, **overrides)
         self.possible_agents = list(self.env.possible_agents)
         self.observation_spaces = {a: self.env.observation_space(a) for a in self.possible_agents}
         self.action_spaces = {a: self.env.action_space(a) for a in self.possible_agents}
         self.agents = []
-        self.last_ev_decisions = 0  # per-EV actions in the last step (read by the training callback)
-        self.last_step_s = 0.0  # seconds inside the env's step (simulator + power flow), same reader
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         obs, infos = self.env.reset(seed=seed, options=options)
@@ -51,14 +97,9 @@ class RLlibEVGrid(MultiAgentEnv):
         return obs, self._with_state(infos)
 
     def step(self, action_dict: dict[str, Any]):
-        learned_evs = self.env.cfg.agents.ev_view != "rule"
-        self.last_ev_decisions = int(self.env.sim.plugged().size) if learned_evs else 0
-        t0 = time.perf_counter()
         obs, rew, term, trunc, infos = self.env.step(action_dict)
-        self.last_step_s = time.perf_counter() - t0
         self.agents = list(self.env.agents)
-        term["__all__"] = False  # the day ends by truncation; agents terminate one by one
-        trunc["__all__"] = not self.env.agents
+        _all_flags(term, trunc, self.agents)
         return obs, rew, term, trunc, self._with_state(infos)
 
     def state(self):
@@ -73,8 +114,116 @@ class RLlibEVGrid(MultiAgentEnv):
         self.env.close()
 
 
-def _nested(overrides: dict[str, Any]) -> dict[str, Any]:
-    """EVGridEnv keyword overrides as the nested mapping load_config takes."""
-    from evgrid.envs.ev_grid import _keyword_overrides
+class _EnvView(MultiAgentEnv):
+    """Environment ``e`` of an :class:`RLlibEVGridVector` as RLlib's runner reads a sub-env: ids, spaces,
+    live agents, state.  It is stepped only through the vector env."""
 
-    return _keyword_overrides(overrides)
+    def __init__(self, vec: EVGridVectorEnv, e: int, spaces: tuple[dict, dict]) -> None:
+        # no MultiAgentEnv.__init__: it assigns `agents`, which here is a live view of the vector env
+        self._agent_ids = set()
+        self._vec, self._e = vec, e
+        self.possible_agents = vec.possible_agents
+        self.observation_spaces, self.action_spaces = spaces
+        self.last_ev_decisions = 0  # per-EV actions in the last step (read by the training callback)
+        self.last_step_s = 0.0  # this environment's share of the seconds inside the last step, same reader
+
+    @property
+    def agents(self) -> list[str]:
+        return self._vec.agents[self._e]
+
+    def state(self):
+        return self._vec.state(self._e)
+
+    def reset(self, *, seed=None, options=None):
+        raise RuntimeError("reset: this is one environment of an RLlibEVGridVector; reset the vector env")
+
+    def step(self, action_dict):
+        raise RuntimeError("step: this is one environment of an RLlibEVGridVector; step the vector env")
+
+
+class RLlibEVGridVector(VectorMultiAgentEnv):
+    """``num_envs`` EVGrid environments stepped together (one simulator, one power-flow call per step).
+
+    ``env_config`` as :class:`RLlibEVGrid`'s.  It follows RLlib's ``SyncVectorMultiAgentEnv`` contract:
+    lists of per-environment dicts, and "next step" auto-reset (the step after an episode ends resets and
+    returns the first observations).  Seeds: a reset with ``seed`` s seeds environment e with (s, e); each
+    later episode adds ``num_workers + 1`` (from the ``EnvContext``), so env runner w, which RLlib seeds
+    with ``seed + w``, never replays another runner's days.
+    """
+
+    def __init__(self, env_config: dict[str, Any] | None = None, num_envs: int = 1) -> None:
+        super().__init__()
+        config, overrides, service, self.state_in_infos = _parse_env_config(env_config)
+        self.vec = EVGridVectorEnv(config, num_envs, powerflow=service, **overrides)
+        self.num_envs = self.vec.n_env
+        self._stride = int(getattr(env_config, "num_workers", 0) or 0) + 1
+        possible = self.vec.possible_agents
+        obs_spaces = {a: self.vec.observation_space(a) for a in possible}
+        act_spaces = {a: self.vec.action_space(a) for a in possible}
+        self.envs = [_EnvView(self.vec, e, (obs_spaces, act_spaces)) for e in range(self.num_envs)]
+        self.single_observation_spaces, self.single_action_spaces = obs_spaces, act_spaces
+        self.single_observation_space = gym.spaces.Dict(obs_spaces)
+        self.single_action_space = gym.spaces.Dict(act_spaces)
+        self.metadata = {"autoreset_mode": "next_step"}
+        # agents whose default RLlib module samples a Gaussian: operators (multiplier) and individual EVs
+        self._clipped = {a: s for a, s in act_spaces.items()
+                         if a.startswith(("operator_", "ev_")) and not isinstance(s, gym.spaces.Discrete)}
+        self._needs_reset = False
+        self._seed: int | None = None
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:
+            self._seed = int(seed)
+        elif self._seed is not None:
+            self._seed += self._stride
+        obs, infos = self.vec.reset(self._seed, options)  # None the first time: the config's seed
+        self._needs_reset = False
+        return obs, self._with_state(infos)
+
+    def step(self, actions: list[dict[str, Any]]):
+        if self._needs_reset:
+            obs, infos = self.reset()
+            idle = [{"__all__": False} for _ in range(self.num_envs)]
+            return obs, [{} for _ in range(self.num_envs)], idle, [dict(d) for d in idle], infos
+        decisions = self.vec.ev_decisions()
+        clipped = self._clipped
+        actions = [{a: clip_action(x, clipped[a]) if a in clipped else x for a, x in acts.items()}
+                   for acts in actions]
+        t0 = time.perf_counter()
+        obs, rew, term, trunc, infos = self.vec.step(actions)
+        share_s = (time.perf_counter() - t0) / self.num_envs
+        for e, view in enumerate(self.envs):
+            _all_flags(term[e], trunc[e], self.vec.agents[e])
+            view.last_ev_decisions, view.last_step_s = int(decisions[e]), share_s
+        self._needs_reset = not any(self.vec.agents)
+        return obs, rew, term, trunc, self._with_state(infos)
+
+    def _with_state(self, infos: list[dict]) -> list[dict]:
+        if self.state_in_infos:
+            for e, info in enumerate(infos):
+                info["__common__"] = {"state": self.vec.state(e)}
+        return infos
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self.vec.close()
+
+
+class EVGridEnvRunner(MultiAgentEnvRunner):
+    """RLlib's multi-agent env runner whose ``num_envs_per_env_runner`` environments are one
+    :class:`RLlibEVGridVector`."""
+
+    def make_env(self) -> None:
+        if self.env is not None:
+            self.env.close()
+        ctx = self.config.env_config
+        if not isinstance(ctx, EnvContext):
+            ctx = EnvContext(ctx, worker_index=self.worker_index, num_workers=self.config.num_env_runners,
+                             remote=self.config.remote_worker_envs)
+        self.env = RLlibEVGridVector(ctx, num_envs=self.config.num_envs_per_env_runner)
+        self.num_envs = self.env.num_envs
+        self._needs_initial_reset = True
+        make_callback("on_environment_created", callbacks_objects=self._callbacks,
+                      callbacks_functions=self.config.callbacks_on_environment_created,
+                      kwargs=dict(env_runner=self, metrics_logger=self.metrics, env=self.env.unwrapped,
+                                  env_context=ctx))
+

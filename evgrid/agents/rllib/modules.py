@@ -10,8 +10,9 @@ log-probability, entropy and KL are sums over the slots whose mask is 1.
 
 Power fractions come from a Beta distribution, so they lie in (0, 1) by
 construction; train with ``normalize_actions=False`` (RLlib's unsquashing
-assumes [-1, 1] outputs) and ``clip_actions=True`` (for the Gaussian heads
-of the default modules).
+assumes [-1, 1] outputs).  The Gaussian heads of the default modules
+(operators, individual EVs) are clipped into their spaces by the RLlib
+adapter (:mod:`evgrid.agents.rllib.env`).
 """
 
 from __future__ import annotations
@@ -148,10 +149,16 @@ class SlotSetModule(TorchRLModule, ValueFunctionAPI):
             self.pi_head.bias.copy_(torch.tensor([1.5, 0.0, -1.5, 1.0, -1.0]))
 
     def _embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-slot embeddings (zero in empty slots), the mask, the context.  Only occupied slots go through
+        the network: padding is often a third of a station's slots."""
         obs = batch[Columns.OBS]
         evs, mask, ctx = obs["evs"].float(), obs["mask"].float(), obs["context"].float()
-        x = torch.cat([evs, ctx.unsqueeze(-2).expand(*evs.shape[:-1], ctx.shape[-1])], dim=-1)
-        return self.ev_net(x), mask, ctx
+        occ = mask > 0
+        ctx_slot = ctx.unsqueeze(-2).expand(*mask.shape, ctx.shape[-1])  # a view: gathered for occupied slots only
+        h = self.ev_net(torch.cat([evs[occ], ctx_slot[occ]], dim=-1))
+        out = h.new_zeros(*mask.shape, h.shape[-1])
+        out[occ] = h
+        return out, mask, ctx
 
     def _forward(self, batch: dict, **kwargs: Any) -> dict:
         h, mask, _ = self._embed(batch)
@@ -160,7 +167,7 @@ class SlotSetModule(TorchRLModule, ValueFunctionAPI):
 
     def compute_values(self, batch: dict, embeddings: Any = None) -> torch.Tensor:
         h, mask, ctx = self._embed(batch)
-        pooled = (h * mask.unsqueeze(-1)).sum(-2) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+        pooled = h.sum(-2) / mask.sum(-1, keepdim=True).clamp(min=1.0)
         return self.vf_net(torch.cat([pooled, ctx], dim=-1)).squeeze(-1)
 
     def get_inference_action_dist_cls(self):

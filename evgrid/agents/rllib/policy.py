@@ -11,6 +11,7 @@ import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModule
 
+from evgrid.agents.rllib.env import clip_action
 from evgrid.agents.rllib.modules import module_of
 
 
@@ -49,7 +50,7 @@ class TrainedPolicy:
             dist = module.get_inference_action_dist_cls().from_logits(fwd[Columns.ACTION_DIST_INPUTS])
             actions = _to_numpy(dist.to_deterministic().sample())
             for i, a in enumerate(agents):
-                out[a] = _clip(_index(actions, i), self.env.action_space(a))
+                out[a] = clip_action(_index(actions, i), self.env.action_space(a))
         return out
 
 
@@ -69,14 +70,3 @@ def _index(x: Any, i: int) -> Any:
     if isinstance(x, dict):
         return {k: _index(v, i) for k, v in x.items()}
     return x[i]
-
-
-def _clip(a: Any, space: Any) -> Any:
-    """What RLlib's ``clip_actions`` does in training: Box actions into their bounds, dtypes to the space's."""
-    import gymnasium as gym
-
-    if isinstance(space, gym.spaces.Dict):
-        return {k: _clip(a[k], space[k]) for k in space.spaces}
-    if isinstance(space, gym.spaces.Box):
-        return np.clip(np.asarray(a, dtype=space.dtype).reshape(space.shape), space.low, space.high)
-    return np.asarray(a).astype(np.int64)
