@@ -160,7 +160,7 @@ def train(config: Any = None, overrides: Iterable[str] = (), *, address: str | N
         out = Path(run_dir) if run_dir is not None else Path("runs") / f"{env_cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_run(env_cfg, train_cfg)  # a bad combination fails here, before Ray or any worker starts
     if address is not None:
-        check_reachable(address)
+        check_reachable(address)  # (connect checks too) before a run directory exists for a run that cannot start
     if resume is None:
         out.mkdir(parents=True, exist_ok=False)
     (out / "config.yaml").write_text(yaml.safe_dump({**to_dict(env_cfg), "train": to_dict(train_cfg)},
