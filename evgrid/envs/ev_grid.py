@@ -81,6 +81,9 @@ class EVGridVectorEnv:
                               cfg.market.tariff.valley_price_per_kwh) * self._mult_hi
         self._ports_zone = np.maximum(np.bincount(sim.station_zone, minlength=sim.n_zone) * cfg.stations.ports, 1)
         self._zone_buses = [np.flatnonzero(sim.zone_of_bus == z) for z in range(sim.n_zone)]
+        # PV / wind capacity per zone, kW: the zone's output is this times the step's per-unit profile
+        self._zone_der_kw = {kind: np.bincount(sim.zone_of_bus[sim.der[kind][0]], sim.der[kind][1], sim.n_zone)
+                             for kind in ("pv", "wind")}
         self.last_rec: dict | None = None  # the simulator's record of the last step
         self._log = None
         if cfg.log_dir is not None:
@@ -211,11 +214,15 @@ class EVGridVectorEnv:
 
     # ------------------------------------------------------------------ agents and slots
 
+    def _env_runs(self, idx: npt.NDArray[np.int64]) -> list[slice]:
+        """For sessions ``idx`` (ascending), the slice of ``idx`` each environment owns: sessions are stored
+        environment by environment."""
+        bounds = np.searchsorted(self.sim.env[idx], np.arange(self.n_env + 1))
+        return [slice(bounds[e], bounds[e + 1]) for e in range(self.n_env)]
+
     def _by_env(self, idx: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
-        """Sessions ``idx`` (ascending) split per environment: sessions are stored environment by environment."""
-        if self.n_env == 1:
-            return [idx]
-        return np.split(idx, np.searchsorted(self.sim.env[idx], np.arange(1, self.n_env)))
+        """Sessions ``idx`` (ascending) split per environment."""
+        return [idx[run] for run in self._env_runs(idx)]
 
     def _label(self, agent: str, e: int) -> str:
         """An agent's name in messages: its id, and its environment when there are several."""
@@ -388,24 +395,23 @@ class EVGridVectorEnv:
         shown = idx if left is None or left.size == 0 else np.union1d(idx, left)  # sessions with EV features
         if view == "individual":
             feats = self._ev_features(shown, vm)
-            bounds = np.searchsorted(sim.env[shown], np.arange(E + 1))
-            for e in range(E):
+            for e, rows in enumerate(self._env_runs(shown)):
                 want = {a for a in agents[e] if a.startswith("ev_")}
-                rows = slice(bounds[e], bounds[e + 1])
                 for k, row in zip(sim.ev_index[shown[rows]], feats[rows]):
                     name = f"ev_{k}"
                     if name in want:
                         out[e][name] = row
         elif view == "grouped":
+            occ = self._slot_owner >= 0
             owner = self._slot_owner.ravel()
-            flat = np.flatnonzero(owner >= 0)  # occupied slots, (station, slot) flattened
+            flat = np.flatnonzero(occ)  # occupied slots, (station, slot) flattened
             feats = np.zeros((owner.size, len(EV_FEATURES)), np.float32)
             if flat.size:
                 row_of = np.empty(sim.s.n, dtype=np.int64)  # session -> its row in `shown`
                 row_of[shown] = np.arange(shown.size)
                 feats[flat] = self._ev_features(shown, vm)[row_of[owner[flat]]]
             feats = feats.reshape(E * n_st, self.slots, -1)
-            mask = (self._slot_owner >= 0).astype(np.float32)
+            mask = occ.astype(np.float32)
             ctx32 = ctx.astype(np.float32)
             for e in range(E):
                 for j in range(n_st):
@@ -420,11 +426,8 @@ class EVGridVectorEnv:
         t = min(sim.t, sim.n_steps - 1)
         nom = sim.zone_nominal_kw
         zl = rec["zone_load_kw"] / nom if rec is not None else np.zeros((E, Z))
-        pv = np.zeros((E, Z))
-        wind = np.zeros((E, Z))
-        for arr, kind, pu in ((pv, "pv", sim.pv_pu), (wind, "wind", sim.wind_pu)):
-            b, p = sim.der[kind]
-            arr += pu[:, t, None] * np.bincount(sim.zone_of_bus[b], p, Z)[None, :]  # one output share per env
+        pv = sim.pv_pu[:, t, None] * self._zone_der_kw["pv"]  # (E, Z)
+        wind = sim.wind_pu[:, t, None] * self._zone_der_kw["wind"]
         vmin = np.column_stack([np.nan_to_num(vm[:, b], nan=0.0).min(axis=1) for b in self._zone_buses])
         env = sim.env[idx]
         zone = sim.zone_of_bus[sim.station_bus[sim.station[idx] % sim.n_station]]
@@ -488,9 +491,7 @@ class EVGridVectorEnv:
                  + w.curtail_per_kwh * rec["cut_ev_kw"] * dt) + w.ev_unmet_per_kwh * progress
         view = self.cfg.agents.ev_view
         if view == "individual":
-            bounds = np.searchsorted(sim.env[idx], np.arange(E + 1))
-            for e in range(E):
-                rows = slice(bounds[e], bounds[e + 1])
+            for e, rows in enumerate(self._env_runs(idx)):
                 out[e].update((f"ev_{k}", r) for k, r in zip(sim.ev_index[idx[rows]], ev_r[rows]))
         elif view == "grouped":
             per = np.bincount(sim.station[idx], ev_r, E * n_st).reshape(E, n_st)

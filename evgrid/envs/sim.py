@@ -44,7 +44,7 @@ from evgrid.grid import profiles
 from evgrid.grid.feeders import Feeder, build_city, build_feeder
 from evgrid.grid.flow import FlowResult, make_backend
 from evgrid.grid.limits import LimitEnforcer
-from evgrid.grid.profiles import PEAK, VALLEY
+from evgrid.grid.profiles import VALLEY
 
 log = logging.getLogger(__name__)
 
