@@ -65,6 +65,47 @@ def test_evs_arrive_and_leave_in_the_individual_view():
     assert len(seen) > 10 and len(gone) > 0
 
 
+@pytest.mark.parametrize("ev_view", ["grouped", "individual"])
+def test_ev_features_are_the_documented_quantities(ev_view):
+    """Each EV's observation (computed by a compiled pass) against the quantities EV_FEATURES names, in numpy
+    from the simulator's arrays, after every step of an evening with uninterruptible sessions."""
+    from evgrid.envs.ev_grid import EV_FEATURES, _tariff_prices
+    from evgrid.grid.profiles import VALLEY
+
+    env = small_env(ev_view=ev_view, fleet={"n_ev": 60, "uninterruptible": True})
+    obs, _ = env.reset(seed=5)
+    policy = BaselinePolicy("random", env, seed=2)
+    vec, sim, s = env.vec, env.vec.sim, env.vec.sim.s
+    checked = 0
+    while env.agents:
+        obs, *_ = env.step(policy.act(obs))
+        if not env.agents:
+            break
+        if ev_view == "grouped":
+            owner = vec._slot_owner  # (station, slot) -> session, -1 empty
+            occ = owner >= 0
+            idx = owner[occ]
+            got = np.concatenate([obs[f"evs_{j}"]["evs"][occ[j]] for j in range(sim.n_station)])
+        else:
+            idx = sim.plugged()
+            got = np.array([obs[f"ev_{k}"] for k in sim.ev_index[idx]]).reshape(idx.size, len(EV_FEATURES))
+        t, t_next = sim.t, min(sim.t + 1, sim.n_steps - 1)
+        bus = sim.station_bus[sim.station[idx] % sim.n_station]
+        zone = sim.zone_of_bus[bus]
+        c, e = sim.slots(idx)
+        want = np.column_stack([
+            sim.soc[idx], s.soc_target[idx], sim._need_kwh(idx) / s.cap_kwh[idx],
+            (sim.dep_step[idx] - t) * sim.dt_h / 24.0, s.p_ch_max_kw[idx] / 50.0, s.p_dis_max_kw[idx] / 50.0,
+            s.v2g[idx], sim.retail_price()[0, zone],
+            sim.prices.next[0, zone] * np.asarray(_tariff_prices(env.cfg))[sim.period[t_next]],
+            vec.last_rec["vm_pu"][0, bus], c / np.maximum(e, 1), sim.started[idx],
+            np.full(idx.size, float(sim.period[t] == VALLEY))]).astype(np.float32)
+        assert got.shape == (idx.size, len(EV_FEATURES))
+        np.testing.assert_array_equal(got, want)
+        checked += idx.size
+    assert checked > 100
+
+
 def _rollout(seed, view="grouped", log_dir=None):
     env = small_env(ev_view=view, log_dir=log_dir)
     obs, _ = env.reset(seed=seed)

@@ -85,3 +85,53 @@ def test_user_category_from_tariff_periods():
 def test_fleet_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         fl.FleetConfig(**{field: value})
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=hst.integers(0, 2**32 - 1), n=hst.integers(1, 300), dt_h=hst.sampled_from([0.25, 1.0]))
+def test_simulator_kernels_compute_the_fleet_formulas(seed, n, dt_h):
+    """The simulator's compiled per-EV passes (learned requests; settling after the power flow) repeat
+    ``power_bounds`` / ``apply_power`` and the request and cost rules in numpy: same values on random fleets,
+    so the two cannot drift apart."""
+    from evgrid.envs import sim as sm
+
+    rng = np.random.default_rng(seed)
+    N = n + 20  # sessions; idx picks the plugged ones
+    idx = np.sort(rng.choice(N, n, replace=False))
+    soc = rng.uniform(0, 1, N)
+    cap, p_ch, eta_ch, eta_dis = rng.uniform(20, 90, N), rng.uniform(3, 22, N), rng.uniform(0.85, 1, N), \
+        rng.uniform(0.85, 1, N)
+    p_dis, target, v2g = p_ch * rng.uniform(0, 1, N), rng.uniform(0.5, 1, N), rng.random(N) < 0.5
+    mode, frac = rng.integers(0, 3, N), rng.uniform(0, 1, N)
+    p_ch_av, p_dis_av, need_rate, req = sm._learned_requests(idx, mode, frac, soc, target, cap, p_ch, p_dis,
+                                                             eta_ch, eta_dis, v2g, 0.2, dt_h)
+    ch, dis = fl.power_bounds(soc[idx], cap[idx], p_ch[idx], p_dis[idx], eta_ch[idx], eta_dis[idx], v2g[idx],
+                              0.2, dt_h)
+    np.testing.assert_array_equal(p_ch_av, ch)
+    np.testing.assert_array_equal(p_dis_av, dis)
+    np.testing.assert_array_equal(need_rate, np.maximum(target[idx] - soc[idx], 0) * cap[idx] / (eta_ch[idx] * dt_h))
+    m, f = mode[idx], frac[idx]
+    want = np.where(m == sm.CHARGE, f * p_ch[idx], np.where(m == sm.DISCHARGE, -f * p_dis[idx], 0.0))
+    np.testing.assert_array_equal(req, np.clip(want, -dis, ch))
+
+    # settling: 4 buses x 2 envs; curtailment and added V2G shared pro rata at each bus
+    lin = rng.integers(0, 8, n)
+    charge, spare = np.maximum(req, 0.0), np.maximum(dis + np.minimum(req, 0.0), 0.0)
+    flex_c, flex_v = np.bincount(lin, charge, 8), np.bincount(lin, spare, 8)
+    curtail, v2g_add = flex_c * rng.uniform(0, 1, 8), flex_v * rng.uniform(0, 1, 8)
+    price = rng.uniform(0.1, 0.6, n)
+    state = [soc.copy(), np.zeros(N, bool), np.zeros(N), np.zeros(N), np.zeros(N), np.zeros(N), np.zeros(N)]
+    p, cut, cost, e_batt = sm._settle(idx, lin, req, charge, spare, flex_c, flex_v, curtail, v2g_add, price, 0.8,
+                                      dt_h, cap, eta_ch, eta_dis, *state)
+    share_c = np.divide(charge, flex_c[lin], out=np.zeros(n), where=flex_c[lin] > 0)
+    share_v = np.divide(spare, flex_v[lin], out=np.zeros(n), where=flex_v[lin] > 0)
+    np.testing.assert_array_equal(cut, curtail[lin] * share_c)
+    np.testing.assert_array_equal(p, req - cut - v2g_add[lin] * share_v)
+    np.testing.assert_array_equal(state[0][idx], fl.apply_power(soc[idx], p, cap[idx], eta_ch[idx], eta_dis[idx], dt_h))
+    e = p * dt_h
+    np.testing.assert_array_equal(cost, np.where(e >= 0, e * price, e * price * 0.8))
+    np.testing.assert_array_equal(e_batt, np.abs(np.where(e >= 0, e * eta_ch[idx], e / eta_dis[idx])))
+    assert (state[1][idx] == (p > 1e-9)).all() and not state[1][np.setdiff1d(np.arange(N), idx)].any()
+    np.testing.assert_array_equal(state[2][idx], e)  # grid energy
+    np.testing.assert_array_equal(state[3][idx], np.maximum(-e, 0.0))  # V2G energy
+    np.testing.assert_array_equal(state[6][idx], p)  # last power

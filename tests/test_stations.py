@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -33,6 +35,127 @@ def test_equal_share_is_water_filling(seed, n, m):
         sel = stn == s
         assert out[sel].sum() <= max(cap[s], 0) + 1e-7
         np.testing.assert_allclose(out[sel], _brute_water_fill(req[sel], cap[s]), atol=1e-6)
+
+
+def _ref_equal_share(req: np.ndarray, stn: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """Per station, ascending requests: λ is the first candidate (cap - Σ smaller) / n_left that a request
+    reaches; sums exact (Fraction), so λ is correctly rounded."""
+    out = req.copy()
+    total = np.bincount(stn, req, cap.shape[0])  # summed in row order, as the function's within-cap test
+    for s in range(cap.shape[0]):
+        idx = np.flatnonzero(stn == s)
+        if total[s] <= cap[s]:
+            continue
+        r = np.sort(req[idx])
+        served = Fraction(0)
+        lam = np.inf  # the float total exceeds the cap by rounding only: everyone is served
+        for k, x in enumerate(r):
+            cand = (Fraction(float(cap[s])) - served) / (len(r) - k)
+            if x >= cand:
+                lam = float(cand)
+                break
+            served += Fraction(float(x))
+        out[idx] = np.minimum(req[idx], max(lam, 0.0))
+    return out
+
+
+def _random_fleet(rng, n, m, levels, skew):
+    """Requests with zeros (and many ties for ``levels``), stations with empty ones (``m`` plus a few
+    never used) and one huge station for ``skew``, caps around each station's total incl. 0 and exact."""
+    if levels:
+        req = rng.choice([0.0, 3.7, 7.4, 11.0, 22.0], n) * rng.choice([0.8, 1.0], n)
+    else:
+        req = rng.uniform(0, 22, n) * (rng.random(n) < 0.85)
+    stn = rng.integers(0, m, n)
+    if skew:
+        stn = np.where(rng.random(n) < 0.8, 0, stn)
+    n_st = m + int(rng.integers(0, 3))
+    total = np.bincount(stn, req, n_st)
+    cap = total * rng.uniform(0, 1.3, n_st)
+    cap[rng.random(n_st) < 0.15] = 0.0
+    exact = rng.random(n_st) < 0.1
+    cap[exact] = total[exact]
+    return req, stn, cap
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=hst.integers(0, 2**32 - 1), n=hst.integers(0, 300), m=hst.integers(1, 12), levels=hst.booleans(),
+       skew=hst.booleans(), max_passes=hst.sampled_from([1, 2, 16]))
+def test_equal_share_matches_sorted_reference(seed, n, m, levels, skew, max_passes):
+    rng = np.random.default_rng(seed)
+    req, stn, cap = _random_fleet(rng, n, m, levels, skew)
+    out = st.equal_share(req, stn, cap)
+    if n:  # the kernel with few passes left: the sort that bounds slow inputs must agree too
+        out2 = np.empty(n)
+        assert st._equal_share_kernel(req, stn, cap, out2, max_passes) == 0
+        np.testing.assert_array_equal(out2 == req, out == req)
+        np.testing.assert_allclose(out2, out, rtol=1e-13, atol=0)
+    ref = _ref_equal_share(req, stn, cap)
+    assert (out >= 0).all() and (out <= req).all()
+    got = np.bincount(stn, out, cap.shape[0])
+    total = np.bincount(stn, req, cap.shape[0])
+    for s in range(cap.shape[0]):
+        sel = stn == s
+        tol = 1e-12 * max(cap[s], total[s], 1e-300)
+        np.testing.assert_allclose(out[sel], ref[sel], rtol=1e-12, atol=tol)
+        assert got[s] <= cap[s] + tol
+        assert abs(got[s] - min(total[s], cap[s])) <= tol
+
+
+def test_equal_share_ties_zero_caps_and_exits():
+    req = np.array([5.0, 5.0, 5.0, 0.0, 8.0, 2.0, 7.0])
+    stn = np.array([0, 0, 0, 0, 1, 1, 3])
+    out = st.equal_share(req, stn, np.array([12.0, 0.0, 50.0, 7.0]))
+    np.testing.assert_allclose(out, [4.0, 4.0, 4.0, 0.0, 0.0, 0.0, 7.0], rtol=1e-15)
+    # everyone within the limit: a copy of the requests
+    cap = np.array([100.0, 100.0, 0.0, 100.0])
+    out = st.equal_share(req, stn, cap)
+    np.testing.assert_array_equal(out, req)
+    assert out is not req
+    assert st.equal_share(np.zeros(0), np.zeros(0, dtype=np.int64), cap).shape == (0,)
+    # a huge station, most of it served (λ is then a small difference of large sums): exact to a few ulps
+    rng = np.random.default_rng(3)
+    req = rng.uniform(0, 22, 20_000)
+    stn = np.zeros(20_000, dtype=np.int64)
+    for share in (0.9, 0.99999):
+        cap = np.array([share * req.sum()])
+        out = st.equal_share(req, stn, cap)
+        np.testing.assert_allclose(out, _ref_equal_share(req, stn, cap), rtol=1e-14)
+
+
+@pytest.mark.parametrize("stn", [np.array([0]), np.array([0, -1]), np.array([0, 3])])
+def test_equal_share_rejects_stations_it_cannot_index(stn):
+    """The kernel indexes without bounds checks: a wrong length or an out-of-range station is refused first."""
+    with pytest.raises(ValueError, match="station: expected"):
+        st.equal_share(np.array([1.0, 2.0]), stn, np.array([1.0, 1.0, 1.0]))
+
+
+def _ref_llf(req, stn, cap, frac, c, e):
+    """Per station, Python's sort by (-urgency, e, row); the first round(fraction * n) charge while the
+    running sum (in that order) stays within the limit."""
+    urg = [(-1.0 if ci <= 0 else (ci / ei if ei > 0 else np.inf)) for ci, ei in zip(c, e)]
+    out = np.zeros(len(req))
+    for s in range(cap.shape[0]):
+        rows = sorted(np.flatnonzero(stn == s), key=lambda i: (-urg[i], e[i], i))
+        cum = 0.0
+        for i in rows[:int(np.rint(frac[s] * len(rows)))]:
+            cum += req[i]
+            if cum <= cap[s] * (1 + 1e-12):
+                out[i] = req[i]
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=hst.integers(0, 2**32 - 1), n=hst.integers(0, 300), m=hst.integers(1, 12), levels=hst.booleans(),
+       skew=hst.booleans())
+def test_llf_matches_sorted_reference(seed, n, m, levels, skew):
+    rng = np.random.default_rng(seed)
+    req, stn, cap = _random_fleet(rng, n, m, levels, skew)
+    frac = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], cap.shape[0])
+    c = rng.integers(-2, 12, n)
+    e = rng.integers(-3, 20, n)
+    out = st.llf_dispatch(req, stn, cap, frac, c, e)
+    np.testing.assert_array_equal(out, _ref_llf(req, stn, cap, frac, c, e))
 
 
 @settings(max_examples=200, deadline=None)

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import gymnasium
+import numba as nb
 import numpy as np
 import numpy.typing as npt
 from gymnasium import spaces
@@ -80,7 +81,10 @@ class EVGridVectorEnv:
         self._max_price = max(cfg.market.tariff.peak_price_per_kwh, cfg.market.tariff.offpeak_price_per_kwh,
                               cfg.market.tariff.valley_price_per_kwh) * self._mult_hi
         self._ports_zone = np.maximum(np.bincount(sim.station_zone, minlength=sim.n_zone) * cfg.stations.ports, 1)
-        self._zone_buses = [np.flatnonzero(sim.zone_of_bus == z) for z in range(sim.n_zone)]
+        # buses grouped by zone, for one minimum.reduceat over them (every zone has buses)
+        self._zone_bus_order = np.argsort(sim.zone_of_bus, kind="stable")
+        self._zone_bus_starts = np.searchsorted(sim.zone_of_bus[self._zone_bus_order], np.arange(sim.n_zone))
+        self._station_in_zone = np.eye(sim.n_zone)[sim.station_zone]  # (n_station, Z): a station's zone, one-hot
         # PV / wind capacity per zone, kW: the zone's output is this times the step's per-unit profile
         self._zone_der_kw = {kind: np.bincount(sim.zone_of_bus[sim.der[kind][0]], sim.der[kind][1], sim.n_zone)
                              for kind in ("pv", "wind")}
@@ -347,8 +351,9 @@ class EVGridVectorEnv:
         name it."""
         names = [(e, f"evs_{j}") for e in range(self.n_env) for j in range(self.sim.n_station)]
         try:
-            mode = np.stack([np.asarray(actions[e][a]["mode"]) for e, a in names])
-            power = np.stack([np.asarray(actions[e][a]["power"], dtype=float) for e, a in names])
+            acts = [actions[e][a] for e, a in names]
+            mode = np.array([a["mode"] for a in acts])
+            power = np.array([a["power"] for a in acts]).astype(float)
             ok = (mode.shape == power.shape == (len(names), self.slots) and np.issubdtype(mode.dtype, np.integer)
                   and mode.min() >= 0 and mode.max() <= 2 and np.isfinite(power).all()
                   and power.min() >= 0 and power.max() <= 1)
@@ -377,24 +382,30 @@ class EVGridVectorEnv:
         rec = self.last_rec
         vm = rec["vm_pu"] if rec is not None else np.ones((E, sim.n_bus))  # (E, n_bus)
         idx = sim.plugged()
+        stn = sim.station[idx]
+        need = sim._need_kwh(idx)
+        # plugged EVs and their missing energy per station, (E * n_st,): operators sum them over their zone
+        plugged = np.bincount(stn, minlength=E * n_st).astype(float)
+        need_st = np.bincount(stn, need, E * n_st)
         if self._ops:
-            feats = self._operator_obs(idx, rec, vm, period, clock, time_left)  # (E, Z, F)
+            feats = self._operator_obs(rec, vm, period, clock, time_left, plugged, need_st)  # (E, Z, F)
             for e in range(E):
                 out[e].update(zip(self._ops, feats[e]))
         ctx = None
         if self._stns or self.cfg.agents.ev_view == "grouped":
-            ctx = self._station_context(idx, vm, period, clock, time_left)  # (E * n_st, F)
+            ctx = self._station_context(vm, period, clock, time_left, plugged)  # (E * n_st, F)
         if self._stns:
-            c, e_slots = sim.slots(idx)
+            c, e_slots = sim.slots(idx, need)
             sc = self.cfg.stations
-            n = sm.st.count_matrix(c, e_slots, sim.station[idx], E * n_st, sc.c_max, sc.e_max) / sc.ports
+            n = sm.st.count_matrix(c, e_slots, stn, E * n_st, sc.c_max, sc.e_max) / sc.ports
             flat = np.concatenate([n.reshape(E * n_st, -1), ctx], axis=1).astype(np.float32)
             for e in range(E):
                 out[e].update(zip(self._stns, flat[e * n_st:(e + 1) * n_st]))
         view = self.cfg.agents.ev_view
-        shown = idx if left is None or left.size == 0 else np.union1d(idx, left)  # sessions with EV features
         if view == "individual":
-            feats = self._ev_features(shown, vm)
+            shown = idx if left is None or left.size == 0 else np.union1d(idx, left)  # sessions with EV features
+            feats = np.empty((shown.size, len(EV_FEATURES)), np.float32)
+            self._ev_features(feats, np.arange(shown.size), shown, vm)
             for e, rows in enumerate(self._env_runs(shown)):
                 want = {a for a in agents[e] if a.startswith("ev_")}
                 for k, row in zip(sim.ev_index[shown[rows]], feats[rows]):
@@ -406,10 +417,7 @@ class EVGridVectorEnv:
             owner = self._slot_owner.ravel()
             flat = np.flatnonzero(occ)  # occupied slots, (station, slot) flattened
             feats = np.zeros((owner.size, len(EV_FEATURES)), np.float32)
-            if flat.size:
-                row_of = np.empty(sim.s.n, dtype=np.int64)  # session -> its row in `shown`
-                row_of[shown] = np.arange(shown.size)
-                feats[flat] = self._ev_features(shown, vm)[row_of[owner[flat]]]
+            self._ev_features(feats, flat, owner[flat], vm)
             feats = feats.reshape(E * n_st, self.slots, -1)
             mask = occ.astype(np.float32)
             ctx32 = ctx.astype(np.float32)
@@ -419,8 +427,9 @@ class EVGridVectorEnv:
                     out[e][f"evs_{j}"] = {"evs": feats[g], "mask": mask[g], "context": ctx32[g]}
         return [{a: o[a] for a in ag} for o, ag in zip(out, agents)]
 
-    def _operator_obs(self, idx, rec, vm, period, clock, time_left) -> np.ndarray:
-        """(E, Z, len(OPERATOR_FEATURES))."""
+    def _operator_obs(self, rec, vm, period, clock, time_left, plugged_st, need_st) -> np.ndarray:
+        """(E, Z, len(OPERATOR_FEATURES)); ``plugged_st``, ``need_st``: plugged EVs and their missing kWh per
+        station, (E * n_station,)."""
         sim = self.sim
         E, Z = self.n_env, sim.n_zone
         t = min(sim.t, sim.n_steps - 1)
@@ -428,20 +437,20 @@ class EVGridVectorEnv:
         zl = rec["zone_load_kw"] / nom if rec is not None else np.zeros((E, Z))
         pv = sim.pv_pu[:, t, None] * self._zone_der_kw["pv"]  # (E, Z)
         wind = sim.wind_pu[:, t, None] * self._zone_der_kw["wind"]
-        vmin = np.column_stack([np.nan_to_num(vm[:, b], nan=0.0).min(axis=1) for b in self._zone_buses])
-        env = sim.env[idx]
-        zone = sim.zone_of_bus[sim.station_bus[sim.station[idx] % sim.n_station]]
-        key = env * Z + zone
-        plugged = np.bincount(key, minlength=E * Z).reshape(E, Z) / self._ports_zone
-        need = np.bincount(key, sim._need_kwh(idx), E * Z).reshape(E, Z) / nom
+        vmin = np.minimum.reduceat(vm[:, self._zone_bus_order], self._zone_bus_starts, axis=1)
+        vmin = np.where(np.isnan(vmin), 0.0, vmin)  # a bus without a solution (collapse) shows as 0
+        to_zone = self._station_in_zone
+        plugged = plugged_st.reshape(E, -1) @ to_zone / self._ports_zone
+        need = need_st.reshape(E, -1) @ to_zone / nom
         ones = np.ones((E, Z))
         feats = np.stack([zl, pv / nom, wind / nom, sim.prices.current, sim.prices.next,
                           ones * period[0], ones * period[1], ones * period[2], ones * np.sin(clock),
                           ones * np.cos(clock), vmin, plugged, need, ones * time_left], axis=-1)
         return feats.astype(np.float32)
 
-    def _station_context(self, idx, vm, period, clock, time_left) -> np.ndarray:
-        """(E * n_station, len(STATION_CONTEXT)), rows in global station order."""
+    def _station_context(self, vm, period, clock, time_left, plugged_st) -> np.ndarray:
+        """(E * n_station, len(STATION_CONTEXT)), rows in global station order; ``plugged_st``: plugged EVs per
+        station."""
         sim = self.sim
         sc = self.cfg.stations
         rec = self.last_rec
@@ -452,27 +461,20 @@ class EVGridVectorEnv:
         price_now = sim.retail_price()  # (E, Z)
         return np.column_stack([vm[:, sim.station_bus].ravel(), price_now[:, sim.station_zone].ravel(),
                                 np.broadcast_to(period, (n, 3)), np.full(n, np.sin(clock)), np.full(n, np.cos(clock)),
-                                load, np.bincount(sim.station[idx], minlength=n) / sc.ports, np.full(n, time_left)])
+                                load, plugged_st / sc.ports, np.full(n, time_left)])
 
-    def _ev_features(self, idx, vm) -> np.ndarray:
+    def _ev_features(self, out: np.ndarray, rows: npt.NDArray[np.int64], idx: npt.NDArray[np.int64],
+                     vm: np.ndarray) -> None:
+        """Write sessions ``idx``'s EV_FEATURES into ``out[rows]`` (float32, (n, len(EV_FEATURES)))."""
         sim = self.sim
         s = sim.s
-        env = sim.env[idx]
-        bus = sim.station_bus[sim.station[idx] % sim.n_station]
-        zone = sim.zone_of_bus[bus]
-        c, e = sim.slots(idx)
         t_next = min(sim.t + 1, sim.n_steps - 1)
-        price_next = sim.prices.next[env, zone] * np.asarray(_tariff_prices(self.cfg))[sim.period[t_next]]
-        unint = sim.started[idx] & self.cfg.fleet.uninterruptible
         valley = float(sim.period[min(sim.t, sim.n_steps - 1)] == VALLEY)
-        cols = (sim.soc[idx], s.soc_target[idx], sim._need_kwh(idx) / s.cap_kwh[idx],
-                (sim.dep_step[idx] - sim.t) * sim.dt_h / 24.0, s.p_ch_max_kw[idx] / 50.0, s.p_dis_max_kw[idx] / 50.0,
-                s.v2g[idx], sim.retail_price()[env, zone], price_next, vm[env, bus], c / np.maximum(e, 1), unint,
-                valley)
-        out = np.empty((idx.size, len(EV_FEATURES)), np.float32)  # filled column by column: no float64 copy
-        for k, col in enumerate(cols):
-            out[:, k] = col
-        return out
+        _ev_feature_rows(out, rows, idx, sim.env, sim.station, sim.n_station, sim.station_bus, sim.zone_of_bus,
+                         sim.soc, s.soc_target, s.cap_kwh, sim.dep_step, s.p_ch_max_kw, s.p_dis_max_kw, s.eta_ch,
+                         s.v2g, sim.started, sim.retail_price(), sim.prices.next,
+                         _tariff_prices(self.cfg)[sim.period[t_next]], vm, sim.t, sim.dt_h,
+                         bool(self.cfg.fleet.uninterruptible), valley)
 
     # ------------------------------------------------------------------ rewards
 
@@ -499,9 +501,9 @@ class EVGridVectorEnv:
                 out[e].update((f"evs_{j}", per[e, j]) for j in range(n_st))
         if self._stns:
             st_idx = sim.station[idx]
-            charge_e = np.maximum(rec["p_ev_kw"], 0.0) * dt
-            price = rec["price_zone"][sim.env[idx], sim.zone_of_bus[sim.station_bus[st_idx % n_st]]]
-            cost = np.bincount(st_idx, charge_e * price, E * n_st).reshape(E, n_st)
+            # a station's EVs all pay its zone's price: the price times the energy they drew
+            charge_kwh = np.bincount(st_idx, np.maximum(rec["p_ev_kw"], 0.0), E * n_st).reshape(E, n_st) * dt
+            cost = charge_kwh * rec["price_zone"][:, sim.station_zone]
             norm_cost = cost / (self.cfg.stations.p_max_kw * dt * self._max_price)
             loads = rec["feeder_load_kw"] if len(sim.feeders) > 1 else rec["zone_load_kw"] / sim.zone_nominal_kw
             hi = np.max(np.abs(loads), axis=1)
@@ -685,6 +687,37 @@ class EVGridEnv(ParallelEnv, EzPickle):
 
 
 # ---------------------------------------------------------------------- action decoding helpers
+
+
+@nb.njit(cache=True, nogil=True)
+def _ev_feature_rows(out, rows, idx, env_of, station_of, n_station, station_bus, zone_of_bus, soc, soc_target, cap_kwh,
+                     dep_step, p_ch_max_kw, p_dis_max_kw, eta_ch, v2g, started, price_now, price_next, next_factor, vm,
+                     t, dt_h, uninterruptible, valley):  # pragma: no cover (compiled)
+    """EV_FEATURES of sessions ``idx`` into ``out[rows]``: one pass instead of ~30 numpy gathers over the fleet
+    (the observation was a third of the grouped view's env step).  Same formulas as ``Sim._need_kwh`` and
+    ``stations.charge_slots``."""
+    for k in range(idx.shape[0]):
+        i = idx[k]
+        r = rows[k]
+        e = env_of[i]
+        bus = station_bus[station_of[i] % n_station]
+        z = zone_of_bus[bus]
+        need = max(soc_target[i] - soc[i], 0.0) * cap_kwh[i]
+        c = np.ceil(max(need, 0.0) / max(p_ch_max_kw[i] * eta_ch[i] * dt_h, 1e-12) - 1e-9)
+        left = dep_step[i] - t
+        out[r, 0] = soc[i]
+        out[r, 1] = soc_target[i]
+        out[r, 2] = need / cap_kwh[i]
+        out[r, 3] = left * dt_h / 24.0
+        out[r, 4] = p_ch_max_kw[i] / 50.0
+        out[r, 5] = p_dis_max_kw[i] / 50.0
+        out[r, 6] = 1.0 if v2g[i] else 0.0
+        out[r, 7] = price_now[e, z]
+        out[r, 8] = price_next[e, z] * next_factor
+        out[r, 9] = vm[e, bus]
+        out[r, 10] = c / max(left, 1)
+        out[r, 11] = 1.0 if (started[i] and uninterruptible) else 0.0
+        out[r, 12] = valley
 
 
 def _tariff_prices(cfg: EnvConfig) -> tuple[float, float, float]:

@@ -125,7 +125,7 @@ class CarbonConfig:
 
 def _finite(name: str, value: npt.ArrayLike) -> FloatArray:
     x = np.asarray(value, dtype=np.float64)
-    if not np.all(np.isfinite(x)):
+    if not np.isfinite(x).all():
         raise ValueError(f"{name}: expected finite values, got {int(np.size(x) - np.isfinite(x).sum())} "
                          f"non-finite of {np.size(x)}")
     return x
@@ -133,7 +133,7 @@ def _finite(name: str, value: npt.ArrayLike) -> FloatArray:
 
 def _nonneg(name: str, value: npt.ArrayLike) -> FloatArray:
     x = _finite(name, value)
-    if np.any(x < 0.0):
+    if (x < 0.0).any():
         raise ValueError(f"{name}: expected values >= 0, got minimum {float(x.min())!r}")
     return x
 
@@ -146,7 +146,11 @@ def stepped_carbon_cost(excess_t: npt.ArrayLike, cfg: CarbonConfig) -> FloatArra
     The paper's last branch writes ``(M - M_cq - d_c)`` where continuity needs ``(M - M_cq - 2 d_c)``; we use the
     continuous form.  The cost is continuous, non-decreasing and convex in the excess.
     """
-    x = _finite("excess_t", excess_t)
+    return _stepped_cost(_finite("excess_t", excess_t), cfg)
+
+
+def _stepped_cost(x: FloatArray, cfg: CarbonConfig) -> FloatArray:
+    """:func:`stepped_carbon_cost` of a checked array (the per-step cost checks its inputs once)."""
     tier = np.arange(cfg.n_tiers, dtype=np.float64)
     start_t = tier * cfg.step_t  # (n_tiers,)
     width_t = np.full(cfg.n_tiers, cfg.step_t)
@@ -166,7 +170,7 @@ def incremental_carbon_cost(cum_excess_before_t: npt.ArrayLike, step_excess_t: n
     """
     before_t = _finite("cum_excess_before_t", cum_excess_before_t)
     step_t = _finite("step_excess_t", step_excess_t)
-    return stepped_carbon_cost(before_t + step_t, cfg) - stepped_carbon_cost(before_t, cfg)
+    return _stepped_cost(before_t + step_t, cfg) - _stepped_cost(before_t, cfg)
 
 
 def carbon_emissions_kg(purchase_kwh: npt.ArrayLike, diesel_kwh: npt.ArrayLike,
@@ -175,8 +179,10 @@ def carbon_emissions_kg(purchase_kwh: npt.ArrayLike, diesel_kwh: npt.ArrayLike,
 
     Exports (``purchase_kwh < 0``) earn no negative emissions: the energy they displace upstream is unknown.
     """
-    purchase_kwh = _finite("purchase_kwh", purchase_kwh)
-    diesel_kwh = _nonneg("diesel_kwh", diesel_kwh)
+    return _emissions_kg(_finite("purchase_kwh", purchase_kwh), _nonneg("diesel_kwh", diesel_kwh), cfg)
+
+
+def _emissions_kg(purchase_kwh: FloatArray, diesel_kwh: FloatArray, cfg: CarbonConfig) -> FloatArray:
     return (cfg.thermal_share * cfg.thermal_kg_per_kwh * np.maximum(purchase_kwh, 0.0)
             + cfg.diesel_kg_per_kwh * diesel_kwh)
 
@@ -505,7 +511,10 @@ def diesel_cost(diesel_kw: npt.ArrayLike, dt_h: float, cfg: MarketConfig) -> Flo
 
     There is no unit commitment state: zero output means the unit is off and pays no no-load cost.
     """
-    p_kw = _nonneg("diesel_kw", diesel_kw)
+    return _diesel_cost(_nonneg("diesel_kw", diesel_kw), dt_h, cfg)
+
+
+def _diesel_cost(p_kw: FloatArray, dt_h: float, cfg: MarketConfig) -> FloatArray:
     per_h = np.where(p_kw > 0.0, (cfg.diesel_a_per_kw2h * p_kw + cfg.diesel_b_per_kwh) * p_kw + cfg.diesel_c_per_h,
                      0.0)
     return per_h * dt_h
@@ -532,18 +541,20 @@ def operating_cost(*, purchase_kwh: npt.ArrayLike, diesel_kw: npt.ArrayLike, cur
     ``emission_kg``, ``quota_kg``, ``excess_t`` (this step's) and ``cum_excess_t`` (updated; pass it back next
     step).  The stepped cost is not additive across accounts: zone accounts cost more than one feeder account.
     """
+    # each input checked once here; the pieces below are the public functions' unchecked cores
     dt_h = check_real("dt_h", dt_h, 0.0, 24.0 * 366, lo_open=True)
     purchase_kwh = _finite("purchase_kwh", purchase_kwh)
     curtailed_kwh = _nonneg("curtailed_kwh", curtailed_kwh)
     renewable = 0.0 if renewable_kwh is None else _nonneg("renewable_kwh", renewable_kwh)
     cum_before_t = _finite("cum_excess_t", cum_excess_t)
-    c_diesel = diesel_cost(diesel_kw, dt_h, cfg)
-    diesel_kwh = np.asarray(diesel_kw, dtype=np.float64) * dt_h
-    emission_kg = carbon_emissions_kg(purchase_kwh, diesel_kwh, cfg.carbon)
-    quota_kg = carbon_quota_kg(diesel_kwh, renewable, cfg.carbon)
+    diesel_kw = _nonneg("diesel_kw", diesel_kw)
+    c_diesel = _diesel_cost(diesel_kw, dt_h, cfg)
+    diesel_kwh = diesel_kw * dt_h
+    emission_kg = _emissions_kg(purchase_kwh, diesel_kwh, cfg.carbon)
+    quota_kg = cfg.carbon.quota_kg_per_kwh * (diesel_kwh + renewable)
     excess_t = (emission_kg - quota_kg) / 1000.0
     c_purchase = purchase_price_per_kwh(period, cfg) * purchase_kwh
-    c_carbon = incremental_carbon_cost(cum_before_t, excess_t, cfg.carbon)
+    c_carbon = _stepped_cost(cum_before_t + excess_t, cfg.carbon) - _stepped_cost(cum_before_t, cfg.carbon)
     c_curtail = cfg.curtailment_cost_per_kwh * curtailed_kwh
     total = c_purchase + c_diesel + c_carbon + c_curtail
     shape = total.shape

@@ -1,8 +1,9 @@
 """In-station dispatch: share a station's power limit among its plugged EVs.
 
-All functions are vectorised over every plugged EV of every station at once
-(``station[n]`` says which station each row belongs to); groups are formed by
-sorting, never by Python loops over EVs.
+All functions work on every plugged EV of every station at once
+(``station[n]`` says which station each row belongs to), never by Python
+loops over EVs: equal sharing is a compiled numba kernel (a few passes over
+the EVs with per-station accumulators); the rest forms groups by sorting.
 
 Rules:
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba as nb
 import numpy as np
 import numpy.typing as npt
 
@@ -93,38 +95,141 @@ def _segment_cumsum(x: npt.NDArray[np.float64], starts: npt.NDArray[np.int64]) -
     return c - before
 
 
+# Water-filling passes before what is left gets sorted.  A pass is O(n) and serves most of what is
+# left: random and tied fleets finish in 1-7, and even inputs built to serve one EV per pass stop in a
+# few because λ's rise shrinks geometrically in floating point.  The sort bounds any input to O(n log n).
+_MAX_PASSES = 16
+
+
+def _check_station(station: npt.NDArray[np.int64], n_station_total: int, bad: int) -> None:
+    """Raise for a kernel's ``1 + row`` of an out-of-range station (0: all fine)."""
+    if bad:
+        raise ValueError(f"station: expected indices in [0, {n_station_total}), "
+                         f"got {station[bad - 1]} at row {bad - 1}")
+
+
+@nb.njit(cache=True, nogil=True)
+def _serve(r, s, rem, err, cnt, lam):
+    """Serve a request that fits under ``lam[s]`` in full and raise ``lam[s]`` to the new lower bound.
+
+    The budget left, ``cap - Σ served``, is Neumaier-compensated (``rem + err``): once most EVs of a
+    large station are served it is a small difference of large numbers, and plain subtraction would
+    cost λ digits."""
+    t = rem[s] - r
+    if abs(rem[s]) >= abs(r):
+        err[s] += (rem[s] - t) - r
+    else:
+        err[s] += (-r - t) + rem[s]
+    rem[s] = t
+    cnt[s] -= 1
+    if cnt[s] > 0:
+        lam[s] = (rem[s] + err[s]) / cnt[s]
+
+
+@nb.njit(cache=True, nogil=True)
+def _equal_share_kernel(req, station, cap, out, max_passes):
+    """Fill ``out`` (a copy of ``req`` when every station is within its cap); returns 1 + the first
+    row whose station is out of range, else 0.  After ``max_passes`` passes what is left is sorted.
+
+    ``lam[s] = (cap_s - Σ served) / n_unserved`` is a lower bound on λ_s (were every unserved EV given
+    it, the limit would be met exactly, and each gets at most that), so an unserved request <= lam[s]
+    is served in full, which raises the bound.  Once no unserved request is <= lam[s], the unserved
+    EVs take lam[s] each and meet the limit exactly: lam[s] is λ_s."""
+    n = req.shape[0]
+    n_st = cap.shape[0]
+    rem = np.zeros(n_st)
+    cnt = np.zeros(n_st, dtype=np.int64)
+    for i in range(n):
+        s = station[i]
+        if s < 0 or s >= n_st:
+            return i + 1
+        rem[s] += req[i]  # in row order, as np.bincount sums: the old within-cap decision exactly
+        cnt[s] += 1
+    binds = np.zeros(n_st, dtype=np.bool_)
+    lam = np.full(n_st, np.inf)
+    err = np.zeros(n_st)
+    any_binds = False
+    for s in range(n_st):
+        if cnt[s] > 0 and not rem[s] <= cap[s]:
+            binds[s] = True
+            any_binds = True
+            rem[s] = cap[s]
+            lam[s] = cap[s] / cnt[s]
+    if not any_binds:
+        out[:] = req
+        return 0
+    # rows of binding stations take part in the passes; the others get their request
+    active = np.empty(n, dtype=np.int64)
+    m = 0
+    for i in range(n):
+        if binds[station[i]]:
+            active[m] = i
+            m += 1
+        else:
+            out[i] = req[i]
+    converged = False
+    for _ in range(max_passes):
+        k = 0
+        for j in range(m):
+            i = active[j]
+            s = station[i]
+            r = req[i]
+            if r <= lam[s]:
+                out[i] = r
+                _serve(r, s, rem, err, cnt, lam)
+            else:
+                active[k] = i
+                k += 1
+        if k == m:
+            converged = True  # nobody served: every lam is exact
+            break
+        m = k
+    if not converged:
+        # still progressing: by ascending request, each station's first request above lam fixes it
+        rest = active[:m][np.argsort(req[active[:m]])]
+        done = np.zeros(n_st, dtype=np.bool_)
+        k = 0
+        for j in range(m):
+            i = rest[j]
+            s = station[i]
+            if not done[s] and req[i] <= lam[s]:
+                out[i] = req[i]
+                _serve(req[i], s, rem, err, cnt, lam)
+            else:
+                done[s] = True
+                active[k] = i
+                k += 1
+        m = k
+    for j in range(m):
+        i = active[j]
+        out[i] = min(req[i], max(lam[station[i]], 0.0))
+    return 0
+
+
 def equal_share(req_kw: npt.NDArray[np.float64], station: npt.NDArray[np.int64],
                 cap_kw: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Water-filling: ``min(req, λ_s)`` per EV with ``Σ = min(Σ req, cap_s)`` per station ``s``.
 
-    ``req_kw`` (n,) >= 0 charging requests; ``cap_kw`` (n_station_total,).
+    ``req_kw`` (n,) >= 0 charging requests; ``station`` (n,) in [0, n_station_total);
+    ``cap_kw`` (n_station_total,) >= 0 (a station with cap 0 gives its EVs 0).
+
+    Compiled (numba), sort-free: per station, requests at or below the running lower bound
+    ``(cap - Σ served) / n_unserved`` are served in full until none is (see ``_equal_share_kernel``).
+    A few O(n) passes replace the two argsorts over all EVs the numpy version needed (about 8x faster
+    at 8,000 EVs).  λ_s is computed directly, so ties in the requests need no tie-breaking.
     """
     n = req_kw.shape[0]
     if n == 0:
         return req_kw.copy()
-    total = np.bincount(station, weights=req_kw, minlength=cap_kw.shape[0])
-    if (total <= cap_kw).all():
-        return req_kw.copy()
-    # by station, then ascending request: np.lexsort's order, from two quicksorts (lexsort is ~4x slower here)
-    rank = np.empty(n, dtype=np.int64)
-    rank[np.argsort(req_kw)] = np.arange(n)
-    order = np.argsort(station * n + rank)
-    s_sorted = station[order]
-    r_sorted = req_kw[order]
-    starts = _group_starts(s_sorted)
-    rank = np.arange(n) - starts  # 0-based rank within the station, ascending request
-    size = np.bincount(station, minlength=cap_kw.shape[0])[s_sorted]
-    before = _segment_cumsum(r_sorted, starts) - r_sorted  # requests smaller than this one, all served in full
-    # λ if this EV and every larger one get the same share of what is left
-    lam = (cap_kw[s_sorted] - before) / (size - rank)
-    # λ_s is the candidate at the first EV whose request does not fit under it.  Candidates rise
-    # while requests fit and never rise again after, so the first binding one is the largest.
-    binding = r_sorted >= lam
-    lam_station = np.full(cap_kw.shape[0], -np.inf)
-    np.maximum.at(lam_station, s_sorted[binding], lam[binding])
-    lam_station[np.isneginf(lam_station)] = np.inf  # nothing binds: every request is served
+    req = np.ascontiguousarray(req_kw, dtype=np.float64)
+    stn = np.ascontiguousarray(station, dtype=np.int64)
+    cap = np.ascontiguousarray(cap_kw, dtype=np.float64)
+    if stn.shape != (n,):  # the kernel indexes without bounds checks
+        raise ValueError(f"station: expected shape ({n},) (one per EV), got {stn.shape}")
+    # one allocation: the kernel copies req itself when every station is within its cap (an unused
+    # large `out` plus req.copy() would make the copy land on fresh pages, 4x slower at 100,000 EVs)
     out = np.empty(n)
-    out[order] = np.minimum(r_sorted, np.maximum(lam_station[s_sorted], 0.0))
+    _check_station(stn, cap.shape[0], _equal_share_kernel(req, stn, cap, out, _MAX_PASSES))
     return out
 
 
