@@ -231,6 +231,7 @@ def bench_actor(
     seed: int = 0,
     *,
     modes: Iterable[str] = ("local", "actor"),
+    transports: Iterable[str] = ("socket", "ray"),
     micro_batching: Iterable[bool] = (True, False),
     max_wait_ms: float = 1.0,
 ) -> list[dict]:
@@ -240,8 +241,9 @@ def bench_actor(
     ``LocalGrid`` and a ``PowerFlowClient`` of one power-flow actor (``num_cpus=0``).  For a row, ``clients``
     callers start together at a wall-clock instant and each makes ``calls`` timed calls of ``scenarios_per_call``
     scenarios (after 10 untimed ones), cycling through 16 env-like consecutive steps (warm-started).
-    ``mode`` ``local``: each caller solves in its own process; ``actor``: it calls the actor, with
-    ``micro_batching`` on (concurrent calls merged, at most ``max_wait_ms`` of waiting) or off.
+    ``mode`` ``local``: each caller solves in its own process; ``actor``: it calls the actor through
+    ``transport`` ``socket`` (the same-node channel) or ``ray`` (Ray calls), with ``micro_batching`` on
+    (concurrent calls merged, at most ``max_wait_ms`` of waiting) or off.
     ``scenarios_per_s``: all callers' scenarios / (last caller's end - start); ``p50_ms``, ``p99_ms``: latency
     of one call over all callers' calls; ``requests_per_solve``: the actor's requests / batched solves.
 
@@ -270,32 +272,36 @@ def bench_actor(
     bad = [m for m in modes if m not in ("local", "actor")]
     if bad or not modes:
         raise ValueError(f"modes: expected a non-empty subset of local, actor, got {modes}")
+    transports = list(transports)
+    if not transports or not set(transports) <= {"socket", "ray"}:
+        raise ValueError(f"transports: expected a non-empty subset of socket, ray, got {transports}")
     cfg = load_config(None, {"grid": {"feeder": feeder}, "seed": seed})
     warmup, n_steps = 10, 16
     name, namespace = "evgrid-bench-powerflow", "evgrid-bench"
 
     @ray.remote(num_cpus=0)
     class _Caller:
-        """One client process: its own LocalGrid and its own PowerFlowClient."""
+        """One client process: its own LocalGrid and a PowerFlowClient per transport."""
 
         def __init__(self, cfg, name, namespace):
             from evgrid.cluster.powerflow import PowerFlowClient, build_feeders
             from evgrid.envs.sim import LocalGrid
 
-            self.local = LocalGrid(build_feeders(cfg.grid).feeders, cfg)
-            self.remote = PowerFlowClient(cfg, name=name, namespace=namespace)
+            self.grids = {"local": LocalGrid(build_feeders(cfg.grid).feeders, cfg),
+                          "socket": PowerFlowClient(cfg, name=name, namespace=namespace, transport="auto"),
+                          "ray": PowerFlowClient(cfg, name=name, namespace=namespace, transport="ray")}
 
         def ready(self) -> bool:
             return True
 
         def warm(self, mode, inputs, warmup):
-            grid = self.local if mode == "local" else self.remote
+            grid = self.grids[mode]
             grid.reset()
             for i in range(warmup):
                 grid.solve(0, *inputs[i % inputs.shape[0]])
 
         def run(self, mode, inputs, calls, warmup, start_at):
-            grid = self.local if mode == "local" else self.remote
+            grid = self.grids[mode]
             n = inputs.shape[0]
             while time.time() < start_at:
                 time.sleep(1e-4)
@@ -321,23 +327,27 @@ def bench_actor(
             for spc in spcs:
                 inputs = [ray.put(_actor_inputs(f, spc, n_steps, rng)) for _ in callers]
                 for n in clients:
-                    plan = [("local", False)] if "local" in modes else []
-                    plan += [("actor", mb) for mb in mbs] if "actor" in modes else []
-                    for mode, mb in plan:
+                    plan = [("local", None, False)] if "local" in modes else []
+                    plan += [("actor", t, mb) for t in transports for mb in mbs] if "actor" in modes else []
+                    for mode, transport, mb in plan:
+                        grid = transport or mode
                         if mode == "actor":
                             ray.get(pf_actor.configure.remote(micro_batching=mb, max_wait_ms=max_wait_ms))
-                        ray.get([c.warm.remote(mode, inputs[k], warmup) for k, c in enumerate(callers[:n])])
+                        ray.get([c.warm.remote(grid, inputs[k], warmup) for k, c in enumerate(callers[:n])])
                         ray.get(pf_actor.stats.remote(True))  # count this row's timed calls only
                         # callers start together at a wall-clock instant every one of them receives in time
                         start_at = time.time() + 0.5
-                        res = ray.get([c.run.remote(mode, inputs[k], calls, warmup, start_at)
+                        res = ray.get([c.run.remote(grid, inputs[k], calls, warmup, start_at)
                                        for k, c in enumerate(callers[:n])])
                         stats = ray.get(pf_actor.stats.remote(True)) if mode == "actor" else None
+                        if stats and (stats["socket_requests"] > 0) != (transport == "socket"):
+                            raise RuntimeError(f"bench actor: the {transport} row's calls went "
+                                               f"{stats['socket_requests']}/{stats['requests']} through the socket")
                         lat_ms = np.concatenate([r[0] for r in res]) * 1e3
                         wall_s = max(r[1] for r in res) - start_at
                         rows.append(dict(
-                            bench="actor", feeder=feeder, mode=mode, clients=n, scenarios_per_call=spc,
-                            micro_batching=mb, calls_per_client=calls,
+                            bench="actor", feeder=feeder, mode=mode, transport=transport, clients=n,
+                            scenarios_per_call=spc, micro_batching=mb, calls_per_client=calls,
                             scenarios_per_s=round(n * calls * spc / wall_s, 1),
                             p50_ms=round(float(np.percentile(lat_ms, 50)), 3),
                             p99_ms=round(float(np.percentile(lat_ms, 99)), 3),
@@ -358,10 +368,12 @@ def bench_actor_sampling(envs_per_runner: int = 8, n_ev: int = 300, *, steps: in
 
     The quickstart (IEEE 33, operators, stations and grouped EVs learned) with ``envs_per_runner``
     environments stepping together in one env runner (sampling in the driver), so each step is one
-    power-flow call for all of them: a function call, or one Ray round trip to the actor.  The best of
-    ``repeats`` timed ``steps``-step samples (a whole day by default) after a warm-up day.
-    ``env_steps_per_s`` counts environment steps (K per vector step); on the actor row, ``vs_local`` is its
-    throughput over the local row's and ``actor_requests_per_step`` the actor's requests per vector step.
+    power-flow call for all of them: a function call, or one round trip to the actor through its same-node
+    socket (``transport`` ``socket``, what ``powerflow: actor`` uses on the actor's node) or a Ray call
+    (``ray``).  The best of ``repeats`` timed ``steps``-step samples (a whole day by default) after a
+    warm-up day.  ``env_steps_per_s`` counts environment steps (K per vector step); on actor rows,
+    ``vs_local`` is the throughput over the local row's and ``actor_requests_per_step`` the actor's requests
+    per vector step.
     """
     import ray
 
@@ -375,7 +387,7 @@ def bench_actor_sampling(envs_per_runner: int = 8, n_ev: int = 300, *, steps: in
     rows: list[dict] = []
     with connect():
         _register_env()
-        for mode in ("local", "actor"):
+        for mode, transport in (("local", None), ("actor", "socket"), ("actor", "ray")):
             env_cfg, train_cfg = load_run_config("experiments/quickstart.yaml", [
                 f"fleet.n_ev={n_ev}", f"train.powerflow={mode}", "train.num_env_runners=0",
                 f"train.envs_per_runner={k}", f"train.rollout_fragment_length={steps}",
@@ -384,6 +396,8 @@ def bench_actor_sampling(envs_per_runner: int = 8, n_ev: int = 300, *, steps: in
             algo = algo_config(env_cfg, train_cfg).build_algo()
             try:
                 runner = algo.env_runner
+                if transport == "ray":
+                    runner.env.vec.sim.grid.transport = "ray"
                 runner.sample(num_timesteps=steps * k, explore=True)  # warm-up: modules, kernels, actor
                 if shards:
                     ray.get(shards[0].stats.remote(True))
@@ -393,16 +407,21 @@ def bench_actor_sampling(envs_per_runner: int = 8, n_ev: int = 300, *, steps: in
                     runner.sample(num_timesteps=steps * k, explore=True)
                     best = min(best, time.perf_counter() - t0)
                 stats = ray.get(shards[0].stats.remote()) if shards else None
+                if stats and (stats["socket_requests"] > 0) != (transport == "socket"):
+                    raise RuntimeError(f"bench actor sampling: the {transport} row's calls went "
+                                       f"{stats['socket_requests']}/{stats['requests']} through the socket")
             finally:
                 algo.stop()
                 for h in shards:
                     ray.kill(h, no_restart=True)
-            rows.append(dict(bench="actor_sampling", feeder="ieee33", mode=mode, envs_per_runner=k, n_ev=n_ev,
+            rows.append(dict(bench="actor_sampling", feeder="ieee33", mode=mode, transport=transport,
+                             envs_per_runner=k, n_ev=n_ev,
                              env_steps_per_s=round(steps * k / best, 1),
                              actor_requests_per_step=(round(stats["requests"] / (repeats * steps), 2)
                                                       if stats else None)))
             log.info("bench actor sampling: %s", rows[-1])
-    rows[1]["vs_local"] = round(rows[1]["env_steps_per_s"] / rows[0]["env_steps_per_s"], 3)
+    for r in rows[1:]:
+        r["vs_local"] = round(r["env_steps_per_s"] / rows[0]["env_steps_per_s"], 3)
     return rows
 
 

@@ -163,7 +163,8 @@ class _FakeHandle:
 def _fake_client(max_retries: int) -> pf.PowerFlowClient:
     c = pf.PowerFlowClient.__new__(pf.PowerFlowClient)
     c.__dict__.update(grid=CFG33.grid, name="fake", namespace=NS, max_retries=max_retries, backoff_s=0.0,
-                      max_backoff_s=0.0, timeout_s=None, retries=0, n_shards=1, n_feeders=1, _handles=[_FakeHandle()])
+                      max_backoff_s=0.0, timeout_s=None, retries=0, n_shards=1, n_feeders=1, _handles=[_FakeHandle()],
+                      _transport="ray")
     c._new_identity()
     return c
 
@@ -192,6 +193,43 @@ def test_client_retries_then_gives_up(monkeypatch, feeders33):
         c.solve(0, *args)
     with pytest.raises(ValueError, match=r"f: expected a feeder index in \[0, 0\]"):
         c.solve(1, *args)
+
+
+def test_channel_pairs_answers_with_requests_in_any_order(tmp_path):
+    """The same-node socket's framing: answers come back out of order (two feeders of one shard), each reaches
+    its own receive; a closed socket is a lost channel (retried), not a hang."""
+    import socket
+
+    path = str(tmp_path / "s.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        frames = []
+        for _ in range(2):
+            seq, n = pf._FRAME.unpack(conn.recv(pf._FRAME.size, socket.MSG_WAITALL))
+            frames.append((seq, conn.recv(n, socket.MSG_WAITALL)))
+        for seq, body in frames[::-1]:
+            answer = body.upper() * 1000  # longer than one recv
+            conn.sendall(pf._FRAME.pack(seq, len(answer)) + answer)
+        conn.recv(pf._FRAME.size + 5, socket.MSG_WAITALL)  # a third request: the "actor" dies without answering
+        conn.close()
+
+    th = threading.Thread(target=serve)
+    th.start()
+    ch = pf._Channel(path, timeout_s=10.0)
+    first, second = ch.send(b"feeder 0"), ch.send(b"feeder 1")
+    assert bytes(ch.receive(first)) == b"FEEDER 0" * 1000
+    assert bytes(ch.receive(second)) == b"FEEDER 1" * 1000
+    third = ch.send(b"again")
+    th.join(10)
+    with pytest.raises(pf._ChannelLost, match="closed the channel"):
+        ch.receive(third)
+    srv.close()
+    with pytest.raises(pf._ChannelLost):
+        pf._Channel(path, timeout_s=1.0)
 
 
 def test_make_grid_without_ray_is_local(monkeypatch, caplog, feeders33):
@@ -316,25 +354,47 @@ def test_client_copy_is_another_client(actors):
     assert d.client_id != c.client_id and d.n_shards == c.n_shards
 
 
+def _kill(handle, pid: int, no_restart: bool) -> None:
+    """Kill the actor and wait until its process is gone, so the next call meets a dead or restarting actor
+    (a request on the same-node socket could otherwise still be answered by the dying process)."""
+    ray.kill(handle, no_restart=no_restart)
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"actor process {pid} still alive 30 s after ray.kill")
+
+
 def test_actor_restart_then_dead(actors, feeders33):
-    """Last in the module: it kills t33.  Killed with a restart left: the client re-sends and gets a
-    (cold-started) correct answer.  Killed for good: the client gives up after 1 + max_retries tries with an
-    error that names the actor."""
-    client = pf.PowerFlowClient(CFG33, name="t33", namespace=NS, backoff_s=0.2)
+    """Last in the module: it kills t33.  Killed with a restart left: each client (same-node socket, Ray
+    calls) re-sends and gets a (cold-started) correct answer.  Killed for good: each gives up after
+    1 + max_retries tries with an error that names the actor."""
+    clients = [pf.PowerFlowClient(CFG33, name="t33", namespace=NS, backoff_s=0.2, transport=t)
+               for t in ("auto", "ray")]
     local = LocalGrid(feeders33, CFG33)
     rng = np.random.default_rng(4)
     ins = _inputs(feeders33[0], 2, rng)
-    _assert_same(client.solve(0, *ins), local.solve(0, *ins), EXACT)
+    for c in clients:
+        _assert_same(c.solve(0, *ins), local.solve(0, *ins), EXACT)
+        local.reset()
+    assert isinstance(clients[0]._channels[0], pf._Channel) and clients[1]._channels[0] is False
     handle = actors["t33"][0]
-    pid0 = client.stats()[0]["pid"]
-    ray.kill(handle, no_restart=False)
-    time.sleep(0.2)  # let the kill land: the next call meets a dead or restarting actor
+    pid0 = clients[0].stats()[0]["pid"]
+    _kill(handle, pid0, no_restart=False)
     ins = _inputs(feeders33[0], 2, rng)
-    got = client.solve(0, *ins)
-    local.reset()  # the restarted actor lost its warm start: compare with a cold solve
-    _assert_same(got, local.solve(0, *ins), EXACT)
-    assert client.retries >= 1 and client.stats()[0]["pid"] != pid0
-    ray.kill(handle, no_restart=True)
-    client.max_retries, client.backoff_s, client.max_backoff_s = 2, 0.05, 0.05
-    with pytest.raises(RuntimeError, match=r"'t33-0' \(namespace 'evgrid-test-powerflow'\).*3 tries in a row"):
-        client.solve(0, *ins)
+    # Ray calls first: they meet the restarting actor (the socket client's channel stays broken anyway)
+    for c in clients[::-1]:
+        got = c.solve(0, *ins)
+        local.reset()  # the restarted actor lost its warm start: compare with a cold solve
+        _assert_same(got, local.solve(0, *ins), EXACT)
+        assert c.retries >= 1
+    pid1 = clients[0].stats()[0]["pid"]
+    assert pid1 != pid0
+    _kill(handle, pid1, no_restart=True)
+    for c in clients:
+        c.max_retries, c.backoff_s, c.max_backoff_s = 2, 0.05, 0.05
+        with pytest.raises(RuntimeError, match=r"'t33-0' \(namespace 'evgrid-test-powerflow'\).*3 tries in a row"):
+            c.solve(0, *ins)

@@ -131,6 +131,92 @@ def test_shared_per_ev_network_is_permutation_equivariant_and_ignores_empty_slot
     assert torch.allclose(v, m.compute_values({Columns.OBS: {"evs": evs2, "mask": mask, "context": ctx}}), atol=1e-6)
 
 
+def _reference_outputs(m, batch):
+    """The module written the plain way: every slot through ev_net, empty ones zeroed, a masked mean."""
+    obs = batch[Columns.OBS]
+    evs, mask, ctx = obs["evs"], obs["mask"], obs["context"]
+    x = torch.cat([evs, ctx.unsqueeze(1).expand(-1, evs.shape[1], -1)], dim=-1)
+    h = m.ev_net(x) * mask.unsqueeze(-1)
+    params = torch.cat([m.pi_head(h), mask.unsqueeze(-1)], dim=-1).flatten(-2)
+    pooled = h.sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+    return params, m.vf_net(torch.cat([pooled, ctx], dim=-1)).squeeze(-1)
+
+
+def _reference_dists(params):
+    p = params.reshape(params.shape[0], -1, 6)
+    cat = torch.distributions.Categorical(logits=p[..., :3])
+    beta = torch.distributions.Beta(torch.nn.functional.softplus(p[..., 3]) + 1,
+                                    torch.nn.functional.softplus(p[..., 4]) + 1)
+    return cat, beta, p[..., 5] > 0
+
+
+def test_slot_module_and_distribution_match_a_plain_torch_reference():
+    """Random sets with random masks (one row all empty): dist inputs, values, log-prob, entropy, KL and their
+    gradients equal torch.distributions summed over occupied slots only; samples follow the distribution."""
+    m = _module(n_slot=7)
+    g = torch.Generator().manual_seed(3)
+    mask = (torch.rand(4, 7, generator=g) < 0.6).float()
+    mask[1] = 0.0
+    mask[2] = 1.0
+    batch = {Columns.OBS: {"evs": torch.randn(4, 7, 13, generator=g), "mask": mask,
+                           "context": torch.randn(4, 10, generator=g)}}
+    out = m.forward_train(batch)
+    ref_params, ref_v = _reference_outputs(m, batch)
+    assert torch.allclose(out[Columns.ACTION_DIST_INPUTS], ref_params, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(m.forward_exploration(batch)[Columns.ACTION_DIST_INPUTS], ref_params, atol=1e-5)
+    for v in (m.compute_values(batch), m.compute_values(batch, embeddings=out.get(Columns.EMBEDDINGS))):
+        assert torch.allclose(v, ref_v, atol=1e-5)
+
+    torch.manual_seed(0)
+    acts = SlotDistribution.from_logits(ref_params.detach()).sample()
+    assert acts["mode"].dtype == torch.int64 and acts["mode"].shape == acts["power"].shape == (4, 7)
+    assert acts["mode"].min() >= 0 and acts["mode"].max() <= 2
+    assert ((acts["power"] > 0) & (acts["power"] < 1)).all()
+    prev = ref_params.detach() + 0.3 * torch.randn(ref_params.shape, generator=g)
+    prev.view(4, 7, 6)[..., 5] = mask
+
+    def losses(params):
+        d, d_prev = SlotDistribution.from_logits(params), SlotDistribution.from_logits(prev)
+        return d.logp(acts), d.entropy(), d_prev.kl(d)
+
+    def ref_losses(params):
+        (cat, beta, occ), (cat0, beta0, _) = _reference_dists(params), _reference_dists(prev)
+        kl = torch.distributions.kl_divergence(cat0, cat) + torch.distributions.kl_divergence(beta0, beta)
+        terms = (cat.log_prob(acts["mode"]) + beta.log_prob(acts["power"]), cat.entropy() + beta.entropy(), kl)
+        return tuple(torch.where(occ, t, 0.0).sum(-1) for t in terms)
+
+    got, want = losses(out[Columns.ACTION_DIST_INPUTS]), ref_losses(ref_params)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert a[1] == 0.0  # the all-empty row
+    # gradients of a PPO-like loss reach the same parameters with the same values
+    grads = []
+    for lp, ent, kl, v in ((*got, m.compute_values(batch, embeddings=out[Columns.EMBEDDINGS])), (*want, ref_v)):
+        m.zero_grad()
+        (lp.sum() - 0.1 * ent.sum() + kl.sum() + v.pow(2).sum()).backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters()})
+    for k in grads[1]:
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-5), k
+
+    # samples follow the distribution: mode frequencies and Beta means of the occupied slots
+    d = SlotDistribution.from_logits(ref_params.detach()[2:3])
+    s = d.sample(sample_shape=(20000,))
+    cat, beta, _ = _reference_dists(ref_params.detach()[2:3])
+    freq = torch.nn.functional.one_hot(s["mode"], 3).float().mean(0)
+    assert torch.allclose(freq, cat.probs, atol=0.02)
+    assert torch.allclose(s["power"].mean(0), beta.mean, atol=0.01)
+    assert torch.allclose(s["power"].var(0), beta.variance, atol=0.01)
+    # a greedy policy takes the likeliest mode and the Beta mean
+    greedy = d.to_deterministic().sample()
+    assert torch.equal(greedy["mode"], cat.probs.argmax(-1)) and torch.allclose(greedy["power"], beta.mean)
+    # the parameters keep their names and shapes (checkpoints stay loadable)
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == {
+        "ev_net.0.weight": (16, 23), "ev_net.0.bias": (16,), "ev_net.2.weight": (16, 16), "ev_net.2.bias": (16,),
+        "pi_head.weight": (5, 16), "pi_head.bias": (5,), "vf_net.0.weight": (16, 26), "vf_net.0.bias": (16,),
+        "vf_net.2.weight": (16, 16), "vf_net.2.bias": (16,), "vf_net.4.weight": (1, 16), "vf_net.4.bias": (1,)}
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
@@ -343,10 +429,13 @@ def test_training_and_actor_benchmarks_report_their_fields(ray_local):
         assert r["ev_decisions_per_s"] > 0 and 0 < r["env_share_of_sampling"] < 1 and r["learn_s"] > 0
     assert g["ev_decisions_vs_individual"] == pytest.approx(g["ev_decisions_per_s"] / i["ev_decisions_per_s"],
                                                             rel=0.01)
-    local, actor = bench_actor_sampling(2, n_ev=60, steps=8, repeats=1)
-    assert (local["mode"], actor["mode"]) == ("local", "actor")
-    assert actor["actor_requests_per_step"] == 1.0, "the runner's environments share one actor call per step"
-    assert 0 < actor["vs_local"] < 10
+    local, sock, rayc = bench_actor_sampling(2, n_ev=60, steps=8, repeats=1)
+    assert [(r["mode"], r["transport"]) for r in (local, sock, rayc)] == [("local", None), ("actor", "socket"),
+                                                                           ("actor", "ray")]
+    for actor in (sock, rayc):  # (the bench checks the actor's socket counter against the row's transport)
+        assert actor["actor_requests_per_step"] == 1.0, "the runner's environments share one actor call per step"
+        assert 0 < actor["vs_local"] < 10
     calls = bench_actor((1, 2), (1, 4), calls=5)
-    assert {(r["mode"], r["clients"], r["scenarios_per_call"]) for r in calls} >= {("local", 2, 4), ("actor", 2, 4)}
+    assert {(r["mode"], r["transport"], r["clients"], r["scenarios_per_call"]) for r in calls} >= {
+        ("local", None, 2, 4), ("actor", "socket", 2, 4), ("actor", "ray", 2, 4)}
     assert all(r["scenarios_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in calls)
