@@ -170,8 +170,10 @@ class LimitEnforcer:
             reach = (cap[vb] @ self._w2r.T)  # (b, i): sum_j R_ij w_ij cap_j
             # no reach: ask everything of every related bus (a big finite number, so 0 * it stays 0)
             gamma = np.where(d > 0, np.divide(d, reach, out=np.full_like(d, _ALL), where=reach > 0), 0.0)
-            # fraction asked of bus j: max_i gamma_i * w_ij, at most 1
-            fj = (gamma[:, :, None] * self._w[None]).max(axis=1)
+            # fraction asked of bus j: max_i gamma_i * w_ij, at most 1; only the buses with a deficit somewhere
+            # (gamma > 0) can set the max (the products are >= 0), which keeps it O(b * violating * n_bus)
+            hot = np.flatnonzero((gamma > 0).any(axis=0))
+            fj = (gamma[:, hot, None] * self._w[hot][None]).max(axis=1, initial=0.0)
             frac[vb] = np.maximum(frac[vb], np.minimum(fj, 1.0))
         loading = np.concatenate([flow.line_loading, flow.trafo_loading], axis=1)  # (B, n_elem)
         target = self.loading_max * (1.0 - self.margin_pu)
@@ -187,7 +189,8 @@ class LimitEnforcer:
             cap_down = cap[lb] @ down.T
             g = np.where(need > 0, np.divide(need, cap_down, out=np.full_like(need, _ALL), where=cap_down > 0), 0.0)
             g = np.minimum(g, 1.0)
-            fj = (g[:, :, None] * down[None]).max(axis=1)  # (b, j)
+            hot = np.flatnonzero((g > 0).any(axis=0))  # overloaded elements only, as above
+            fj = (g[:, hot, None] * down[hot][None]).max(axis=1, initial=0.0)  # (b, j)
             frac[lb] = np.maximum(frac[lb], fj)
         return np.where(has_cap, frac, 0.0)
 
