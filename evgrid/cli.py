@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 import numpy as np
@@ -228,7 +229,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# commands whose driver runs RLlib (its learner, or the env runner when sampling in the driver)
+_TRAINING = ("train", "sweep", "demo")
+
+
+def _fix_hash_seed() -> None:
+    """Re-run a training command with a fixed string-hash seed unless it has one.
+
+    RLlib orders agents by iterating sets of their ids, so a run is reproducible from ``train.seed`` only when
+    every process, the driver included, hashes strings the same way (Ray's workers get the seed from
+    ``runtime.WORKER_ENV``).  Python reads PYTHONHASHSEED only at start-up, hence the exec, done before
+    anything heavy is imported.
+    """
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if command in _TRAINING and os.environ.get("PYTHONHASHSEED", "random") == "random":
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, "-m", "evgrid.cli", *sys.argv[1:]])
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a program run, not a call from Python: the process is ours to replace
+        _fix_hash_seed()
     from evgrid.config import ConfigError
 
     args = build_parser().parse_args(argv)

@@ -32,7 +32,10 @@ from evgrid.envs.config import EnvConfig
 
 log = logging.getLogger(__name__)
 
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+# PYTHONHASHSEED: RLlib 2.60's MultiAgentEpisode walks *sets* of agent ids, so which agent gets which row of a
+# module's batch (and of its sampled actions) follows each process's string-hash seed; fixed, a seed reproduces
+# a run (the CLI fixes the driver's own: evgrid.cli)
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", "PYTHONHASHSEED": "0"}
 
 
 @contextlib.contextmanager
@@ -159,6 +162,9 @@ def train(config: Any = None, overrides: Iterable[str] = (), *, address: str | N
         env_cfg, train_cfg = load_run_config(config, overrides)
         out = Path(run_dir) if run_dir is not None else Path("runs") / f"{env_cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_run(env_cfg, train_cfg)  # a bad combination fails here, before Ray or any worker starts
+    if os.environ.get("PYTHONHASHSEED", "random") == "random":
+        log.warning("PYTHONHASHSEED is not set in this process: two runs with train.seed=%d will differ (RLlib "
+                    "orders agents by string hash); the evgrid CLI sets it", train_cfg.seed)
     if address is not None:
         check_reachable(address)  # (connect checks too) before a run directory exists for a run that cannot start
     if resume is None:
