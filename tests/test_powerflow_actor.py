@@ -232,6 +232,36 @@ def test_channel_pairs_answers_with_requests_in_any_order(tmp_path):
         pf._Channel(path, timeout_s=1.0)
 
 
+def test_dead_channels_are_swept(tmp_path, monkeypatch):
+    """Actors killed by Ray leave their channel directory behind; a new channel removes those whose socket
+    refuses connections, and keeps live ones and ones too young to judge."""
+    import socket
+
+    monkeypatch.setattr(pf.tempfile, "gettempdir", lambda: str(tmp_path))
+    dirs = {k: tmp_path / f"{pf._CHANNEL_PREFIX}{k}" for k in ("dead", "live", "young", "empty")}
+    servers = []
+    for k, d in dirs.items():
+        d.mkdir()
+        if k != "empty":
+            srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            srv.bind(str(d / "solve.sock"))
+            srv.listen(1)
+            servers.append((k, srv))
+    for k, srv in servers:
+        if k != "live":
+            srv.close()  # the socket file stays, nobody listens: a killed actor's
+    (tmp_path / "unrelated").mkdir()
+    old = time.time() - 3600
+    for k, d in dirs.items():
+        if k != "young":
+            os.utime(d, (old, old))
+    assert pf._remove_dead_channels() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{pf._CHANNEL_PREFIX}live", f"{pf._CHANNEL_PREFIX}young", "unrelated"])
+    for _, srv in servers:
+        srv.close()
+
+
 def test_make_grid_without_ray_is_local(monkeypatch, caplog, feeders33):
     assert isinstance(pf.make_grid(CFG33, "local", feeders=feeders33), LocalGrid)
     monkeypatch.setattr(pf.ray, "is_initialized", lambda: False)

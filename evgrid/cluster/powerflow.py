@@ -221,6 +221,9 @@ def _check_packed(x: Any) -> np.ndarray:
     return x
 
 
+_CHANNEL_PREFIX = "evgrid-pf-"
+
+
 def _remove_channel(path: str) -> None:
     for rm in (os.unlink, os.rmdir):
         try:
@@ -228,6 +231,41 @@ def _remove_channel(path: str) -> None:
         except OSError:
             pass
         path = os.path.dirname(path)
+
+
+def _remove_dead_channels(min_age_s: float = 60.0) -> int:
+    """Remove this user's channel directories whose actor is gone; returns how many.
+
+    An actor killed by Ray (SIGKILL: restarts, ``ray.kill``, the end of a job) runs no exit hook, so each
+    would leave its directory behind.  A new channel sweeps them: a socket nobody listens on refuses the
+    connection.  Directories younger than ``min_age_s`` are left alone (their actor may be binding now).
+    """
+    root = tempfile.gettempdir()
+    removed = 0
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(_CHANNEL_PREFIX)]
+    except OSError:
+        return 0
+    now = time.time()
+    for name in names:
+        d = os.path.join(root, name)
+        path = os.path.join(d, "solve.sock")
+        try:
+            st = os.lstat(d)
+        except OSError:
+            continue
+        if st.st_uid != os.getuid() or now - st.st_mtime < min_age_s:
+            continue
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1.0)
+                probe.connect(path)  # a live actor's channel: keep it
+        except (ConnectionRefusedError, FileNotFoundError):
+            _remove_channel(path)
+            removed += not os.path.exists(d)
+        except OSError:
+            continue
+    return removed
 
 
 def _node_id() -> str | None:
@@ -378,7 +416,8 @@ class PowerFlowService:
         return dict(node=_node_id(), path=await self._server, pid=os.getpid())
 
     async def _open_channel(self) -> str:
-        path = os.path.join(tempfile.mkdtemp(prefix="evgrid-pf-"), "solve.sock")
+        _remove_dead_channels()
+        path = os.path.join(tempfile.mkdtemp(prefix=_CHANNEL_PREFIX), "solve.sock")
         self._listener = await asyncio.start_unix_server(self._serve, path)
         atexit.register(_remove_channel, path)
         log.info("power-flow shard %d: same-node channel at %s", self.shard, path)
