@@ -223,6 +223,13 @@ def _actor_inputs(feeder, batch: int, n_steps: int, rng: np.random.Generator) ->
     return out
 
 
+def _check_transport(bench: str, stats: dict | None, transport: str | None) -> None:
+    """A row's label must be the way its calls went: all through the same-node socket, or none."""
+    if stats and (stats["socket_requests"] > 0) != (transport == "socket"):
+        raise RuntimeError(f"{bench}: the {transport} row's calls went {stats['socket_requests']}/"
+                           f"{stats['requests']} through the socket")
+
+
 def bench_actor(
     clients: Iterable[int] = (1, 2, 4, 8),
     scenarios_per_call: Iterable[int] = (1, 8),
@@ -340,9 +347,7 @@ def bench_actor(
                         res = ray.get([c.run.remote(grid, inputs[k], calls, warmup, start_at)
                                        for k, c in enumerate(callers[:n])])
                         stats = ray.get(pf_actor.stats.remote(True)) if mode == "actor" else None
-                        if stats and (stats["socket_requests"] > 0) != (transport == "socket"):
-                            raise RuntimeError(f"bench actor: the {transport} row's calls went "
-                                               f"{stats['socket_requests']}/{stats['requests']} through the socket")
+                        _check_transport("bench actor", stats, transport)
                         lat_ms = np.concatenate([r[0] for r in res]) * 1e3
                         wall_s = max(r[1] for r in res) - start_at
                         rows.append(dict(
@@ -407,9 +412,7 @@ def bench_actor_sampling(envs_per_runner: int = 8, n_ev: int = 300, *, steps: in
                     runner.sample(num_timesteps=steps * k, explore=True)
                     best = min(best, time.perf_counter() - t0)
                 stats = ray.get(shards[0].stats.remote()) if shards else None
-                if stats and (stats["socket_requests"] > 0) != (transport == "socket"):
-                    raise RuntimeError(f"bench actor sampling: the {transport} row's calls went "
-                                       f"{stats['socket_requests']}/{stats['requests']} through the socket")
+                _check_transport("bench actor sampling", stats, transport)
             finally:
                 algo.stop()
                 for h in shards:

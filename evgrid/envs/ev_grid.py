@@ -383,11 +383,12 @@ class EVGridVectorEnv:
         vm = rec["vm_pu"] if rec is not None else np.ones((E, sim.n_bus))  # (E, n_bus)
         idx = sim.plugged()
         stn = sim.station[idx]
-        need = sim._need_kwh(idx)
-        # plugged EVs and their missing energy per station, (E * n_st,): operators sum them over their zone
+        # plugged EVs per station, (E * n_st,): operators sum them over their zone; stations and grouped EVs see
+        # their own.  The missing energy only for the levels that observe it
         plugged = np.bincount(stn, minlength=E * n_st).astype(float)
-        need_st = np.bincount(stn, need, E * n_st)
+        need = sim._need_kwh(idx) if self._ops or self._stns else None
         if self._ops:
+            need_st = np.bincount(stn, need, E * n_st)
             feats = self._operator_obs(rec, vm, period, clock, time_left, plugged, need_st)  # (E, Z, F)
             for e in range(E):
                 out[e].update(zip(self._ops, feats[e]))

@@ -194,7 +194,11 @@ def carbon_quota_kg(diesel_kwh: npt.ArrayLike, renewable_kwh: npt.ArrayLike,
     ``diesel_kwh`` is the diesel units' output, ``renewable_kwh`` the PV and wind output delivered (curtailed
     energy excluded).  Purchased energy earns no quota.
     """
-    return cfg.quota_kg_per_kwh * (_nonneg("diesel_kwh", diesel_kwh) + _nonneg("renewable_kwh", renewable_kwh))
+    return _quota_kg(_nonneg("diesel_kwh", diesel_kwh), _nonneg("renewable_kwh", renewable_kwh), cfg)
+
+
+def _quota_kg(diesel_kwh: FloatArray, renewable_kwh: FloatArray | float, cfg: CarbonConfig) -> FloatArray:
+    return cfg.quota_kg_per_kwh * (diesel_kwh + renewable_kwh)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -551,7 +555,7 @@ def operating_cost(*, purchase_kwh: npt.ArrayLike, diesel_kw: npt.ArrayLike, cur
     c_diesel = _diesel_cost(diesel_kw, dt_h, cfg)
     diesel_kwh = diesel_kw * dt_h
     emission_kg = _emissions_kg(purchase_kwh, diesel_kwh, cfg.carbon)
-    quota_kg = cfg.carbon.quota_kg_per_kwh * (diesel_kwh + renewable)
+    quota_kg = _quota_kg(diesel_kwh, renewable, cfg.carbon)
     excess_t = (emission_kg - quota_kg) / 1000.0
     c_purchase = purchase_price_per_kwh(period, cfg) * purchase_kwh
     c_carbon = _stepped_cost(cum_before_t + excess_t, cfg.carbon) - _stepped_cost(cum_before_t, cfg.carbon)

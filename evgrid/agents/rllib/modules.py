@@ -62,15 +62,6 @@ class SlotDistribution(Distribution):
         self.conc = F.softplus(cols[_N_MODE:_N_MODE + 2]) + 1.0  # Beta's (a, b): [2, ..., S]
         self._lbeta: torch.Tensor | None = None
 
-    # the same distributions as torch.distributions objects, batch shape [..., S] (not used on the hot paths)
-    @property
-    def cat(self) -> torch.distributions.Categorical:
-        return torch.distributions.Categorical(logits=self.logits.movedim(0, -1))
-
-    @property
-    def beta(self) -> torch.distributions.Beta:
-        return torch.distributions.Beta(self.conc[0], self.conc[1])
-
     def _log_beta_fn(self) -> torch.Tensor:
         """log B(a, b), shared by the density and the entropy."""
         if self._lbeta is None:
