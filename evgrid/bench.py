@@ -260,7 +260,7 @@ def bench_actor(
     import ray
 
     from evgrid.cluster.powerflow import get_or_create_actor
-    from evgrid.envs.sim import build_feeders
+    from evgrid.grid.service import build_feeders
     from evgrid.cluster.runtime import connect
     from evgrid.envs.config import load_config
 
@@ -292,9 +292,9 @@ def bench_actor(
 
         def __init__(self, cfg, name, namespace):
             from evgrid.cluster.powerflow import PowerFlowClient, build_feeders
-            from evgrid.envs.sim import LocalGrid
+            from evgrid.grid.service import LocalGrid
 
-            self.grids = {"local": LocalGrid(build_feeders(cfg.grid).feeders, cfg),
+            self.grids = {"local": LocalGrid(build_feeders(cfg.grid).feeders, cfg.grid),
                           "socket": PowerFlowClient(cfg, name=name, namespace=namespace, transport="auto"),
                           "ray": PowerFlowClient(cfg, name=name, namespace=namespace, transport="ray")}
 

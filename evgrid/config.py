@@ -11,53 +11,23 @@ error is re-raised with its full dotted path (``fleet.n_ev: expected ...``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from numbers import Integral, Real
+from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from evgrid.validate import describe
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message starts with its dotted path."""
-
-
-def check_real(name: str, value: object, lo: float = -math.inf, hi: float = math.inf, *,
-               lo_open: bool = False, hi_open: bool = False) -> float:
-    """``value`` as a float within [lo, hi] (open ends where asked), else ValueError naming ``name``."""
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
-    if ok:
-        v = float(value)
-        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        raise ValueError(f"{name}: expected a finite number in {left}{lo}, {hi}{right}, got {value!r}")
-    return float(value)
-
-
-def check_int(name: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
-    """``value`` as an int within [lo, hi], else ValueError naming ``name``."""
-    ok = isinstance(value, Integral) and not isinstance(value, bool)
-    if ok:
-        ok = (lo is None or value >= lo) and (hi is None or value <= hi)
-    if not ok:
-        raise ValueError(f"{name}: expected an integer in [{lo if lo is not None else '-inf'}, "
-                         f"{hi if hi is not None else 'inf'}], got {value!r}")
-    return int(value)
-
-
-def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
-    return str(value)
 
 
 def _tupled(value: Any) -> Any:
@@ -80,18 +50,21 @@ def _dataclass_of(tp: Any) -> type | None:
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
     """Build dataclass ``cls`` from a nested mapping; missing keys keep their defaults."""
     data = {} if data is None else data
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path.rstrip('.') or cls.__name__}: expected a mapping of fields, got {data!r}")
-    hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path.rstrip('.') or cls.__name__}: expected a section (a mapping of "
+                          f"{', '.join(names)}), got {describe(data)}")
+    hints = typing.get_type_hints(cls)
     unknown = [k for k in data if k not in names]
     if unknown:
         raise ConfigError(f"{path}{unknown[0]}: unknown key; {cls.__name__} takes {', '.join(names)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         sub = _dataclass_of(hints[name])
-        if sub is not None and (value is None or isinstance(value, Mapping)):
-            kwargs[name] = None if value is None else from_dict(sub, value, f"{path}{name}.")
+        if sub is not None and not isinstance(value, sub):
+            # a section: None only where the field may be absent (``routing: null``)
+            optional = type(None) in typing.get_args(hints[name])
+            kwargs[name] = None if value is None and optional else from_dict(sub, value, f"{path}{name}.")
         else:
             kwargs[name] = _tupled(value)
     try:
@@ -141,14 +114,81 @@ def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+# keyword shortcuts of ``evgrid.make`` / the env constructors: keyword -> dotted field
+SHORTCUTS = {"ev_view": "agents.ev_view"}
+
+
+def keyword_overrides(kw: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments (``fleet={"n_ev": 50}``, ``fleet__v2g_share=0.1``, the shortcut ``ev_view=...``) as
+    one nested override mapping, merged field by field in any order; one field given two different values is
+    a ConfigError naming it."""
+    out: dict[str, Any] = {}
+    fields: dict[str, Any] = {}
+    for key, value in kw.items():
+        dotted = SHORTCUTS.get(key, key.replace("__", "."))
+        for path, leaf in _leaves(dotted, value):
+            if path in fields and fields[path] != leaf:
+                raise ConfigError(f"{path}: given twice, as {fields[path]!r} and {leaf!r}")
+            fields[path] = leaf
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: {part} is set both as a value and as a section")
+        last = parts[-1]
+        if isinstance(value, Mapping) and isinstance(node.get(last), Mapping):
+            node[last] = merge(node[last], value)
+        elif last in node and isinstance(node[last], Mapping) != isinstance(value, Mapping):
+            raise ConfigError(f"{dotted}: set both as a value and as a section")
+        else:
+            node[last] = value
+    return out
+
+
+def _leaves(path: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, Mapping) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves(f"{path}.{k}", v)]
+    return [(path, value)]
+
+
+def experiment_names() -> list[str]:
+    """The experiment configs shipped with evgrid (``quickstart``, ``seed000``, ...)."""
+    return sorted(p.name[:-5] for p in resources.files("evgrid.experiments").iterdir() if p.name.endswith(".yaml"))
+
+
+def experiment_path(source: str | os.PathLike[str]) -> Path:
+    """A config file: ``source`` itself when it exists, else the shipped experiment it names (``quickstart``,
+    ``quickstart.yaml`` or ``experiments/quickstart.yaml``), so every command works from any directory and
+    from an installed wheel."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    name = path.name[:-5] if path.name.endswith((".yaml", ".yml")) else path.name
+    if path.suffix in ("", ".yaml", ".yml") and name in experiment_names() and \
+            (len(path.parts) == 1 or path.parent.name == "experiments"):
+        with resources.as_file(resources.files("evgrid.experiments") / f"{name}.yaml") as shipped:
+            return Path(shipped)
+    raise ConfigError(f"config: file {os.fspath(source)!r} does not exist (shipped experiments: "
+                      f"{', '.join(experiment_names())})")
+
+
+def read_yaml(source: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping of sections in a config file (or a shipped experiment, :func:`experiment_path`)."""
+    path = experiment_path(source)
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config: file {os.fspath(path)!r} does not exist") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config: {os.fspath(source)!r} is not valid YAML{at}: {problem}") from None
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {os.fspath(source)!r}: {e.strerror or e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config: {os.fspath(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"config: {os.fspath(source)!r} must hold a mapping of sections, got "
+                          f"{type(data).__name__}")
     return data

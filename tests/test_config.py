@@ -9,7 +9,7 @@ import pytest
 from evgrid.config import ConfigError, from_dict, parse_overrides, to_dict
 from evgrid.envs.config import EnvConfig, load_config
 
-EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))
+EXPERIMENTS = sorted((Path(__file__).parent.parent / "evgrid" / "experiments").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])

@@ -19,7 +19,7 @@ from evgrid.config import ConfigError
 from evgrid.envs.config import load_config
 from evgrid.envs.sim import DEPARTED, PLUGGED, TRUNCATED, Sim
 
-EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))
+EXPERIMENTS = sorted((Path(__file__).parent.parent / "evgrid" / "experiments").glob("*.yaml"))
 # small and short, so each API test runs a whole episode in a second or two
 SMALL = {"n_steps": 40, "start_hour": 14.0, "fleet": {"n_ev": 60}, "stations": {"ports": 30}}
 

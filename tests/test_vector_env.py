@@ -8,7 +8,8 @@ import pytest
 import evgrid
 from evgrid.envs.ev_grid import EVGridVectorEnv
 from evgrid.envs.config import load_config
-from evgrid.envs.sim import TRUNCATED, LocalGrid, build_feeders
+from evgrid.envs.sim import TRUNCATED
+from evgrid.grid.service import LocalGrid, build_feeders
 
 SMALL = {"n_steps": 40, "start_hour": 14.0, "fleet": {"n_ev": 60}, "stations": {"ports": 30}}
 
@@ -27,7 +28,7 @@ class CountingGrid(LocalGrid):
     """The in-process solver, counting calls and the scenarios each carried."""
 
     def __init__(self, cfg):
-        super().__init__(build_feeders(cfg.grid).feeders, cfg)
+        super().__init__(build_feeders(cfg.grid).feeders, cfg.grid)
         self.batches: list[int] = []
 
     def submit(self, f, p_kw, *args):

@@ -87,11 +87,12 @@ import numpy as np
 import ray
 import ray.exceptions
 
-from evgrid.envs.config import EnvConfig, GridConfig
-from evgrid.envs.sim import FeederSet, GridSolution, LocalGrid, build_feeders, enforce_limits
+from evgrid.envs.config import EnvConfig
+from evgrid.grid.config import GridConfig
+from evgrid.grid.service import FeederSet, GridSolution, LocalGrid, build_feeders
 from evgrid.grid.feeders import Feeder
 from evgrid.grid.flow import FlowResult, make_backend
-from evgrid.grid.flow.base import _as_batch
+from evgrid.validate import as_batch
 from evgrid.grid.limits import LimitEnforcer
 
 log = logging.getLogger(__name__)
@@ -461,10 +462,10 @@ class PowerFlowService:
                              f"of {sorted(self.feeders)} (feeders 0..{self.n_feeders - 1}, f % {self.n_shards} == "
                              f"{self.shard})")
         n_bus = self.feeders[f].n_bus
-        p = _as_batch("p_kw", p_kw, n_bus)
+        p = as_batch("p_kw", p_kw, n_bus)
         arrs = [p]
         for name, x in (("q_kvar", q_kvar), ("flex_charge_kw", flex_charge_kw), ("flex_v2g_kw", flex_v2g_kw)):
-            a = _as_batch(name, x, n_bus)
+            a = as_batch(name, x, n_bus)
             if a.shape != p.shape:
                 raise ValueError(f"{name}: expected shape {p.shape} like p_kw, got {a.shape}")
             if name != "q_kvar" and (a < 0).any():

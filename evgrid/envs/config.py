@@ -12,75 +12,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from evgrid.config import check_choice, check_int, check_real, from_dict, merge, parse_overrides, read_yaml
+from evgrid.config import from_dict, merge, parse_overrides, read_yaml
+from evgrid.validate import check_choice, check_int, check_real, check_type
 from evgrid.envs.fleet import FleetConfig
 from evgrid.envs.market import MarketConfig
 from evgrid.envs.routing import RoutingConfig
 from evgrid.envs.stations import StationConfig
-from evgrid.grid.profiles import LOAD_KINDS
+from evgrid.grid.config import FEEDER_BUS_NUMBERS, GridConfig
 
-FEEDERS = ("ieee33", "feeder14", "cigre_mv", "city")
 LEVEL_MODES = ("learned", "rule")
 EV_VIEWS = ("individual", "grouped", "rule")
 EV_RULES = ("uncontrolled", "tou", "random")
 OPERATOR_RULES = ("tou",)
 OPERATOR_ACTIONS = ("multiplier", "level")
-
-
-@dataclass(frozen=True)
-class GridConfig:
-    """The feeder(s), their base load and DER, and how limits are enforced."""
-
-    feeder: str = "ieee33"
-    """``ieee33``, ``feeder14`` (seed 001), ``cigre_mv`` or ``city`` (seed 002: ``city_networks`` copies of ``city_base``)."""
-    der: bool = False
-    """Place seed 003's PV, wind and diesel units (IEEE 33 only)."""
-    n_zones: int | None = None
-    """Operator zones per feeder (None: the feeder's default partition; ``city``: one zone per network)."""
-    city_networks: int = 3
-    """Networks in a ``city``, 1..64."""
-    city_base: str = "ieee33"
-    """Feeder each ``city`` network copies."""
-    load_kind: str = "residential"
-    """Daily base-load shape of a single feeder: residential, commercial or industrial."""
-    base_load_scale: float = 0.5
-    """Peak base load as a share of the feeder's nominal load, 0..3 (IEEE 33 at 1.0 already sits at 0.91 p.u.;
-    at 0.5 its lowest voltage is 0.957, so EV charging is what pushes it under 0.95)."""
-    v_min_pu: float = 0.95
-    """Lower voltage limit, p.u."""
-    v_max_pu: float = 1.05
-    """Upper voltage limit, p.u."""
-    loading_max: float = 1.0
-    """Largest allowed line / transformer loading (1.0 = rating)."""
-    enforce_limits: bool = True
-    """Curtail EV charging (and raise V2G) where limits are violated, re-solving up to ``limit_rounds`` times."""
-    limit_rounds: int = 8
-    """Re-solves per step of the limit enforcement, 1..50."""
-    backend: str = "auto"
-    """Power-flow backend: ``auto`` (sweep for radial feeders), ``sweep`` or ``pandapower``."""
-    diesel_output: float = 1.0
-    """Diesel unit output as a share of its rating while the episode runs (seed 003 keeps it constant), 0..1."""
-
-    def __post_init__(self) -> None:
-        check_choice("feeder", self.feeder, FEEDERS)
-        check_choice("city_base", self.city_base, FEEDERS[:3])
-        if not isinstance(self.der, bool):
-            raise ValueError(f"der: expected true or false, got {self.der!r}")
-        if self.der and self.feeder != "ieee33":
-            raise ValueError(f"der: seed 003's DER sites exist for feeder 'ieee33' only, got feeder {self.feeder!r}")
-        if self.n_zones is not None:
-            check_int("n_zones", self.n_zones, 1, 64)
-        check_int("city_networks", self.city_networks, 1, 64)
-        check_choice("load_kind", self.load_kind, LOAD_KINDS)
-        check_real("base_load_scale", self.base_load_scale, 0.0, 3.0)
-        check_real("v_min_pu", self.v_min_pu, 0.8, 1.0)
-        check_real("v_max_pu", self.v_max_pu, 1.0, 1.2)
-        check_real("loading_max", self.loading_max, 0.0, 10.0, lo_open=True)
-        if not isinstance(self.enforce_limits, bool):
-            raise ValueError(f"enforce_limits: expected true or false, got {self.enforce_limits!r}")
-        check_int("limit_rounds", self.limit_rounds, 1, 50)
-        check_choice("backend", self.backend, ("auto", "sweep", "pandapower"))
-        check_real("diesel_output", self.diesel_output, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -177,8 +121,29 @@ class EnvConfig:
         if (self.start_hour * 60) % self.dt_min:
             raise ValueError(f"start_hour: expected a multiple of dt_min ({self.dt_min} min), got {self.start_hour}")
         check_int("n_steps", self.n_steps, 1, 100_000)
+        check_type("name", self.name, str, "a text label")
+        if self.log_dir is not None:
+            check_type("log_dir", self.log_dir, str, "a directory path or null")
         if self.fleet.scenario == "city_requests" and self.routing is None:
             raise ValueError("routing: fleet.scenario 'city_requests' needs a routing section (policy nearest or lbms)")
+        self._check_stations()
+
+    def _check_stations(self) -> None:
+        """What the sections say of each other's stations, checked before anything is built."""
+        n, buses = self.stations.n_station, self.stations.buses
+        if buses is not None:
+            if self.grid.feeder == "city":
+                raise ValueError("stations.buses: a city's stations go one per network in turn; leave buses out")
+            first, last = FEEDER_BUS_NUMBERS[self.grid.feeder]
+            bad = [b for b in buses if not first <= b <= last]
+            if bad:
+                raise ValueError(f"stations.buses: {bad[0]} is not a bus of feeder {self.grid.feeder!r}, whose buses "
+                                 f"are numbered {first}-{last} in its source's own numbering (Feeder.numbering)")
+        for name in ("station_counts", "station_weights"):
+            given = getattr(self.fleet, name)
+            if given is not None and len(given) != n:
+                raise ValueError(f"fleet.{name}: expected {n} values (one per station, stations.n_station), got "
+                                 f"{len(given)}")
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | EnvConfig | None = None,

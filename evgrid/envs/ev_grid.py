@@ -14,7 +14,7 @@ from gymnasium import spaces
 from gymnasium.utils import EzPickle
 from pettingzoo import ParallelEnv
 
-from evgrid.config import ConfigError
+from evgrid.config import ConfigError, keyword_overrides
 from evgrid.envs import sim as sm
 from evgrid.envs.config import EnvConfig, load_config
 from evgrid.grid.profiles import VALLEY
@@ -49,7 +49,7 @@ class EVGridVectorEnv:
 
     def __init__(self, config: Any = None, n_env: int = 1, powerflow: sm.GridService | None = None,
                  **overrides: Any) -> None:
-        self.cfg = cfg = load_config(config, _keyword_overrides(overrides))
+        self.cfg = cfg = load_config(config, keyword_overrides(overrides))
         a = cfg.agents
         if a.operator == "rule" and a.station == "rule" and a.ev_view == "rule":
             raise ConfigError("agents: every level runs its rule, so the env has no agents; "
@@ -763,18 +763,3 @@ def _grouped_action(a: Any, agent: str, slots: int) -> tuple[np.ndarray, np.ndar
     if power.shape != (slots,) or not np.isfinite(power).all() or power.min() < 0 or power.max() > 1:
         raise ValueError(f"actions[{agent!r}]['power']: expected {slots} finite fractions in [0, 1]")
     return mode, power
-
-
-def _keyword_overrides(kw: dict[str, Any]) -> dict[str, Any]:
-    """``ev_view=...`` and ``section__field=value`` keywords as a nested override mapping."""
-    out: dict[str, Any] = {}
-    for key, value in kw.items():
-        if key == "ev_view":
-            out.setdefault("agents", {})["ev_view"] = value
-            continue
-        parts = key.split("__")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out

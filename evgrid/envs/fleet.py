@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import numpy.typing as npt
 
-from evgrid.config import check_choice, check_int, check_real
+from evgrid.validate import check_bool, check_choice, check_int, check_ints, check_pair, check_real, check_reals
 from evgrid.grid.profiles import PEAK, VALLEY, TouTariff
 
 SCENARIOS = ("daily_mix", "household_valley", "city_requests")
@@ -55,10 +55,12 @@ class FleetConfig:
     """Sessions per episode and environment (the cap on EV agents), 1..10,000,000."""
     mix: tuple[float, float, float] = (0.5, 0.3, 0.2)
     """``daily_mix`` shares of home, work and public sessions; >= 0, summing to 1."""
-    cap_kwh: tuple[float, float] = (40.0, 80.0)
-    """Battery capacity range, kWh, drawn uniformly (``household_valley`` uses 50 kWh)."""
-    p_charge_kw: tuple[float, float] = (7.0, 11.0)
-    """Charger power range, kW, drawn uniformly (``household_valley``: 3.5-7 kW)."""
+    cap_kwh: tuple[float, float] | None = None
+    """Battery capacity range (low, high), kWh, 1..1e4, drawn uniformly (low = high: that capacity); None: the
+    scenario's own, (40, 80), or 50 kWh for ``household_valley`` (seed 001)."""
+    p_charge_kw: tuple[float, float] | None = None
+    """Charger power range (low, high), kW, 0.1..1e4, drawn uniformly; None: the scenario's own, (7, 11), or
+    (3.5, 7) for ``household_valley`` (seed 001)."""
     discharge_ratio: float = 1.0
     """Discharge (V2G) power limit as a share of the charge limit, 0..1."""
     eta_charge: float = 0.9
@@ -82,22 +84,22 @@ class FleetConfig:
     normal truncated to [earliest, latest] (seed 001 gives no numbers: N(19:00, 1.5 h) is ours); 0 <= earliest <=
     mean <= latest < 32 (the 08:00 departure)."""
     station_weights: tuple[float, ...] | None = None
-    """Relative share of sessions per station when no routing assigns them (seed 001: 179, 225, 146); None = equal."""
+    """Relative share of sessions per station when no routing assigns them, each session drawn independently;
+    None = equal shares."""
+    station_counts: tuple[int, ...] | None = None
+    """Exact sessions per station when no routing assigns them (seed 001: 179, 225, 146), summing to ``n_ev``;
+    which sessions go where is drawn at random.  Instead of ``station_weights``."""
 
     def __post_init__(self) -> None:
         check_choice("scenario", self.scenario, SCENARIOS)
         check_int("n_ev", self.n_ev, 1, 10_000_000)
-        if len(self.mix) != 3 or any(check_real("mix", m, 0.0) < 0 for m in self.mix) or \
-                not np.isclose(sum(self.mix), 1.0):
+        mix = check_reals("mix", self.mix, 0.0, 1.0, n=3)
+        if not np.isclose(sum(mix), 1.0):
             raise ValueError(f"mix: expected three shares >= 0 summing to 1 (home, work, public), got {self.mix!r}")
-        for name, lo in (("cap_kwh", 1.0), ("p_charge_kw", 0.1)):
-            pair = getattr(self, name)
-            if len(pair) != 2:
-                raise ValueError(f"{name}: expected a (low, high) pair, got {pair!r}")
-            a = check_real(name, pair[0], lo, 1e4)
-            b = check_real(name, pair[1], lo, 1e4)
-            if b < a:
-                raise ValueError(f"{name}: expected low <= high, got {pair!r}")
+        if self.cap_kwh is not None:
+            check_pair("cap_kwh", self.cap_kwh, 1.0, 1e4)
+        if self.p_charge_kw is not None:
+            check_pair("p_charge_kw", self.p_charge_kw, 0.1, 1e4)
         check_real("discharge_ratio", self.discharge_ratio, 0.0, 1.0)
         check_real("eta_charge", self.eta_charge, 0.5, 1.0)
         check_real("eta_discharge", self.eta_discharge, 0.5, 1.0)
@@ -106,19 +108,31 @@ class FleetConfig:
         check_real("soc_target", self.soc_target, 0.0, 1.0)
         check_real("v2g_share", self.v2g_share, 0.0, 1.0)
         check_real("v2g_soc_min", self.v2g_soc_min, 0.0, 1.0)
-        if not isinstance(self.uninterruptible, bool):
-            raise ValueError(f"uninterruptible: expected true or false, got {self.uninterruptible!r}")
-        arr = self.household_arrival_h
-        if len(arr) != 4:
-            raise ValueError(f"household_arrival_h: expected (mean, std, earliest, latest) hours, got {arr!r}")
-        mean, std, lo, hi = (check_real("household_arrival_h", x, 0.0, 32.0, hi_open=True) for x in arr)
-        if not lo <= mean <= hi or std > 12.0:
-            raise ValueError(f"household_arrival_h: expected earliest <= mean <= latest in [0, 32) h and a standard "
-                             f"deviation in [0, 12] h, got {arr!r}")
+        check_bool("uninterruptible", self.uninterruptible)
+        mean, std, lo, hi = check_reals("household_arrival_h", self.household_arrival_h, 0.0, 32.0, n=4)
+        if not lo <= mean <= hi or hi >= 32.0 or std > 12.0:
+            raise ValueError(f"household_arrival_h: expected (mean, standard deviation, earliest, latest) with "
+                             f"earliest <= mean <= latest in [0, 32) h and a deviation in [0, 12] h, got "
+                             f"{self.household_arrival_h!r}")
         if self.station_weights is not None:
-            w = [check_real("station_weights", x, 0.0) for x in self.station_weights]
-            if not w or sum(w) <= 0:
-                raise ValueError(f"station_weights: expected shares >= 0 with a positive sum, got {self.station_weights!r}")
+            w = check_reals("station_weights", self.station_weights, 0.0, min_len=1)
+            if sum(w) <= 0:
+                raise ValueError(f"station_weights: expected shares >= 0 with a positive sum, got {w!r}")
+        if self.station_counts is not None:
+            if self.station_weights is not None:
+                raise ValueError("station_counts: give station_counts or station_weights, not both")
+            counts = check_ints("station_counts", self.station_counts, 0)
+            if sum(counts) != self.n_ev:
+                raise ValueError(f"station_counts: expected counts summing to n_ev = {self.n_ev}, got {counts!r} "
+                                 f"(sum {sum(counts)})")
+
+    def ranges(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(capacity kWh, charger kW) ranges the sessions are drawn from: the configured ones, else the
+        scenario's own."""
+        household = self.scenario == "household_valley"
+        cap = self.cap_kwh if self.cap_kwh is not None else ((50.0, 50.0) if household else (40.0, 80.0))
+        p = self.p_charge_kw if self.p_charge_kw is not None else ((3.5, 7.0) if household else (7.0, 11.0))
+        return cap, p
 
 
 @dataclass
@@ -166,15 +180,14 @@ def _truncnorm(rng: np.random.Generator, mean: float, std: float, lo: float, hi:
 def generate(cfg: FleetConfig, rng: np.random.Generator, *, n_station: int, area_km: float = 10.0) -> Sessions:
     """``cfg.n_ev`` sessions of ``cfg.scenario``, sorted by request time."""
     n = cfg.n_ev
-    lo_c, hi_c = cfg.cap_kwh
-    lo_p, hi_p = cfg.p_charge_kw
+    cap_range, p_range = cfg.ranges()
     soc_target = np.full(n, cfg.soc_target)
     t_depart = np.full(n, np.nan)
     pos = np.zeros((n, 2))
     if cfg.scenario == "household_valley":
         kind = np.full(n, KINDS.index("household"), dtype=np.int8)
-        cap = np.full(n, 50.0)
-        p_ch = rng.uniform(3.5, 7.0, n)
+        cap = _uniform(rng, cap_range, n)
+        p_ch = _uniform(rng, p_range, n)
         soc0 = _truncnorm(rng, cfg.soc0_mean, cfg.soc0_std, 0.05, 0.95, n)
         t_req = _truncnorm(rng, *cfg.household_arrival_h, n)
         t_depart[:] = 32.0  # 08:00 next morning
@@ -182,39 +195,62 @@ def generate(cfg: FleetConfig, rng: np.random.Generator, *, n_station: int, area
         soc_target[:] = 1.0
     elif cfg.scenario == "city_requests":
         kind = np.full(n, KINDS.index("request"), dtype=np.int8)
-        cap = rng.uniform(lo_c, hi_c, n)
-        p_ch = rng.uniform(lo_p, hi_p, n)
+        cap = _uniform(rng, cap_range, n)
+        p_ch = _uniform(rng, p_range, n)
         soc0 = rng.uniform(0.1, 0.5, n)
         t_req = rng.uniform(7.0, 22.0, n)
         stay = rng.uniform(1.0, 4.0, n)
         pos = rng.uniform(0.0, area_km, (n, 2))
     else:
         kind = rng.choice(3, size=n, p=np.asarray(cfg.mix)).astype(np.int8)
-        cap = rng.uniform(lo_c, hi_c, n)
-        p_ch = rng.uniform(lo_p, hi_p, n)
+        cap = _uniform(rng, cap_range, n)
+        p_ch = _uniform(rng, p_range, n)
         soc0 = _truncnorm(rng, cfg.soc0_mean, cfg.soc0_std, 0.05, 0.95, n)
-        t_req = np.empty(n)
-        stay = np.empty(n)
-        home, work, pub = (kind == 0), (kind == 1), (kind == 2)
-        t_req[home] = _truncnorm(rng, 18.5, 1.5, 14.0, 23.75, int(home.sum()))
-        stay[home] = _truncnorm(rng, 31.5, 1.0, 29.0, 34.0, int(home.sum())) - t_req[home]
-        t_req[work] = _truncnorm(rng, 8.5, 1.0, 6.0, 11.0, int(work.sum()))
-        stay[work] = _truncnorm(rng, 8.5, 1.0, 6.0, 11.0, int(work.sum()))
-        t_req[pub] = rng.uniform(7.0, 22.0, int(pub.sum()))
-        stay[pub] = rng.uniform(0.5, 3.0, int(pub.sum()))
+        t_req, stay = _daily_mix_times(rng, kind)
         t_depart = t_req + stay
     v2g = rng.random(n) < cfg.v2g_share
-    if cfg.scenario == "city_requests":
-        station = np.full(n, -1, dtype=np.int64)
-    else:
-        w = np.ones(n_station) if cfg.station_weights is None else np.asarray(cfg.station_weights, dtype=float)
-        if w.shape[0] != n_station:
-            raise ValueError(f"station_weights: expected {n_station} shares (one per station), got {w.shape[0]}")
-        station = rng.choice(n_station, size=n, p=w / w.sum()).astype(np.int64)
+    station = _stations(cfg, rng, n_station)
     s = Sessions(t_request_h=t_req, stay_h=stay, t_depart_h=t_depart, cap_kwh=cap, soc0=soc0, soc_target=soc_target,
                  p_ch_max_kw=p_ch, p_dis_max_kw=p_ch * cfg.discharge_ratio, eta_ch=np.full(n, cfg.eta_charge),
                  eta_dis=np.full(n, cfg.eta_discharge), v2g=v2g, kind=kind, pos_km=pos, station=station)
     return s.take(np.argsort(t_req, kind="stable"))
+
+
+def _uniform(rng: np.random.Generator, lo_hi: tuple[float, float], n: int) -> npt.NDArray[np.float64]:
+    """U(lo, hi) draws; a fixed value (lo = hi) draws nothing."""
+    lo, hi = lo_hi
+    return np.full(n, lo) if lo == hi else rng.uniform(lo, hi, n)
+
+
+def _daily_mix_times(rng: np.random.Generator, kind: npt.NDArray[np.int8]) -> tuple[np.ndarray, np.ndarray]:
+    """Request time and stay, hours, of home, work and public sessions."""
+    n = kind.shape[0]
+    t_req = np.empty(n)
+    stay = np.empty(n)
+    home, work, pub = (kind == 0), (kind == 1), (kind == 2)
+    t_req[home] = _truncnorm(rng, 18.5, 1.5, 14.0, 23.75, int(home.sum()))
+    stay[home] = _truncnorm(rng, 31.5, 1.0, 29.0, 34.0, int(home.sum())) - t_req[home]
+    t_req[work] = _truncnorm(rng, 8.5, 1.0, 6.0, 11.0, int(work.sum()))
+    stay[work] = _truncnorm(rng, 8.5, 1.0, 6.0, 11.0, int(work.sum()))
+    t_req[pub] = rng.uniform(7.0, 22.0, int(pub.sum()))
+    stay[pub] = rng.uniform(0.5, 3.0, int(pub.sum()))
+    return t_req, stay
+
+
+def _stations(cfg: FleetConfig, rng: np.random.Generator, n_station: int) -> npt.NDArray[np.int64]:
+    """Each session's station: exact counts in a random order, independent draws by weight, or -1 (routed)."""
+    n = cfg.n_ev
+    if cfg.scenario == "city_requests":
+        return np.full(n, -1, dtype=np.int64)
+    if cfg.station_counts is not None:
+        if len(cfg.station_counts) != n_station:
+            raise ValueError(f"station_counts: expected {n_station} counts (one per station), got "
+                             f"{len(cfg.station_counts)}")
+        return rng.permutation(np.repeat(np.arange(n_station, dtype=np.int64), cfg.station_counts))
+    w = np.ones(n_station) if cfg.station_weights is None else np.asarray(cfg.station_weights, dtype=float)
+    if w.shape[0] != n_station:
+        raise ValueError(f"station_weights: expected {n_station} shares (one per station), got {w.shape[0]}")
+    return rng.choice(n_station, size=n, p=w / w.sum()).astype(np.int64)
 
 
 def user_category(t_arrive_h: npt.NDArray[np.float64], t_depart_h: npt.NDArray[np.float64],

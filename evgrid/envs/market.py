@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from evgrid.config import check_int, check_real
+from evgrid.validate import check_int, check_real
 from evgrid.grid.profiles import OFFPEAK, PEAK, VALLEY, TouTariff
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from evgrid.config import check_choice, check_int, check_real
+from evgrid.validate import check_choice, check_int, check_real
 
 logger = logging.getLogger(__name__)
 

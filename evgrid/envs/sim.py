@@ -40,11 +40,9 @@ from evgrid.envs import fleet as fl
 from evgrid.envs import market as mk
 from evgrid.envs import routing as rt
 from evgrid.envs import stations as st
-from evgrid.envs.config import EnvConfig, GridConfig
+from evgrid.envs.config import EnvConfig
 from evgrid.grid import profiles
-from evgrid.grid.feeders import Feeder, build_city, build_feeder
-from evgrid.grid.flow import FlowResult, make_backend
-from evgrid.grid.limits import LimitEnforcer
+from evgrid.grid.service import GridService, LocalGrid, build_feeders
 from evgrid.grid.profiles import VALLEY
 
 log = logging.getLogger(__name__)
@@ -65,97 +63,6 @@ class SimActions:
     station_fraction: npt.NDArray[np.float64] | None = None  # (E * n_station,) in [0, 1]
     ev_mode: npt.NDArray[np.int64] | None = None  # (S,) CHARGE / IDLE / DISCHARGE; read for plugged EVs
     ev_power: npt.NDArray[np.float64] | None = None  # (S,) fraction of the charger limit, [0, 1]
-
-
-class FeederSet(NamedTuple):
-    """A grid configuration's feeders and what Sim derives per feeder."""
-
-    feeders: list[Feeder]
-    load_kinds: list[str]  # base-load shape per feeder
-    zone_of_bus: list[np.ndarray]  # (n_bus,) per feeder, zones numbered per feeder
-
-
-def build_feeders(grid: GridConfig) -> FeederSet:
-    """The feeders of ``grid``: one, or a city's networks (one zone each); Sim and the power-flow actor build them here."""
-    if grid.feeder == "city":
-        city = build_city(grid.city_networks, base=grid.city_base, v_min_pu=grid.v_min_pu, v_max_pu=grid.v_max_pu)
-        feeders = list(city.feeders)
-        # one zone per network
-        return FeederSet(feeders, list(city.load_kinds), [np.zeros(f.n_bus, dtype=np.int64) for f in feeders])
-    f0 = build_feeder(grid.feeder, der=grid.der, n_zones=grid.n_zones, v_min_pu=grid.v_min_pu,
-                      v_max_pu=grid.v_max_pu)
-    return FeederSet([f0], [grid.load_kind], [f0.zone_of_bus])
-
-
-class GridSolution(NamedTuple):
-    """One feeder's step: the flow after enforcement, what enforcement changed, and the voltages
-    the agents' dispatch would have produced without it."""
-
-    flow: FlowResult
-    curtail_kw: np.ndarray  # (E, n_bus) EV charging curtailed
-    v2g_kw: np.ndarray  # (E, n_bus) discharge added
-    vm_dispatch_pu: np.ndarray  # (E, n_bus) before enforcement
-
-
-def enforce_limits(enforcer: LimitEnforcer | None, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
-                   flex_v2g_kw: np.ndarray, flow: FlowResult) -> GridSolution:
-    """The step's solution from the dispatch's power flow: enforced, or as it is when enforcement is off."""
-    if enforcer is None:
-        return GridSolution(flow, np.zeros_like(p_kw), np.zeros_like(p_kw), flow.vm_pu)
-    enf = enforcer.enforce(p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flow=flow)
-    return GridSolution(enf.flow, enf.curtail_kw, enf.v2g_kw, flow.vm_pu)
-
-
-class GridService(Protocol):
-    """What Sim needs from a power-flow service: :class:`LocalGrid` in process, or the shared actor's
-    client (:class:`evgrid.cluster.powerflow.PowerFlowClient`)."""
-
-    def reset(self) -> None: ...
-
-    def submit(self, f: int, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
-               flex_v2g_kw: np.ndarray) -> Any: ...
-
-
-class _Done(NamedTuple):
-    solution: GridSolution
-
-    def result(self) -> GridSolution:
-        return self.solution
-
-
-class LocalGrid:
-    """Power flow and limit enforcement for every feeder, in this process.
-
-    The shared power-flow actor (``evgrid.cluster.powerflow``) serves the
-    same :meth:`solve` remotely.
-    """
-
-    def __init__(self, feeders: list[Feeder], cfg: EnvConfig) -> None:
-        g = cfg.grid
-        self.backends = [make_backend(f, g.backend) for f in feeders]
-        self.enforcers = ([LimitEnforcer(b, loading_max=g.loading_max, max_rounds=g.limit_rounds)
-                           for b in self.backends] if g.enforce_limits else None)
-        self._last: list[FlowResult | None] = [None] * len(feeders)
-
-    def reset(self) -> None:
-        self._last = [None] * len(self._last)
-
-    def submit(self, f: int, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
-               flex_v2g_kw: np.ndarray) -> _Done:
-        """:meth:`solve`, in the shape of a remote call (``.result()``): Sim sends every feeder before waiting."""
-        return _Done(self.solve(f, p_kw, q_kvar, flex_charge_kw, flex_v2g_kw))
-
-    def solve(self, f: int, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
-              flex_v2g_kw: np.ndarray) -> GridSolution:
-        """Solve feeder ``f`` for a batch (E, n_bus) and enforce its limits."""
-        last = self._last[f]
-        init = last if last is not None and last.state is not None and last.batch == p_kw.shape[0] else None
-        flow = self.backends[f].solve(p_kw, q_kvar, init=init)
-        sol = enforce_limits(self.enforcers[f] if self.enforcers else None, p_kw, q_kvar, flex_charge_kw,
-                             flex_v2g_kw, flow)
-        # a non-converged scenario would poison the next warm start
-        self._last[f] = sol.flow if sol.flow.converged.all() else None
-        return sol
 
 
 class Sim:
@@ -184,7 +91,7 @@ class Sim:
         self.zone_nominal_kw = np.maximum(np.bincount(self.zone_of_bus, self.base_p_kw, self.n_zone), 1.0)
         self._place_der()
         self._place_stations()
-        self.grid = grid if grid is not None else LocalGrid(self.feeders, cfg)
+        self.grid = grid if grid is not None else LocalGrid(self.feeders, cfg.grid)
         self.prices = mk.ZonePrices(n_env, self.n_zone, cfg.market)
         self._rng: list[np.random.Generator] = []
         self.t = 0
@@ -207,10 +114,7 @@ class Sim:
             if len(self.feeders) > 1:
                 raise ValueError("stations.buses: give bus positions only for a single feeder; "
                                  "city stations go one per network in turn")
-            bus = np.asarray(sc.buses, dtype=np.int64)
-            bad = bus[(bus < 0) | (bus >= self.n_bus)]
-            if bad.size:
-                raise ValueError(f"stations.buses: expected bus positions in [0, {self.n_bus - 1}], got {bad[0]}")
+            bus = np.array([self.feeders[0].position_of(b, "stations.buses") for b in sc.buses], dtype=np.int64)
         else:
             bus = np.empty(m, dtype=np.int64)
             # round-robin over zones; inside a zone, the load buses in turn, the most loaded first
@@ -486,10 +390,11 @@ class Sim:
         pending = []
         for fi in range(len(self.feeders)):
             sl = slice(self.bus_offset[fi], self.bus_offset[fi + 1])
-            pending.append(self.grid.submit(fi, p_bus[:, sl], base_q[:, sl], flex_c[:, sl], flex_v[:, sl]))
+            pending.append(self.grid.submit(fi, p_bus[:, sl], base_q[:, sl], flex_c[:, sl], flex_v[:, sl],
+                                            np.zeros_like(flex_v[:, sl])))
         for fi, job in enumerate(pending):
             sl = slice(self.bus_offset[fi], self.bus_offset[fi + 1])
-            flow, c, v, vd = job.result()
+            flow, c, v, _gc, vd = job.result()
             vm[:, sl] = flow.vm_pu
             vm_dispatch[:, sl] = vd
             curtail[:, sl] = c

@@ -35,7 +35,7 @@ import numba as nb
 import numpy as np
 import numpy.typing as npt
 
-from evgrid.config import check_choice, check_int, check_real
+from evgrid.validate import check_choice, check_int, check_ints, check_real, check_reals
 
 DISPATCH = ("equal", "llf", "cap")
 
@@ -47,7 +47,8 @@ class StationConfig:
     n_station: int = 6
     """Number of stations, 1..10,000."""
     buses: tuple[int, ...] | None = None
-    """Bus position (index into the feeder's buses) of each station; None spreads them over the zones' load buses."""
+    """Bus of each station in the feeder's own numbering (``ieee33`` 1-33 and ``feeder14`` 1-14, bus 1 the
+    substation; ``cigre_mv`` 0-14: ``Feeder.numbering``); None spreads them over the zones' load buses."""
     ports: int = 100
     """Charging ports per station; an EV that finds all ports busy is turned away (its session is logged), 1..1e6."""
     p_max_kw: float = 500.0
@@ -65,17 +66,11 @@ class StationConfig:
     def __post_init__(self) -> None:
         check_int("n_station", self.n_station, 1, 10_000)
         if self.buses is not None:
-            if len(self.buses) != self.n_station:
-                raise ValueError(f"buses: expected {self.n_station} bus positions (one per station), got {len(self.buses)}")
-            for b in self.buses:
-                check_int("buses", b, 0)
+            check_ints("buses", self.buses, 0, n=self.n_station)
         check_int("ports", self.ports, 1, 1_000_000)
         check_real("p_max_kw", self.p_max_kw, 0.0, 1e6, lo_open=True)
         check_choice("dispatch", self.dispatch, DISPATCH)
-        if not self.fraction_levels:
-            raise ValueError("fraction_levels: expected at least one level in [0, 1]")
-        for x in self.fraction_levels:
-            check_real("fraction_levels", x, 0.0, 1.0)
+        check_reals("fraction_levels", self.fraction_levels, 0.0, 1.0, min_len=1)
         check_int("c_max", self.c_max, 1, 96)
         check_int("e_max", self.e_max, self.c_max, 192)
 

@@ -20,6 +20,7 @@ Sign convention, used throughout evgrid: load is positive, generation negative.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -130,6 +131,8 @@ class Feeder:
     der_p_max_kw: npt.NDArray[np.float64]  # (n_der,)
     tree: RadialTree | None = field(repr=False)
     mesh_error: str | None = None  # why the fast backend cannot solve it
+    bus_numbers: npt.NDArray[np.int64] | None = None  # (n_bus,) the source's own bus numbers (None: bus_ids)
+    numbering: str = "pandapower bus indices"  # how the source numbers its buses
 
     @property
     def n_bus(self) -> int:
@@ -152,9 +155,24 @@ class Feeder:
         return tuple(np.flatnonzero(self.zone_of_bus == k) for k in range(self.n_zone))
 
     def bus_position(self, pp_bus: int) -> int:
+        """Position (in ``bus_ids`` order) of pandapower bus index ``pp_bus``."""
         hits = np.flatnonzero(self.bus_ids == pp_bus)
         if hits.size == 0:
             raise ValueError(f"bus {pp_bus} is not a bus of feeder {self.name!r}")
+        return int(hits[0])
+
+    @property
+    def numbers(self) -> npt.NDArray[np.int64]:
+        """(n_bus,) each bus's number in the source's own numbering (:attr:`numbering`)."""
+        return self.bus_ids if self.bus_numbers is None else self.bus_numbers
+
+    def position_of(self, number: int, name: str = "bus") -> int:
+        """Position (in ``bus_ids`` order) of the bus the source numbers ``number``; a ValueError naming
+        ``name`` and the feeder's numbering otherwise."""
+        hits = np.flatnonzero(self.numbers == number) if isinstance(number, int | np.integer) else []
+        if len(hits) == 0:
+            raise ValueError(f"{name}: {number!r} is not a bus of feeder {self.name!r}, whose buses are numbered "
+                             f"{int(self.numbers.min())}-{int(self.numbers.max())} ({self.numbering})")
         return int(hits[0])
 
 
@@ -215,8 +233,23 @@ def build_feeder(
         raise ValueError(f"feeder: unknown feeder {name!r}; expected one of {', '.join(FEEDERS)}")
     if zones is None and n_zones is None:
         zones = DEFAULT_ZONES.get(name)
-    return feeder_from_net(net, name, zones=zones, n_zones=n_zones or 3, v_min_pu=v_min_pu,
-                           v_max_pu=v_max_pu, rating_margin=rating_margin)
+    f = feeder_from_net(net, name, zones=zones, n_zones=n_zones or 3, v_min_pu=v_min_pu,
+                        v_max_pu=v_max_pu, rating_margin=rating_margin)
+    numbers, numbering = _SOURCE_NUMBERING[name](f)
+    return dataclasses.replace(f, bus_numbers=numbers, numbering=numbering)
+
+
+def _numbered_from_names(f: Feeder, prefix: str = "") -> npt.NDArray[np.int64]:
+    return np.array([int(str(f.net.bus.name.loc[b]).removeprefix(prefix)) for b in f.bus_ids], dtype=np.int64)
+
+
+# How each named feeder's source numbers its buses: configs (``stations.buses``) and reports use these
+# numbers, never pandapower's 0-based indices.
+_SOURCE_NUMBERING = {
+    "ieee33": lambda f: (f.bus_ids + 1, "as in Baran & Wu 1989 and seed 003; bus 1 is the substation"),
+    "feeder14": lambda f: (_numbered_from_names(f), "as seed 001's nodes; node 1 is the substation"),
+    "cigre_mv": lambda f: (_numbered_from_names(f, "Bus "), "as CIGRE TB 575; bus 0 is the 110 kV side"),
+}
 
 
 def build_city(
@@ -246,8 +279,6 @@ def build_city(
 
 
 def _renamed(f: Feeder, name: str) -> Feeder:
-    import dataclasses
-
     return dataclasses.replace(f, name=name)
 
 

@@ -16,7 +16,8 @@ import numpy as np
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
 from evgrid.agents.rllib.modules import LEVELS
-from evgrid.config import ConfigError, check_choice, check_int, check_real
+from evgrid.config import ConfigError
+from evgrid.validate import check_choice, check_int, check_real
 from evgrid.envs.config import EnvConfig
 
 ALGORITHMS = ("PPO", "APPO", "IMPALA", "DQN")

@@ -56,9 +56,9 @@ def _parse_env_config(env_config: dict[str, Any] | None) -> tuple[Any, dict[str,
     if env_config.get("powerflow", "local") == "actor":
         from evgrid.cluster.powerflow import make_grid
         from evgrid.envs.config import load_config
-        from evgrid.envs.ev_grid import _keyword_overrides
+        from evgrid.config import keyword_overrides
 
-        service = make_grid(load_config(env_config.get("config"), _keyword_overrides(overrides)), "actor")
+        service = make_grid(load_config(env_config.get("config"), keyword_overrides(overrides)), "actor")
     return env_config.get("config"), overrides, service, bool(env_config.get("state_in_infos", False))
 
 

@@ -12,12 +12,14 @@ is data (``converged[b] = False``, its results NaN), never an exception.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import numpy as np
 import numpy.typing as npt
 
 from evgrid.grid.feeders import Feeder
+from evgrid.validate import as_batch
 
 
 @dataclass(eq=False, slots=True)
@@ -43,6 +45,40 @@ class FlowResult:
     def batch(self) -> int:
         return int(self.vm_pu.shape[0])
 
+    def take(self, rows: slice | npt.NDArray[np.int64], state: bool = True) -> FlowResult:
+        """The scenarios ``rows`` (views for a slice); ``state=False`` drops the warm-start state."""
+        out = {f.name: (v[rows] if (v := getattr(self, f.name)) is not None else None) for f in fields(self)}
+        if not state:
+            out["state"] = None
+        return FlowResult(**out)
+
+    @staticmethod
+    def concat(flows: Sequence[FlowResult]) -> FlowResult:
+        """Results stacked along the scenario axis (a state only where every part has one)."""
+        if len(flows) == 1:
+            return flows[0]
+        out = {}
+        for f in fields(FlowResult):
+            parts = [getattr(x, f.name) for x in flows]
+            out[f.name] = None if any(p is None for p in parts) else np.concatenate(parts)
+        return FlowResult(**out)
+
+    @staticmethod
+    def scatter(parts: Sequence[tuple[FlowResult, npt.NDArray[np.int64]]], n: int) -> FlowResult:
+        """One batch of ``n`` scenarios from results that each cover the given rows (a state only where every
+        part has one)."""
+        out = {}
+        for f in fields(FlowResult):
+            if any(getattr(p, f.name) is None for p, _ in parts):
+                out[f.name] = None
+                continue
+            v0 = getattr(parts[0][0], f.name)
+            a = np.empty((n, *v0.shape[1:]), dtype=v0.dtype)
+            for p, rows in parts:
+                a[rows] = getattr(p, f.name)
+            out[f.name] = a
+        return FlowResult(**out)
+
 
 class PowerFlowBackend(ABC):
     """Solve batches of load scenarios on one feeder.
@@ -65,8 +101,8 @@ class PowerFlowBackend(ABC):
     ) -> FlowResult:
         """Solve the batch; ``init`` (a previous result of the same backend and
         batch size) warm-starts the solver where the backend supports it."""
-        p = _as_batch("p_kw", p_kw, self.feeder.n_bus, not self.checks_finite)
-        q = _as_batch("q_kvar", q_kvar, self.feeder.n_bus, not self.checks_finite)
+        p = as_batch("p_kw", p_kw, self.feeder.n_bus, not self.checks_finite)
+        q = as_batch("q_kvar", q_kvar, self.feeder.n_bus, not self.checks_finite)
         if p.shape != q.shape:
             raise ValueError(f"q_kvar: expected shape {p.shape} like p_kw, got {q.shape}")
         if init is not None and init.batch != p.shape[0]:
@@ -75,20 +111,6 @@ class PowerFlowBackend(ABC):
 
     @abstractmethod
     def _solve(self, p_kw: np.ndarray, q_kvar: np.ndarray, init: FlowResult | None) -> FlowResult: ...
-
-
-def _as_batch(name: str, x: npt.ArrayLike, n_bus: int, check_finite: bool = True) -> np.ndarray:
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 2 or a.shape[1] != n_bus:
-        raise ValueError(f"{name}: expected shape (batch, {n_bus}) [scenarios x buses], got {a.shape}")
-    if a.shape[0] == 0:
-        raise ValueError(f"{name}: expected at least one scenario, got an empty batch")
-    if check_finite and not np.isfinite(a).all():
-        b, j = np.argwhere(~np.isfinite(a))[0]
-        raise ValueError(f"{name}: expected finite values, got {a[b, j]} at scenario {b}, bus position {j}")
-    if not a.flags.c_contiguous:
-        a = np.ascontiguousarray(a)
-    return a
 
 
 def nan_result(batch: int, feeder: Feeder) -> dict[str, np.ndarray]:

@@ -41,6 +41,7 @@ import numpy.typing as npt
 import pandapower as pp
 import pandas as pd
 
+from evgrid.validate import as_batch
 from evgrid.grid.feeders import Feeder
 
 log = logging.getLogger(__name__)
@@ -141,14 +142,10 @@ def solver_net(feeder: Feeder) -> tuple[pp.pandapowerNet, npt.NDArray[np.int64]]
 
 
 def _as_batch(feeder: Feeder, p_kw: npt.ArrayLike, q_kvar: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    p = np.ascontiguousarray(p_kw, dtype=np.float64)
-    q = np.ascontiguousarray(q_kvar, dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] != feeder.n_bus or p.shape[0] == 0:
-        raise ValueError(f"p_kw: expected shape (batch >= 1, {feeder.n_bus}) [scenarios x buses], got {p.shape}")
+    p = as_batch("p_kw", p_kw, feeder.n_bus)
+    q = as_batch("q_kvar", q_kvar, feeder.n_bus)
     if q.shape != p.shape:
         raise ValueError(f"q_kvar: expected shape {p.shape} like p_kw, got {q.shape}")
-    if not (np.isfinite(p).all() and np.isfinite(q).all()):
-        raise ValueError("p_kw, q_kvar: expected finite values")
     return p, q
 
 

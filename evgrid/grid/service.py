@@ -1,0 +1,179 @@
+"""The grid as a service: solve a batch of one feeder and enforce its limits, warm-started.
+
+:class:`LocalGrid` serves the feeders of a :class:`GridConfig` in this process; the shared power-flow
+actor (:mod:`evgrid.cluster.powerflow`) serves the same requests to every env runner of a job and
+builds its solvers here too, so both answer alike to the last bit for one request at a time.  What
+a simulator needs from either is :class:`GridService`.
+
+A request is one feeder's batch (B scenarios x n_bus buses, load positive): the net load ``p_kw``
+and ``q_kvar``, and what limit enforcement may change: EV charging it may curtail
+(``flex_charge_kw``), V2G discharge it may add (``flex_v2g_kw``) and PV / wind output it may curtail
+(``flex_gen_kw``), all >= 0.  The answer is a :class:`GridSolution`.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Hashable
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from evgrid.grid.config import GridConfig
+from evgrid.grid.feeders import Feeder, build_city, build_feeder
+from evgrid.grid.flow import FlowResult, PowerFlowBackend, make_backend
+from evgrid.grid.limits import LimitEnforcer
+
+
+class FeederSet(NamedTuple):
+    """A grid configuration's feeders and what a simulator derives per feeder."""
+
+    feeders: list[Feeder]
+    load_kinds: list[str]  # base-load shape per feeder
+    zone_of_bus: list[np.ndarray]  # (n_bus,) per feeder, zones numbered per feeder
+
+
+def build_feeders(grid: GridConfig) -> FeederSet:
+    """The feeders of ``grid``: one, or a city's networks (one zone each)."""
+    if grid.feeder == "city":
+        city = build_city(grid.city_networks, base=grid.city_base, v_min_pu=grid.v_min_pu, v_max_pu=grid.v_max_pu)
+        feeders = list(city.feeders)
+        return FeederSet(feeders, list(city.load_kinds), [np.zeros(f.n_bus, dtype=np.int64) for f in feeders])
+    f0 = build_feeder(grid.feeder, der=grid.der, n_zones=grid.n_zones, v_min_pu=grid.v_min_pu,
+                      v_max_pu=grid.v_max_pu)
+    return FeederSet([f0], [grid.load_kind], [f0.zone_of_bus])
+
+
+def n_feeders(grid: GridConfig) -> int:
+    """Number of feeders ``grid`` builds, without building them."""
+    return grid.city_networks if grid.feeder == "city" else 1
+
+
+class GridSolution(NamedTuple):
+    """One feeder's step: the flow after enforcement, what enforcement changed (all (B, n_bus), kW), and the
+    voltages the request's own injections gave before it."""
+
+    flow: FlowResult
+    curtail_kw: npt.NDArray[np.float64]  # EV charging curtailed
+    v2g_kw: npt.NDArray[np.float64]  # V2G discharge added
+    gen_curtail_kw: npt.NDArray[np.float64]  # PV / wind output curtailed
+    vm_dispatch_pu: npt.NDArray[np.float64]  # before enforcement
+
+    def take(self, rows: slice) -> GridSolution:
+        """The scenarios ``rows``, without the flow's warm-start state (it stays with the server)."""
+        return GridSolution(self.flow.take(rows, state=False), self.curtail_kw[rows], self.v2g_kw[rows],
+                            self.gen_curtail_kw[rows], self.vm_dispatch_pu[rows])
+
+
+class FeederSolver:
+    """One feeder's backend and (when limits are enforced) its enforcer."""
+
+    def __init__(self, feeder: Feeder, grid: GridConfig) -> None:
+        self.feeder = feeder
+        self.backend: PowerFlowBackend = make_backend(feeder, grid.backend)
+        self.enforcer = (LimitEnforcer(self.backend, loading_max=grid.loading_max, max_rounds=grid.limit_rounds,
+                                       export_limit_kw=grid.export_limit_kw) if grid.enforce_limits else None)
+
+    def enforce(self, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray, flex_v2g_kw: np.ndarray,
+                flex_gen_kw: np.ndarray, flow: FlowResult) -> GridSolution:
+        """The solution from the request's power flow ``flow``: enforced, or as it is when enforcement is off."""
+        if self.enforcer is None:
+            zero = np.zeros_like(p_kw)
+            return GridSolution(flow, zero, zero, zero, flow.vm_pu)
+        enf = self.enforcer.enforce(p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw, flow=flow)
+        return GridSolution(enf.flow, enf.curtail_kw, enf.v2g_kw, enf.gen_curtail_kw, flow.vm_pu)
+
+
+class WarmStarts:
+    """The last solution of each key (a feeder; the actor: a client and a feeder), reused to warm-start the
+    next solve of the same key and batch size.  A batch with a non-converged scenario is not kept: it would
+    poison the next start.  At most ``max_size`` keys, the least recently used dropped (that key starts cold)."""
+
+    def __init__(self, max_size: int = 1 << 30) -> None:
+        if not isinstance(max_size, int) or max_size < 1:
+            raise ValueError(f"max_size: expected an integer >= 1, got {max_size!r}")
+        self.max_size = max_size
+        self._last: collections.OrderedDict[Hashable, FlowResult] = collections.OrderedDict()
+
+    def get(self, key: Hashable, batch: int) -> FlowResult | None:
+        last = self._last.get(key)
+        return last if last is not None and last.state is not None and last.batch == batch else None
+
+    def put(self, key: Hashable, flow: FlowResult) -> None:
+        if flow.state is None or not flow.converged.all():
+            self._last.pop(key, None)
+            return
+        self._last[key] = flow
+        self._last.move_to_end(key)
+        while len(self._last) > self.max_size:
+            self._last.popitem(last=False)
+
+    def drop(self, key: Hashable) -> None:
+        self._last.pop(key, None)
+
+    def drop_where(self, keep: Any) -> int:
+        """Drop the keys for which ``keep(key)`` is false; returns how many."""
+        gone = [k for k in self._last if not keep(k)]
+        for k in gone:
+            del self._last[k]
+        return len(gone)
+
+    def clear(self) -> None:
+        self._last.clear()
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+
+class PendingSolution(Protocol):
+    def result(self) -> GridSolution: ...
+
+
+class GridService(Protocol):
+    """What a simulator needs from a power-flow service: :class:`LocalGrid` in process, or the shared actor's
+    client (:class:`evgrid.cluster.powerflow.PowerFlowClient`)."""
+
+    def reset(self) -> None:
+        """New episode: the next solve of every feeder starts cold."""
+
+    def submit(self, f: int, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
+               flex_v2g_kw: np.ndarray, flex_gen_kw: np.ndarray) -> PendingSolution:
+        """Send feeder ``f``'s batch; ``.result()`` of the answer waits for its :class:`GridSolution`."""
+
+
+class _Done(NamedTuple):
+    solution: GridSolution
+
+    def result(self) -> GridSolution:
+        return self.solution
+
+
+class LocalGrid:
+    """Power flow and limit enforcement for every feeder of ``grid``, in this process."""
+
+    def __init__(self, feeders: list[Feeder], grid: GridConfig) -> None:
+        if not isinstance(grid, GridConfig):
+            raise TypeError(f"grid: expected a GridConfig, got {type(grid).__name__}")
+        self.solvers = [FeederSolver(f, grid) for f in feeders]
+        self.warm = WarmStarts()
+
+    def reset(self) -> None:
+        self.warm.clear()
+
+    def submit(self, f: int, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
+               flex_v2g_kw: np.ndarray, flex_gen_kw: np.ndarray) -> _Done:
+        """:meth:`solve`, in the shape of a remote call (``.result()``): a simulator sends every feeder
+        before waiting."""
+        return _Done(self.solve(f, p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw))
+
+    def solve(self, f: int, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
+              flex_v2g_kw: np.ndarray, flex_gen_kw: np.ndarray) -> GridSolution:
+        """Solve feeder ``f`` for a batch (B, n_bus) and enforce its limits."""
+        if not isinstance(f, int | np.integer) or not 0 <= f < len(self.solvers):
+            raise ValueError(f"f: expected a feeder index in [0, {len(self.solvers) - 1}], got {f!r}")
+        solver = self.solvers[f]
+        flow = solver.backend.solve(p_kw, q_kvar, init=self.warm.get(f, np.shape(p_kw)[0]))
+        sol = solver.enforce(p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw, flow)
+        self.warm.put(f, sol.flow)
+        return sol
