@@ -93,14 +93,29 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. fleet.n_ev=500")
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is set both as a value and as a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not a YAML scalar or list") from None
+        _set(out, key, value)
     return out
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """``tree[a][b][c] = value`` for ``dotted`` "a.b.c"; a mapping meeting a mapping merges."""
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is set both as a value and as a section")
+    last = parts[-1]
+    if isinstance(value, Mapping) and isinstance(node.get(last), Mapping):
+        node[last] = merge(node[last], value)
+    elif isinstance(node.get(last), Mapping) != isinstance(value, Mapping) and last in node:
+        raise ConfigError(f"{dotted}: set both as a value and as a section")
+    else:
+        node[last] = value
 
 
 def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,19 +145,7 @@ def keyword_overrides(kw: Mapping[str, Any]) -> dict[str, Any]:
             if path in fields and fields[path] != leaf:
                 raise ConfigError(f"{path}: given twice, as {fields[path]!r} and {leaf!r}")
             fields[path] = leaf
-        node = out
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{dotted}: {part} is set both as a value and as a section")
-        last = parts[-1]
-        if isinstance(value, Mapping) and isinstance(node.get(last), Mapping):
-            node[last] = merge(node[last], value)
-        elif last in node and isinstance(node[last], Mapping) != isinstance(value, Mapping):
-            raise ConfigError(f"{dotted}: set both as a value and as a section")
-        else:
-            node[last] = value
+        _set(out, dotted, value)
     return out
 
 

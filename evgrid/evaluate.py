@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evgrid.envs.config import EnvConfig, load_config
-from evgrid.envs.sim import DEPARTED, TURNED_AWAY, Sim
+from evgrid.envs.sim import DEPARTED, TURNED_AWAY, Sim, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +57,18 @@ class EpisodeMetrics:
         self.spatial_std = np.zeros(e)
         self.steps = 0
 
-    def add(self, rec: dict) -> None:
-        c = rec["zone_costs"]
-        self.op_cost += c["total"].sum(axis=1)
-        self.carbon += c["carbon_cost"].sum(axis=1)
-        total = rec["total_load_kw"]
+    def add(self, rec: StepRecord) -> None:
+        c = rec.zone_cost
+        self.op_cost += c.total.sum(axis=1)
+        self.carbon += c.carbon_cost.sum(axis=1)
+        total = rec.total_load_kw
         self.load_max = np.fmax(self.load_max, total)
         self.load_min = np.fmin(self.load_min, total)
-        self.violations += rec["violations"]
-        self.violations_enforced += rec["violations_enforced"]
-        self.max_loading = np.fmax(self.max_loading, np.nanmax(rec["line_loading"], axis=1))
-        self.curtailed += rec["curtail_kw"].sum(axis=1) * self.sim.dt_h
-        fl = rec["feeder_load_kw"]
+        self.violations += rec.violations
+        self.violations_enforced += rec.violations_enforced
+        self.max_loading = np.fmax(self.max_loading, np.nanmax(rec.line_loading, axis=1))
+        self.curtailed += rec.curtail_kw.sum(axis=1) * self.sim.dt_h
+        fl = rec.feeder_load_kw
         if fl.shape[1] > 1:
             hi = fl.max(axis=1)
             self.slvtpr += np.where(hi > 0, fl.min(axis=1) / np.where(hi > 0, hi, 1.0), 0.0)
@@ -76,12 +76,12 @@ class EpisodeMetrics:
         self.steps += 1
 
     def rows(self) -> list[dict[str, float]]:
-        sim = self.sim
-        ended = (sim.status == DEPARTED) | (sim.status == TURNED_AWAY)
-        unmet = np.bincount(sim.env, np.where(ended, np.nan_to_num(sim.unmet_kwh), 0.0), sim.n_env)
-        drawn = np.bincount(sim.env, np.maximum(sim.e_grid_kwh, 0.0), sim.n_env)
-        paid = np.bincount(sim.env, sim.cost, sim.n_env)
-        multi = len(sim.feeders) > 1
+        sim, fleet, env = self.sim, self.sim.fleet, self.sim.day.env
+        ended = (fleet.status == DEPARTED) | (fleet.status == TURNED_AWAY)
+        unmet = np.bincount(env, np.where(ended, np.nan_to_num(fleet.unmet_kwh), 0.0), sim.n_env)
+        drawn = np.bincount(env, np.maximum(fleet.e_grid_kwh, 0.0), sim.n_env)
+        paid = np.bincount(env, fleet.cost, sim.n_env)
+        multi = len(sim.layout.feeders) > 1
         n = max(self.steps, 1)
         return [dict(operator_cost=float(self.op_cost[e]),
                      ev_cost_per_kwh=float(paid[e] / drawn[e]) if drawn[e] > 0 else float("nan"),

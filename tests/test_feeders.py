@@ -102,3 +102,26 @@ def test_city_has_distinct_load_shapes():
         build_city(2, load_kinds=["residential", "farm"])
     with pytest.raises(ValueError, match="n_networks"):
         build_city(0)
+
+
+@pytest.mark.parametrize("name", FEEDERS)
+def test_each_feeder_numbers_its_buses_as_its_source_does(name):
+    """Configs name buses in the source's own numbering; the numbers the config checks use before building a
+    feeder are the built feeder's, and a bus outside them is an error naming the field and the numbering."""
+    from evgrid.grid.config import FEEDER_BUS_NUMBERS
+
+    f = build_feeder(name)
+    first, last = FEEDER_BUS_NUMBERS[name]
+    np.testing.assert_array_equal(np.sort(f.numbers), np.arange(first, last + 1))
+    assert f.position_of(int(f.numbers[f.slack_bus])) == f.slack_bus
+    with pytest.raises(ValueError, match=rf"stations.buses: {last + 1} is not a bus of feeder '{name}'.*{first}-{last}"):
+        f.position_of(last + 1, "stations.buses")
+
+
+def test_paper_numbers_name_the_papers_buses():
+    """IEEE 33 and seed 001's feeder count from 1 at the substation (bus 1 = pandapower bus 0)."""
+    for name in ("ieee33", "feeder14"):
+        f = build_feeder(name)
+        assert f.numbers[f.slack_bus] == 1
+    f14 = build_feeder("feeder14")
+    assert [str(f14.net.bus.name.loc[f14.bus_ids[f14.position_of(k)]]) for k in (5, 9, 13)] == ["5", "9", "13"]

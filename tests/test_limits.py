@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from evgrid.grid.feeders import build_feeder
 from evgrid.grid.flow import SweepBackend
 from evgrid.grid.limits import LimitEnforcer
 from tests.conftest import feeder
@@ -110,3 +111,53 @@ def test_bad_flexibility_input_names_the_field():
         enf.enforce(p, q, np.zeros_like(p), np.zeros((2, f.n_bus)))
     with pytest.raises(ValueError, match="loading_max"):
         LimitEnforcer(enf.backend, loading_max=0.0)
+
+
+@pytest.mark.parametrize("limit_kw", [0.0, 300.0])
+def test_generation_beyond_the_export_limit_is_curtailed(limit_kw):
+    """Random PV on IEEE 33 at light load: wherever curtailing all of it would respect the export limit, the
+    enforced flow exports at most the limit, and never more PV is curtailed than there was."""
+    f = feeder("ieee33")
+    enf = LimitEnforcer(SweepBackend(f), export_limit_kw=limit_kw)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(seed=st.integers(0, 2**32 - 1), base=st.floats(0.05, 0.5), pv_kw=st.floats(100.0, 6000.0))
+    def check(seed, base, pv_kw):
+        rng = np.random.default_rng(seed)
+        B = 8
+        pv = rng.dirichlet(np.ones(f.n_bus), B) * pv_kw  # (B, n_bus), each scenario pv_kw in all
+        p = np.tile(base * f.base_p_kw, (B, 1)) - pv
+        q = np.tile(base * f.base_q_kvar, (B, 1))
+        e = enf.enforce(p, q, np.zeros_like(p), None, pv)
+        assert (e.gen_curtail_kw >= 0).all() and (e.gen_curtail_kw <= pv + 1e-9).all()
+        np.testing.assert_allclose(e.p_kw, p + e.gen_curtail_kw, atol=1e-9)
+        export = -e.flow.slack_p_kw
+        assert (export <= limit_kw + 1e-3).all() == (~e.over_export).all()
+        # the scenarios that export at most the limit with all PV gone must end within it
+        no_pv = -enf.backend.solve(p + pv, q).slack_p_kw <= limit_kw
+        assert (export[no_pv] <= limit_kw + 1e-3).all()
+        # nothing is curtailed where nothing was wrong
+        r = enf.backend.solve(p, q)
+        free = (-r.slack_p_kw <= limit_kw) & (r.vm_pu <= f.v_max_pu).all(1) & (r.line_loading <= 1.0).all(1)
+        assert (e.gen_curtail_kw[free] == 0).all()
+
+    check()
+
+
+def test_overvoltage_from_pv_is_curtailed_near_its_cause():
+    """PV at the end of a lateral lifts its voltage above v_max: curtailing there brings it back, and the
+    units far from the violation keep more of their output."""
+    f = build_feeder("ieee33", v_max_pu=1.02)
+    enf = LimitEnforcer(SweepBackend(f))
+    p = 0.1 * f.base_p_kw[None].copy()
+    q = 0.1 * f.base_q_kvar[None]
+    pv = np.zeros_like(p)
+    far, near_slack = 17, 1  # bus positions: the end of the main trunk, next to the substation
+    pv[0, far] = 1500.0
+    pv[0, near_slack] = 1500.0
+    assert enf.backend.solve(p - pv, q).vm_pu.max() > 1.02
+    e = enf.enforce(p - pv, q, np.zeros_like(p), None, pv)
+    assert e.overvoltage.sum() == 0 and e.flow.vm_pu.max() <= 1.02 + 1e-9
+    assert e.gen_curtail_kw[0, far] > e.gen_curtail_kw[0, near_slack]
+    assert (e.curtail_kw == 0).all()
+

@@ -216,20 +216,20 @@ def test_operating_cost_by_hand_and_shapes():
     renewable = np.array([[10.0, 30.0]])
     out = mk.operating_cost(purchase_kwh=purchase, diesel_kw=diesel, curtailed_kwh=curtailed, dt_h=dt_h,
                             cum_excess_t=np.zeros((1, 2)), cfg=MARKET, period=PEAK, renewable_kwh=renewable)
-    assert all(v.shape == (1, 2) for v in out.values())
+    assert all(getattr(out, f.name).shape == (1, 2) for f in dataclasses.fields(out))
     price = MARKET.purchase_tariff.peak_price_per_kwh
-    assert out["purchase_cost"] == pytest.approx(np.array([[100 * price, -20 * price]]))  # export is revenue
-    assert out["diesel_cost"] == pytest.approx(np.array([[137.025 * dt_h, 0.0]]))
-    assert out["curtailment_cost"] == pytest.approx(np.array([[0.0, 0.4]]))
+    assert out.purchase_cost == pytest.approx(np.array([[100 * price, -20 * price]]))  # export is revenue
+    assert out.diesel_cost == pytest.approx(np.array([[137.025 * dt_h, 0.0]]))
+    assert out.curtailment_cost == pytest.approx(np.array([[0.0, 0.4]]))
     c = MARKET.carbon
     emis = np.array([[100 * c.thermal_share * c.thermal_kg_per_kwh + 50 * c.diesel_kg_per_kwh, 0.0]])
     quota = np.array([[0.7 * 60.0, 0.7 * 30.0]])
-    assert out["emission_kg"] == pytest.approx(emis) and out["quota_kg"] == pytest.approx(quota)
-    assert out["excess_t"] == pytest.approx((emis - quota) / 1000)
-    assert out["carbon_cost"] == pytest.approx(200.0 * (emis - quota) / 1000)  # first interval / sold at 200
-    assert out["cum_excess_t"] == pytest.approx(out["excess_t"])
+    assert out.emission_kg == pytest.approx(emis) and out.quota_kg == pytest.approx(quota)
+    assert out.excess_t == pytest.approx((emis - quota) / 1000)
+    assert out.carbon_cost == pytest.approx(200.0 * (emis - quota) / 1000)  # first interval / sold at 200
+    assert out.cum_excess_t == pytest.approx(out.excess_t)
     parts = ("purchase_cost", "diesel_cost", "carbon_cost", "curtailment_cost")
-    assert out["total"] == pytest.approx(sum(out[k] for k in parts))
+    assert out.total == pytest.approx(sum(getattr(out, k) for k in parts))
 
 
 @settings(max_examples=25)
@@ -241,8 +241,8 @@ def test_operating_cost_carbon_sums_to_the_episode_cost(steps):
     for purchase_kwh, diesel_kw, period in steps:
         out = mk.operating_cost(purchase_kwh=np.array([purchase_kwh]), diesel_kw=np.array([diesel_kw]),
                                 curtailed_kwh=np.zeros(1), dt_h=1.0, cum_excess_t=cum, cfg=MARKET, period=period)
-        carbon += float(out["carbon_cost"][0])
-        cum = out["cum_excess_t"]
+        carbon += float(out.carbon_cost[0])
+        cum = out.cum_excess_t
     assert carbon == pytest.approx(float(mk.stepped_carbon_cost(cum[0], MARKET.carbon)), rel=1e-9, abs=1e-6)
 
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hst
 
+from evgrid.envs import fleet as fl
 from evgrid.envs import stations as st
 
 
@@ -210,7 +211,7 @@ def test_count_matrix_counts_every_ev_once():
 
 
 def test_charge_slots_round_up():
-    c = st.charge_slots(np.array([0.0, 1.0, 1.575, 1.576]), np.array([7.0] * 4), np.array([0.9] * 4), 0.25)
+    c = fl.charge_slots(np.array([0.0, 1.0, 1.575, 1.576]), np.array([7.0] * 4), np.array([0.9] * 4), 0.25)
     np.testing.assert_array_equal(c, [0, 1, 1, 2])
 
 

@@ -87,7 +87,7 @@ def test_environments_of_a_vector_draw_their_own_days():
     vec = EVGridVectorEnv("experiments/quickstart.yaml", 2, **SMALL)
     vec.reset(seed=0)
     sim = vec.sim
-    arrive = [np.sort(sim.s.t_request_h[sim.env == e]) for e in range(2)]
+    arrive = [np.sort(sim.day.sessions.t_request_h[sim.day.env == e]) for e in range(2)]
     assert arrive[0].shape == arrive[1].shape and not np.allclose(arrive[0], arrive[1])
 
 
@@ -100,10 +100,10 @@ def test_bad_vector_actions_name_the_environment():
         vec.step(acts[:1])
     bad = [acts[0], dict(acts[1])]
     del bad[1]["station_2"]
-    with pytest.raises(ValueError, match=r"station_2 \(env 1\)"):
+    with pytest.raises(ValueError, match=r"'station_2' \(env 1\)"):
         vec.step(bad)
     bad = [acts[0], dict(acts[1], operator_0=np.array([9.0], np.float32))]
-    with pytest.raises(ValueError, match=r"operator_0 \(env 1\)"):
+    with pytest.raises(ValueError, match=r"'operator_0' \(env 1\)"):
         vec.step(bad)
     vec.step(acts)  # still usable after the refused steps
 
@@ -118,9 +118,10 @@ def test_the_last_observation_shows_the_evs_the_day_ends_with():
     while any(vec.agents):
         obs, *_ = vec.step([_actions(vec, vec.agents[0], rng)])
     sim = vec.sim
-    cut = np.bincount(sim.station[sim.status == TRUNCATED], minlength=sim.n_station)
+    fleet = sim.fleet
+    cut = np.bincount(fleet.station[fleet.status == TRUNCATED], minlength=sim.layout.n_station)
     assert cut.sum() > 0
-    for j in range(sim.n_station):
+    for j in range(sim.layout.n_station):
         final = obs[0][f"evs_{j}"]
         assert final["mask"].sum() == cut[j]
         assert (final["evs"][final["mask"] > 0][:, 0] > 0).all(), "an occupied final slot shows no SOC"
@@ -131,7 +132,7 @@ def test_the_last_observation_shows_the_evs_the_day_ends_with():
     while any(ind.agents):
         obs, _, term, trunc, _ = ind.step([_actions(ind, ind.agents[0], rng)])
     sim = ind.sim
-    cut_names = {f"ev_{k}" for k in sim.ev_index[sim.status == TRUNCATED]}
+    cut_names = {f"ev_{k}" for k in sim.fleet.ev_index[sim.fleet.status == TRUNCATED]}
     assert cut_names and cut_names <= set(obs[0])
     for a in cut_names:
         assert trunc[0][a] and not term[0][a]

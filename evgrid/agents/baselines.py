@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from evgrid.envs.ev_grid import EV_FEATURES
+from evgrid.envs.views.features import EV
 
 POLICIES = ("uncontrolled", "tou", "llf", "lbms", "random")
 
@@ -41,9 +41,9 @@ def rule_overrides(policy: str, routed: bool) -> dict[str, Any]:
     return out
 
 
-_EV_LAXITY = EV_FEATURES.index("laxity")
-_EV_HOURS_LEFT = EV_FEATURES.index("hours_left_per_day")
-_EV_VALLEY = EV_FEATURES.index("valley")
+_EV_LAXITY = EV.index("laxity")
+_EV_HOURS_LEFT = EV.index("hours_left_per_day")
+_EV_VALLEY = EV.index("valley")
 
 
 class BaselinePolicy:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+import numba as nb
 import numpy as np
 import numpy.typing as npt
 
@@ -266,16 +267,59 @@ def user_category(t_arrive_h: npt.NDArray[np.float64], t_depart_h: npt.NDArray[n
     return (valley.astype(np.int8) + 2 * peak.astype(np.int8)).astype(np.int8)
 
 
-def power_bounds(soc: npt.NDArray[np.float64], cap_kwh, p_ch_max_kw, p_dis_max_kw, eta_ch, eta_dis, v2g,
-                 v2g_soc_min: float, dt_h: float) -> tuple[np.ndarray, np.ndarray]:
-    """Largest charge and discharge power (kW, both >= 0) this step without leaving SOC [0, 1]
-    or going below ``v2g_soc_min`` by discharging; discharge is 0 for non-V2G EVs."""
-    p_ch = np.minimum(p_ch_max_kw, np.maximum(1.0 - soc, 0.0) * cap_kwh / (eta_ch * dt_h))
-    p_dis = np.minimum(p_dis_max_kw, np.maximum(soc - v2g_soc_min, 0.0) * cap_kwh * eta_dis / dt_h)
-    return p_ch, np.where(v2g, p_dis, 0.0)
+# ---------------------------------------------------------------------------------------------------------------
+# battery physics, written once
+#
+# Each formula is one plain function of scalars, compiled twice: ``nb_<name>`` inlined into the simulator's
+# numba kernels, and ``<name>``, a numpy ufunc for array code and tests.  Both run the same operations in the
+# same order, so they agree to the last bit and cannot drift apart.  Grid-side power ``p_kw`` > 0 charges.
+
+def _charge_limit_kw(soc, cap_kwh, p_max_kw, eta_ch, dt_h):
+    """Largest grid-side charging power this step (kW, >= 0) that keeps the SOC <= 1."""
+    return min(p_max_kw, max(1.0 - soc, 0.0) * cap_kwh / (eta_ch * dt_h))
 
 
-def apply_power(soc, p_kw, cap_kwh, eta_ch, eta_dis, dt_h: float) -> npt.NDArray[np.float64]:
-    """SOC after one step at grid-side power ``p_kw`` (charging positive, discharging negative)."""
-    e_batt_kwh = np.where(p_kw >= 0.0, p_kw * eta_ch, p_kw / eta_dis) * dt_h
-    return soc + e_batt_kwh / cap_kwh
+def _discharge_limit_kw(soc, cap_kwh, p_max_kw, eta_dis, v2g, soc_min, dt_h):
+    """Largest grid-side discharging power this step (kW, >= 0) that keeps the SOC >= ``soc_min``; 0 when the
+    user allows no V2G."""
+    return min(p_max_kw, max(soc - soc_min, 0.0) * cap_kwh * eta_dis / dt_h) if v2g else 0.0
+
+
+def _need_kwh(soc, soc_target, cap_kwh):
+    """Battery energy still missing to the target, kWh (>= 0)."""
+    return max(soc_target - soc, 0.0) * cap_kwh
+
+
+def _battery_kwh(p_kw, eta_ch, eta_dis, dt_h):
+    """Energy into the battery over a step at grid-side ``p_kw`` (negative: out of it), kWh."""
+    return (p_kw * eta_ch if p_kw >= 0.0 else p_kw / eta_dis) * dt_h
+
+
+def _charge_slots(need_kwh, p_max_kw, eta_ch, dt_h):
+    """Seed 002's remaining charge slots: steps at full power still needed, rounded up (conservative)."""
+    return np.ceil(max(need_kwh, 0.0) / max(p_max_kw * eta_ch * dt_h, 1e-12) - 1e-9)
+
+
+def _compiled(fn, types: str):
+    scalar = nb.njit(inline="always", cache=True)(fn)
+    array = nb.vectorize([f"float64({types})"], cache=True)(fn)
+    array.__doc__ = fn.__doc__
+    return scalar, array
+
+
+nb_charge_limit_kw, charge_limit_kw = _compiled(_charge_limit_kw, "float64, float64, float64, float64, float64")
+nb_discharge_limit_kw, discharge_limit_kw = _compiled(
+    _discharge_limit_kw, "float64, float64, float64, float64, boolean, float64, float64")
+nb_need_kwh, need_kwh = _compiled(_need_kwh, "float64, float64, float64")
+nb_battery_kwh, battery_kwh = _compiled(_battery_kwh, "float64, float64, float64, float64")
+nb_charge_slots, _charge_slots_f = _compiled(_charge_slots, "float64, float64, float64, float64")
+
+
+def charge_slots(need_kwh_: npt.ArrayLike, p_max_kw, eta_ch, dt_h: float) -> npt.NDArray[np.int64]:
+    """Remaining charge slots c (:func:`_charge_slots`) as integers."""
+    return _charge_slots_f(need_kwh_, p_max_kw, eta_ch, dt_h).astype(np.int64)
+
+
+def soc_after(soc, p_kw, cap_kwh, eta_ch, eta_dis, dt_h: float) -> npt.NDArray[np.float64]:
+    """SOC after one step at grid-side ``p_kw``."""
+    return soc + battery_kwh(p_kw, eta_ch, eta_dis, dt_h) / cap_kwh

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from evgrid.validate import check_int, check_real
+from evgrid.validate import as_array, check_int, check_real
 from evgrid.grid.profiles import OFFPEAK, PEAK, VALLEY, TouTariff
 
 log = logging.getLogger(__name__)
@@ -124,18 +124,11 @@ class CarbonConfig:
 
 
 def _finite(name: str, value: npt.ArrayLike) -> FloatArray:
-    x = np.asarray(value, dtype=np.float64)
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name}: expected finite values, got {int(np.size(x) - np.isfinite(x).sum())} "
-                         f"non-finite of {np.size(x)}")
-    return x
+    return as_array(name, value)
 
 
 def _nonneg(name: str, value: npt.ArrayLike) -> FloatArray:
-    x = _finite(name, value)
-    if (x < 0.0).any():
-        raise ValueError(f"{name}: expected values >= 0, got minimum {float(x.min())!r}")
-    return x
+    return as_array(name, value, lo=0.0)
 
 
 def stepped_carbon_cost(excess_t: npt.ArrayLike, cfg: CarbonConfig) -> FloatArray:  # same shape as excess_t
@@ -524,9 +517,33 @@ def _diesel_cost(p_kw: FloatArray, dt_h: float, cfg: MarketConfig) -> FloatArray
     return per_h * dt_h
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class OperatingCost:
+    """One step of seed 003's operating cost, eq. (1), per carbon account; every field has the accounts' shape."""
+
+    purchase_cost: FloatArray
+    """Energy bought upstream at the purchase tariff (export: a revenue, negative), currency."""
+    diesel_cost: FloatArray
+    """Diesel generation, currency."""
+    carbon_cost: FloatArray
+    """The step's increment of the stepped carbon cost, currency."""
+    curtailment_cost: FloatArray
+    """PV / wind energy curtailed, at ``curtailment_cost_per_kwh``, currency."""
+    total: FloatArray
+    """The sum of the four, currency."""
+    emission_kg: FloatArray
+    """CO2 emitted this step, kg."""
+    quota_kg: FloatArray
+    """Free quota earned this step, kg."""
+    excess_t: FloatArray
+    """This step's emission excess over the quota, tonnes."""
+    cum_excess_t: FloatArray
+    """Excess accumulated since the accounting period began, tonnes (pass it back next step)."""
+
+
 def operating_cost(*, purchase_kwh: npt.ArrayLike, diesel_kw: npt.ArrayLike, curtailed_kwh: npt.ArrayLike,
                    dt_h: float, cum_excess_t: npt.ArrayLike, cfg: MarketConfig, period: npt.ArrayLike,
-                   renewable_kwh: npt.ArrayLike | None = None) -> dict[str, FloatArray]:
+                   renewable_kwh: npt.ArrayLike | None = None) -> OperatingCost:
     """One step of seed 003's operating cost, eq. (1), per carbon account (environment, or environment and zone).
 
     Arguments broadcast elementwise, e.g. all ``(E,)`` or all ``(E, Z)`` (``period`` scalar, ``(E,)`` with
@@ -540,10 +557,7 @@ def operating_cost(*, purchase_kwh: npt.ArrayLike, diesel_kw: npt.ArrayLike, cur
     * ``cum_excess_t``: emission excess accumulated since the accounting period began, tonnes (zero at reset).
     * ``period``: period codes of the step; ``dt_h``: step length, hours.
 
-    Returns arrays of the broadcast shape: ``purchase_cost``, ``diesel_cost``, ``carbon_cost`` (the step's
-    increment of the stepped cost), ``curtailment_cost``, ``total`` (their sum), all currency, and
-    ``emission_kg``, ``quota_kg``, ``excess_t`` (this step's) and ``cum_excess_t`` (updated; pass it back next
-    step).  The stepped cost is not additive across accounts: zone accounts cost more than one feeder account.
+    The stepped cost is not additive across accounts: zone accounts cost more than one feeder account.
     """
     # each input checked once here; the pieces below are the public functions' unchecked cores
     dt_h = check_real("dt_h", dt_h, 0.0, 24.0 * 366, lo_open=True)
@@ -562,14 +576,15 @@ def operating_cost(*, purchase_kwh: npt.ArrayLike, diesel_kw: npt.ArrayLike, cur
     c_curtail = cfg.curtailment_cost_per_kwh * curtailed_kwh
     total = c_purchase + c_diesel + c_carbon + c_curtail
     shape = total.shape
-    out = dict(purchase_cost=c_purchase, diesel_cost=c_diesel, carbon_cost=c_carbon, curtailment_cost=c_curtail,
-               total=total, emission_kg=emission_kg, quota_kg=quota_kg, excess_t=excess_t,
-               cum_excess_t=cum_before_t + excess_t)
-    return {k: np.broadcast_to(v, shape).astype(np.float64, copy=True) for k, v in out.items()}
+    parts = dict(purchase_cost=c_purchase, diesel_cost=c_diesel, carbon_cost=c_carbon, curtailment_cost=c_curtail,
+                 total=total, emission_kg=emission_kg, quota_kg=quota_kg, excess_t=excess_t,
+                 cum_excess_t=cum_before_t + excess_t)
+    return OperatingCost(**{k: np.broadcast_to(v, shape).astype(np.float64, copy=True) for k, v in parts.items()})
 
 
 __all__ = [
     "N_PERIOD", "PAPER_PERIOD_ORDER", "PERIOD_NAMES", "SEED003_ELASTICITY", "CarbonConfig", "MarketConfig",
+    "OperatingCost",
     "ZonePrices", "carbon_emissions_kg", "carbon_quota_kg", "check_multiplier", "diesel_cost",
     "elastic_demand_factor", "elastic_demand_factor_now", "incremental_carbon_cost", "level_to_multiplier",
     "operating_cost", "paper_to_period_order", "purchase_price_per_kwh", "retail_price_per_kwh",

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from evgrid.validate import check_choice, check_int, check_real
+from evgrid.validate import as_array, check_choice, check_int, check_real
 
 logger = logging.getLogger(__name__)
 
@@ -103,37 +103,14 @@ class RouteResult:
 
 # ------------------------------------------------------------------ validation
 
-def _float_array(name: str, x: object) -> npt.NDArray[np.float64]:
-    try:
-        return np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name}: expected an array of numbers, got {type(x).__name__}") from exc
-
-
 def _check_xy(name: str, x: object, rows: str) -> npt.NDArray[np.float64]:
-    a = _float_array(name, x)
-    if a.ndim != 2 or a.shape[1] != 2:
-        raise ValueError(f"{name}: expected shape ({rows}, 2), got {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name}: expected finite coordinates, got non-finite values")
-    return a
+    return as_array(name, x, shape=(None, 2), shape_names=f"({rows}, 2)", what="coordinates")
 
 
 def _check_vec(name: str, x: object, n: int, lo: float | None = None, hi: float | None = None,
                lo_open: bool = False, allow_inf: bool = False) -> npt.NDArray[np.float64]:
-    a = _float_array(name, x)
-    if a.shape != (n,):
-        raise ValueError(f"{name}: expected shape ({n},), one value per request, got {a.shape}")
-    bad = np.isnan(a) if allow_inf else ~np.isfinite(a)
-    if bad.any():
-        raise ValueError(f"{name}: expected {'non-NaN' if allow_inf else 'finite'} values, got {a[bad][0]!r}")
-    if lo is not None:
-        low = a <= lo if lo_open else a < lo
-        if low.any():
-            raise ValueError(f"{name}: expected values {'>' if lo_open else '>='} {lo}, got {a[low][0]!r}")
-    if hi is not None and (a > hi).any():
-        raise ValueError(f"{name}: expected values <= {hi}, got {a[a > hi][0]!r}")
-    return a
+    return as_array(name, x, shape=(n,), shape_names=f"({n},), one value per request", lo=lo, hi=hi,
+                    lo_open=lo_open, allow_inf=allow_inf)
 
 
 def _check_stations(station_xy_km: object) -> npt.NDArray[np.float64]:
@@ -144,11 +121,9 @@ def _check_stations(station_xy_km: object) -> npt.NDArray[np.float64]:
 
 
 def _check_load(load_kw: object, n: int, m: int) -> npt.NDArray[np.float64]:
-    a = _float_array("load_kw", load_kw)
+    a = as_array("load_kw", load_kw, what="loads")
     if a.shape not in ((m,), (n, m)):
         raise ValueError(f"load_kw: expected shape ({m},) or ({n}, {m}), got {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError("load_kw: expected finite loads, got non-finite values")
     return a
 
 
@@ -207,11 +182,8 @@ def range_km(soc: npt.ArrayLike, cap_kwh: npt.ArrayLike, cfg: RoutingConfig) -> 
     Seed 002's ``d_i = SOC_i * D_max`` with ``D_max = cap_kwh / consumption``
     when ``reserve_soc`` is 0.
     """
-    s = _float_array("soc", soc)
-    if s.ndim != 1:
-        raise ValueError(f"soc: expected shape (n,), one value per request, got {s.shape}")
+    s = as_array("soc", soc, shape=(None,), shape_names="(n,), one value per request", lo=0.0, hi=1.0)
     n = s.shape[0]
-    s = _check_vec("soc", s, n, 0.0, 1.0)
     cap = _check_vec("cap_kwh", cap_kwh, n, 0.0, lo_open=True)
     return np.maximum(s - cfg.reserve_soc, 0.0) * cap / cfg.consumption_kwh_per_km
 

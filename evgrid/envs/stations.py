@@ -75,11 +75,11 @@ class StationConfig:
         check_int("e_max", self.e_max, self.c_max, 192)
 
 
-def _group_starts(sorted_station: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """For rows sorted by station: the position of each row's group start."""
-    n = sorted_station.shape[0]
+def group_starts(sorted_group: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """For rows sorted by group (station, environment): the position of each row's group start."""
+    n = sorted_group.shape[0]
     new = np.ones(n, dtype=bool)
-    new[1:] = sorted_station[1:] != sorted_station[:-1]
+    new[1:] = sorted_group[1:] != sorted_group[:-1]
     return np.maximum.accumulate(np.where(new, np.arange(n), 0))
 
 
@@ -223,12 +223,6 @@ def equal_share(req_kw: npt.NDArray[np.float64], station: npt.NDArray[np.int64],
     return out
 
 
-def charge_slots(e_need_kwh, p_max_kw, eta_ch, dt_h: float) -> npt.NDArray[np.int64]:
-    """Remaining charge slots c: steps at full power still needed, rounded up (conservative)."""
-    per_step = np.maximum(p_max_kw * eta_ch * dt_h, 1e-12)
-    return np.ceil(np.maximum(e_need_kwh, 0.0) / per_step - 1e-9).astype(np.int64)
-
-
 def llf_dispatch(req_kw: npt.NDArray[np.float64], station: npt.NDArray[np.int64], cap_kw: npt.NDArray[np.float64],
                  fraction: npt.NDArray[np.float64], c_slots: npt.NDArray[np.int64],
                  e_slots: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
@@ -246,7 +240,7 @@ def llf_dispatch(req_kw: npt.NDArray[np.float64], station: npt.NDArray[np.int64]
     urgency = np.where(c_slots > 0, urgency, -1.0)
     order = np.lexsort((e_slots, -urgency, station))
     s_sorted = station[order]
-    starts = _group_starts(s_sorted)
+    starts = group_starts(s_sorted)
     rank = np.arange(n) - starts
     n_present = np.bincount(station, minlength=cap_kw.shape[0])
     n_on = np.rint(fraction * n_present).astype(np.int64)

@@ -1,0 +1,217 @@
+"""Action decoding: the agents' actions of every environment checked against their spaces and turned into
+the simulator's :class:`SimActions`.
+
+Every action must lie in its agent's space (gymnasium's ``contains``, except that any real dtype is taken
+for a Box): an operator's multiplier is an array of shape (1,), a discrete action an integer scalar, a
+``Dict`` action a mapping with exactly its keys.  Anything else raises a ValueError naming the agent (and its
+environment when there are several) and what its space expects, before the simulator moves.  Whole
+batches are checked at once; only a batch that fails is looked at agent by agent, to name the culprit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from evgrid.envs import market as mk
+from evgrid.envs.sim import Sim
+from evgrid.envs.state import IDLE, SimActions
+from evgrid.validate import describe
+
+IntArray = npt.NDArray[np.int64]
+_EV_KEYS = {"mode", "power"}
+
+
+class ActionDecoder:
+    """Checks and decodes the actions of ``sim``'s environments; ``ops``, ``stns``: the operator and station
+    agent ids (empty where the level runs its rule); ``view``: the EV view; ``n_slots``: slots per station
+    in the grouped view."""
+
+    def __init__(self, sim: Sim, ops: list[str], stns: list[str], view: str, n_slots: int) -> None:
+        self.sim, self.ops, self.stns, self.view, self.n_slots = sim, ops, stns, view, n_slots
+        cfg = sim.cfg
+        self._levels = np.asarray(cfg.market.price_levels, dtype=float)
+        self._fractions = np.asarray(cfg.stations.fraction_levels, dtype=float)
+
+    def label(self, agent: str, e: int) -> str:
+        """An agent's name in messages: its id, and its environment when there are several."""
+        return repr(agent) if self.sim.n_env == 1 else f"{agent!r} (env {e})"
+
+    def decode(self, actions: Any, live: list[list[str]], slot_owner: IntArray | None) -> SimActions:
+        """``actions[e]``: one action per live agent of environment e (``live[e]``)."""
+        self._check_agents(actions, live)
+        cfg, act = self.sim.cfg, SimActions()
+        if self.ops:
+            if cfg.agents.operator_action == "level":
+                act.price_multiplier = self._levels[self._discrete(actions, self.ops, len(self._levels))]
+            else:
+                act.price_multiplier = self._multipliers(actions)  # (E, Z)
+        if self.stns:
+            lv = self._discrete(actions, self.stns, len(self._fractions)).ravel()  # global station order
+            act.station_fraction = self._fractions[lv]
+        if self.view == "individual":
+            self._individual(actions, act)
+        elif self.view == "grouped":
+            self._grouped(actions, act, slot_owner)
+        return act
+
+    def _check_agents(self, actions: Any, live: list[list[str]]) -> None:
+        n_env = self.sim.n_env
+        if not isinstance(actions, list | tuple) or len(actions) != n_env:
+            raise ValueError(f"actions: expected a list of {n_env} dicts (one per environment), got "
+                             f"{describe(actions)}")
+        for e, (acts, agents) in enumerate(zip(actions, live)):
+            where = "actions" if n_env == 1 else f"actions[{e}]"
+            if not isinstance(acts, Mapping):
+                raise ValueError(f"{where}: expected a dict of agent id -> action, got {describe(acts)}")
+            unknown = [a for a in acts if a not in agents]
+            if unknown:
+                raise ValueError(f"{where}: {describe(unknown[0])} is not a live agent "
+                                 f"(live: {', '.join(agents[:5])}{', ...' if len(agents) > 5 else ''})")
+            missing = [a for a in agents if a not in acts]
+            if missing:
+                raise ValueError(f"{where}: no action for live agent {self.label(missing[0], e)}")
+
+    # ------------------------------------------------------------------ operators and stations
+
+    def _discrete(self, actions: list[Mapping], names: list[str], n: int) -> IntArray:
+        """Discrete actions of ``names`` in every environment, (E, len(names))."""
+        shape = (self.sim.n_env, len(names))
+        try:
+            raw = [[actions[e][a] for a in names] for e in range(shape[0])]
+            v = np.array(raw)
+            ok = v.shape == shape and np.issubdtype(v.dtype, np.integer) and v.min() >= 0 and v.max() < n \
+                and all(_is_int_scalar(x) for row in raw for x in row)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            v = np.array([[_int_action(actions[e][a], self.label(a, e), n) for a in names]
+                          for e in range(shape[0])]).reshape(shape)
+        return v
+
+    def _multipliers(self, actions: list[Mapping]) -> np.ndarray:
+        """Operators' price multipliers, (E, Z), within the market's range (``market.check_multiplier``)."""
+        cfg = self.sim.cfg.market
+        out = np.empty((self.sim.n_env, len(self.ops)))
+        for e in range(self.sim.n_env):
+            for z, a in enumerate(self.ops):
+                out[e, z] = _box_value(actions[e][a], self.label(a, e), "a price multiplier",
+                                       cfg.price_multiplier_min, cfg.price_multiplier_max)
+        try:
+            return mk.check_multiplier(out, cfg)
+        except ValueError:
+            for e in range(self.sim.n_env):  # name the first agent outside the range
+                for z, a in enumerate(self.ops):
+                    try:
+                        mk.check_multiplier(out[e, z], cfg)
+                    except ValueError as exc:
+                        raise ValueError(f"actions[{self.label(a, e)}]: {exc}") from None
+            raise
+
+    # ------------------------------------------------------------------ EVs
+
+    def _individual(self, actions: list[Mapping], act: SimActions) -> None:
+        sim = self.sim
+        idx = sim.plugged()
+        names = [f"ev_{k}" for k in sim.fleet.ev_index[idx]]
+        env = sim.day.env[idx]
+        try:
+            acts = [actions[e][a] for e, a in zip(env, names)]
+            ok = all(type(a) is dict and len(a) == 2 and _is_int_scalar(a["mode"]) for a in acts)
+            mode = np.array([a["mode"] for a in acts], dtype=np.int64 if ok else None)
+            power = np.array([a["power"] for a in acts]) if acts else np.zeros((0, 1))
+            ok = ok and _valid_evs(mode, power, (len(acts),), (len(acts), 1))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:  # the first bad action raises, naming its agent
+            checked = [_ev_action(actions[e][a], self.label(a, e)) for e, a in zip(env, names)]
+            mode = np.array([m for m, _ in checked], dtype=np.int64)
+            power = np.array([p for _, p in checked], dtype=float)
+        act.ev_mode = np.full(sim.day.sessions.n, IDLE, dtype=np.int64)
+        act.ev_power = np.zeros(sim.day.sessions.n)
+        act.ev_mode[idx] = mode
+        act.ev_power[idx] = np.asarray(power, dtype=float).reshape(-1)
+
+    def _grouped(self, actions: list[Mapping], act: SimActions, owner: IntArray) -> None:
+        sim, slots = self.sim, self.n_slots
+        names = [(e, f"evs_{j}") for e in range(sim.n_env) for j in range(sim.layout.n_station)]
+        try:
+            acts = [actions[e][a] for e, a in names]
+            ok = all(isinstance(a, Mapping) and a.keys() == _EV_KEYS for a in acts)
+            mode = np.array([a["mode"] for a in acts])
+            power = np.array([a["power"] for a in acts])
+            ok = ok and _valid_evs(mode, power, (len(names), slots), (len(names), slots))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:  # the first bad action raises, naming its agent
+            checked = [_grouped_action(actions[e][a], self.label(a, e), slots) for e, a in names]
+            mode, power = np.stack([m for m, _ in checked]), np.stack([p for _, p in checked])
+        occ = owner >= 0
+        act.ev_mode = np.full(sim.day.sessions.n, IDLE, dtype=np.int64)
+        act.ev_power = np.zeros(sim.day.sessions.n)
+        act.ev_mode[owner[occ]] = mode[occ]
+        act.ev_power[owner[occ]] = power[occ]
+
+
+def _valid_evs(mode: np.ndarray, power: np.ndarray, mode_shape: tuple, power_shape: tuple) -> bool:
+    return (mode.shape == mode_shape and np.issubdtype(mode.dtype, np.integer) and power.shape == power_shape
+            and _is_real_dtype(power.dtype) and (mode.size == 0 or (mode.min() >= 0 and mode.max() <= 2))
+            and bool(np.isfinite(power).all()) and (power.size == 0 or (power.min() >= 0 and power.max() <= 1)))
+
+
+def _is_int_scalar(x: Any) -> bool:
+    """In a ``Discrete`` space's domain: a Python or numpy integer, or a 0-d integer array (not a bool)."""
+    if isinstance(x, bool | np.bool_):
+        return False
+    if isinstance(x, Integral):
+        return True
+    return isinstance(x, np.ndarray) and x.shape == () and np.issubdtype(x.dtype, np.integer)
+
+
+def _is_real_dtype(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+
+
+def _int_action(a: Any, agent: str, n: int) -> int:
+    if not _is_int_scalar(a) or not 0 <= int(a) < n:
+        raise ValueError(f"actions[{agent}]: expected an integer in [0, {n - 1}] (its Discrete({n}) space), got "
+                         f"{describe(a)}")
+    return int(a)
+
+
+def _box_value(a: Any, agent: str, what: str, lo: float, hi: float) -> float:
+    """The one finite number of a ``Box((1,))`` action (an array of shape (1,), any real dtype)."""
+    v = np.asarray(a) if isinstance(a, np.ndarray | list | tuple) else None
+    if v is None or v.shape != (1,) or not _is_real_dtype(v.dtype) or not np.isfinite(v).all():
+        raise ValueError(f"actions[{agent}]: expected {what}: an array of shape (1,) holding a finite number in "
+                         f"[{lo}, {hi}], got {describe(a)}")
+    return float(v[0])
+
+
+def _ev_action(a: Any, agent: str) -> tuple[int, float]:
+    if not isinstance(a, Mapping) or a.keys() != _EV_KEYS:
+        raise ValueError(f"actions[{agent}]: expected {{'mode': 0|1|2, 'power': array([fraction])}} with exactly "
+                         f"these keys, got {describe(a)}")
+    mode = _int_action(a["mode"], f"{agent}]['mode'", 3)
+    p = _box_value(a["power"], f"{agent}]['power'", "a power fraction", 0.0, 1.0)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"actions[{agent}]['power']: expected a fraction in [0, 1], got {describe(a['power'])}")
+    return mode, p
+
+
+def _grouped_action(a: Any, agent: str, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(a, Mapping) or a.keys() != _EV_KEYS:
+        raise ValueError(f"actions[{agent}]: expected {{'mode': [{slots}] ints, 'power': [{slots}] fractions}} "
+                         f"with exactly these keys, got {describe(a)}")
+    mode, power = np.asarray(a["mode"]), np.asarray(a["power"])
+    if mode.shape != (slots,) or not np.issubdtype(mode.dtype, np.integer) or mode.min() < 0 or mode.max() > 2:
+        raise ValueError(f"actions[{agent}]['mode']: expected {slots} integers in [0, 2], got {describe(a['mode'])}")
+    if power.shape != (slots,) or not _is_real_dtype(power.dtype) or not np.isfinite(power).all() \
+            or power.min() < 0 or power.max() > 1:
+        raise ValueError(f"actions[{agent}]['power']: expected {slots} finite fractions in [0, 1], got "
+                         f"{describe(a['power'])}")
+    return mode, power.astype(float)
