@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from evgrid.validate import as_array, check_int, check_real
+from evgrid.validate import as_array, check_int, check_real, check_reals
 from evgrid.grid.profiles import OFFPEAK, PEAK, VALLEY, TouTariff
 
 log = logging.getLogger(__name__)
@@ -296,14 +296,7 @@ class MarketConfig:
             object.__setattr__(self, name, arr)
 
     def _check_levels(self, lo: float, hi: float) -> None:
-        levels = _tupled(self.price_levels)
-        expected = f"price_levels: expected a non-empty, strictly increasing sequence of multipliers in [{lo}, {hi}]"
-        if not isinstance(levels, tuple) or not levels or any(
-                isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(float(v)) for v in levels):
-            raise ValueError(f"{expected}, got {self.price_levels!r}")
-        levels = tuple(float(v) for v in levels)
-        if any(not lo <= v <= hi for v in levels) or any(b <= a for a, b in zip(levels, levels[1:])):
-            raise ValueError(f"{expected}, got {self.price_levels!r}")
+        levels = check_reals("price_levels", _tupled(self.price_levels), lo, hi, min_len=1, increasing=True)
         object.__setattr__(self, "price_levels", levels)
 
     def _check_elasticity(self, lo: float, hi: float) -> None:

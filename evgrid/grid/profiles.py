@@ -27,6 +27,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from evgrid.validate import check_real
+
 log = logging.getLogger(__name__)
 
 MIN_PER_DAY = 1440
@@ -99,12 +101,6 @@ def _check_rng(rng: object, *, required: bool) -> None:
                         f"got {type(rng).__name__}")
 
 
-def _check_real(name: str, value: object, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not lo <= float(value) <= hi:
-        raise ValueError(f"{name}: expected a number in [{lo}, {hi}], got {value!r}")
-    return float(value)
-
-
 def _ar1(rng: np.random.Generator, n_step: int, dt_min: int, tau_min: float) -> npt.NDArray[np.float64]:  # (n_step,)
     """Stationary AR(1) series, unit variance, correlation ``exp(-lag / tau_min)`` at a lag in minutes.
 
@@ -142,7 +138,7 @@ def load_shape(kind: str, *, dt_min: int = 15, days: int = 1, rng: np.random.Gen
         raise ValueError(f"kind: unknown load kind {kind!r}; expected one of {', '.join(LOAD_KINDS)}")
     n_step = step_count(dt_min, days)
     _check_rng(rng, required=False)
-    noise = _check_real("noise", noise, 0.0, 1.0)
+    noise = check_real("noise", noise, 0.0, 1.0)
     table_pu = np.asarray(_LOAD_TABLES_PU[kind], dtype=np.float64)  # (24,)
     # the 00:00 value repeated at 24:00 makes np.interp periodic across midnight
     shape = np.interp(_minute_of_day(dt_min, n_step), np.arange(25) * 60.0, np.append(table_pu, table_pu[0]))
@@ -170,11 +166,11 @@ def pv_profile(*, dt_min: int = 15, days: int = 1, rng: np.random.Generator | No
     """
     n_step = step_count(dt_min, days)
     _check_rng(rng, required=False)
-    sunrise_h = _check_real("sunrise_h", sunrise_h, 0.0, 24.0)
-    sunset_h = _check_real("sunset_h", sunset_h, 0.0, 24.0)
+    sunrise_h = check_real("sunrise_h", sunrise_h, 0.0, 24.0)
+    sunset_h = check_real("sunset_h", sunset_h, 0.0, 24.0)
     if not sunrise_h < sunset_h:
         raise ValueError(f"sunrise_h: expected sunrise_h < sunset_h, got sunrise_h={sunrise_h}, sunset_h={sunset_h}")
-    cloudiness = _check_real("cloudiness", cloudiness, 0.0, 1.0)
+    cloudiness = check_real("cloudiness", cloudiness, 0.0, 1.0)
 
     day_h = sunset_h - sunrise_h
     start_h = _minute_of_day(dt_min, n_step) / 60.0
@@ -211,9 +207,9 @@ def _cloud_factor(rng: np.random.Generator, n_step: int, dt_min: int,
 
 
 def _check_power_curve(cut_in_m_per_s: float, rated_m_per_s: float, cut_out_m_per_s: float) -> tuple[float, ...]:
-    cut_in = _check_real("cut_in_m_per_s", cut_in_m_per_s, 0.0, 100.0)
-    rated = _check_real("rated_m_per_s", rated_m_per_s, 0.0, 100.0)
-    cut_out = _check_real("cut_out_m_per_s", cut_out_m_per_s, 0.0, 100.0)
+    cut_in = check_real("cut_in_m_per_s", cut_in_m_per_s, 0.0, 100.0)
+    rated = check_real("rated_m_per_s", rated_m_per_s, 0.0, 100.0)
+    cut_out = check_real("cut_out_m_per_s", cut_out_m_per_s, 0.0, 100.0)
     if not cut_in < rated <= cut_out:
         raise ValueError(f"cut_in_m_per_s, rated_m_per_s, cut_out_m_per_s: expected cut_in < rated <= cut_out, "
                          f"got {cut_in}, {rated}, {cut_out}")
@@ -244,7 +240,7 @@ def wind_speed(*, dt_min: int = 15, days: int = 1, rng: np.random.Generator,
     """
     n_step = step_count(dt_min, days)
     _check_rng(rng, required=True)
-    mean_speed_m_per_s = _check_real("mean_speed_m_per_s", mean_speed_m_per_s, 1e-9, 100.0)
+    mean_speed_m_per_s = check_real("mean_speed_m_per_s", mean_speed_m_per_s, 1e-9, 100.0)
     # Rayleigh(sigma) has mean sigma * sqrt(pi / 2)
     sigma_m_per_s = mean_speed_m_per_s * math.sqrt(2.0 / math.pi)
     x = _ar1(rng, n_step, dt_min, _WIND_TAU_MIN)
