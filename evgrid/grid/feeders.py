@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -349,49 +349,16 @@ def feeder_from_net(
     rating_margin: float = 1.5,
 ) -> Feeder:
     """Wrap any pandapower net with one external grid as a :class:`Feeder`."""
-    if not 0.0 < v_min_pu < 1.0 < v_max_pu < 2.0:
-        raise ValueError(f"v_min_pu, v_max_pu: expected 0 < v_min_pu < 1 < v_max_pu < 2, got {v_min_pu}, {v_max_pu}")
-    if rating_margin < 1.0:
-        raise ValueError(f"rating_margin: expected >= 1, got {rating_margin}")
-    if int(net.ext_grid.in_service.sum()) != 1:
-        raise ValueError(f"net: expected exactly one in-service ext_grid, found {int(net.ext_grid.in_service.sum())}")
-    if len(net.gen) and net.gen.in_service.any():
-        raise ValueError("net: voltage-controlled generators (net.gen) are not supported; model DER as sgen")
+    _check_net(net, v_min_pu, v_max_pu, rating_margin)
     pp.runpp(net, calculate_voltage_angles=True)
     bus_ids = net.bus.index.to_numpy(dtype=np.int64)
     n_bus = bus_ids.size
     pos = {int(b): i for i, b in enumerate(bus_ids)}
     vn_kv = net.bus.vn_kv.to_numpy(dtype=float)
-
-    load = net.load[net.load.in_service]
-    base_p_kw = np.zeros(n_bus)
-    base_q_kvar = np.zeros(n_bus)
-    lb = np.array([pos[int(b)] for b in load.bus], dtype=np.int64)
-    np.add.at(base_p_kw, lb, (load.p_mw * load.scaling).to_numpy() * 1e3)
-    np.add.at(base_q_kvar, lb, (load.q_mvar * load.scaling).to_numpy() * 1e3)
-
-    lines = net.line[net.line.in_service]
-    line_ids = lines.index.to_numpy(dtype=np.int64)
-    i_max = (lines.max_i_ka * lines.df * lines.parallel).to_numpy(dtype=float)
-    if np.any(i_max > 1e4):  # pandapower marks "unrated" with 99999 kA
-        i_base = np.maximum(net.res_line.i_ka.loc[line_ids].to_numpy(), 1e-6)
-        rated = np.array([min((a for a in _STANDARD_AMPACITY_KA if a >= rating_margin * i), default=math.ceil(
-            rating_margin * i * 10) / 10) for i in i_base])
-        i_max = np.where(i_max > 1e4, rated, i_max)
-        net.line.loc[line_ids, "max_i_ka"] = i_max / (lines.df * lines.parallel).to_numpy()
-        pp.runpp(net, calculate_voltage_angles=True)  # so the stored results carry the ratings
-        log.info("feeder %s: rated %d unrated lines at %.1fx base-case current", name, len(line_ids), rating_margin)
+    base_p_kw, base_q_kvar = _nominal_loads(net, pos)
+    line_ids, i_max = _line_ratings(net, name, rating_margin)
     trafo_ids = net.trafo.index[net.trafo.in_service].to_numpy(dtype=np.int64)
-
-    sg = net.sgen[net.sgen.in_service] if len(net.sgen) else net.sgen
-    if len(sg):
-        kinds = tuple(str(k) for k in sg["type"].fillna("pv"))
-        p_max = sg["max_p_mw"] if "max_p_mw" in sg else sg["p_mw"]
-        der_bus = np.array([pos[int(b)] for b in sg.bus], dtype=np.int64)
-        der_p_max_kw = p_max.to_numpy(dtype=float) * 1e3
-    else:
-        kinds, der_bus, der_p_max_kw = (), np.zeros(0, np.int64), np.zeros(0)
-
+    kinds, der_bus, der_p_max_kw = _der_sites(net, pos)
     slack_bus = pos[int(net.ext_grid.bus[net.ext_grid.in_service].iloc[0])]
     try:
         tree, mesh_error = _radial_tree(net, bus_ids, line_ids, trafo_ids, i_max), None
@@ -409,15 +376,101 @@ def feeder_from_net(
     )
 
 
+def _check_net(net: pp.pandapowerNet, v_min_pu: float, v_max_pu: float, rating_margin: float) -> None:
+    """Refuse limits out of range and nets that :func:`feeder_from_net` cannot wrap."""
+    if not 0.0 < v_min_pu < 1.0 < v_max_pu < 2.0:
+        raise ValueError(f"v_min_pu, v_max_pu: expected 0 < v_min_pu < 1 < v_max_pu < 2, got {v_min_pu}, {v_max_pu}")
+    if rating_margin < 1.0:
+        raise ValueError(f"rating_margin: expected >= 1, got {rating_margin}")
+    if int(net.ext_grid.in_service.sum()) != 1:
+        raise ValueError(f"net: expected exactly one in-service ext_grid, found {int(net.ext_grid.in_service.sum())}")
+    if len(net.gen) and net.gen.in_service.any():
+        raise ValueError("net: voltage-controlled generators (net.gen) are not supported; model DER as sgen")
+
+
+def _nominal_loads(net: pp.pandapowerNet, pos: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """In-service loads summed per bus: ``(p_kw, q_kvar)``, each (n_bus,) in ``pos`` order."""
+    load = net.load[net.load.in_service]
+    base_p_kw = np.zeros(len(pos))
+    base_q_kvar = np.zeros(len(pos))
+    lb = np.array([pos[int(b)] for b in load.bus], dtype=np.int64)
+    np.add.at(base_p_kw, lb, (load.p_mw * load.scaling).to_numpy() * 1e3)
+    np.add.at(base_q_kvar, lb, (load.q_mvar * load.scaling).to_numpy() * 1e3)
+    return base_p_kw, base_q_kvar
+
+
+def _line_ratings(net: pp.pandapowerNet, name: str, rating_margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """In-service line ids and their ampacities [kA], derating and parallels included.
+
+    Unrated lines get the smallest standard ampacity at least ``rating_margin``
+    times their base-case current; that rating is written back to ``net`` and
+    the power flow re-run, so the stored results carry it.
+    """
+    lines = net.line[net.line.in_service]
+    line_ids = lines.index.to_numpy(dtype=np.int64)
+    i_max = (lines.max_i_ka * lines.df * lines.parallel).to_numpy(dtype=float)
+    if np.any(i_max > 1e4):  # pandapower marks "unrated" with 99999 kA
+        i_base = np.maximum(net.res_line.i_ka.loc[line_ids].to_numpy(), 1e-6)
+        rated = np.array([min((a for a in _STANDARD_AMPACITY_KA if a >= rating_margin * i), default=math.ceil(
+            rating_margin * i * 10) / 10) for i in i_base])
+        i_max = np.where(i_max > 1e4, rated, i_max)
+        net.line.loc[line_ids, "max_i_ka"] = i_max / (lines.df * lines.parallel).to_numpy()
+        pp.runpp(net, calculate_voltage_angles=True)  # so the stored results carry the ratings
+        log.info("feeder %s: rated %d unrated lines at %.1fx base-case current", name, len(line_ids), rating_margin)
+    return line_ids, i_max
+
+
+def _der_sites(net: pp.pandapowerNet, pos: dict[int, int]) -> tuple[tuple[str, ...], np.ndarray, np.ndarray]:
+    """In-service static generators as DER sites: kinds, bus positions, capacities [kW]."""
+    sg = net.sgen[net.sgen.in_service] if len(net.sgen) else net.sgen
+    if not len(sg):
+        return (), np.zeros(0, np.int64), np.zeros(0)
+    kinds = tuple(str(k) for k in sg["type"].fillna("pv"))
+    p_max = sg["max_p_mw"] if "max_p_mw" in sg else sg["p_mw"]
+    der_bus = np.array([pos[int(b)] for b in sg.bus], dtype=np.int64)
+    return kinds, der_bus, p_max.to_numpy(dtype=float) * 1e3
+
+
 def _radial_tree(net, bus_ids, line_ids, trafo_ids, line_i_max_ka) -> RadialTree:
+    """The :class:`RadialTree` of a net whose power flow has just run (it reads pandapower's internal model)."""
     ppci = net._ppc["internal"]
     lookup = net._pd2ppc_lookups["bus"]
-    n_node = ppci["bus"].shape[0]
+    br = _branch_admittances(ppci)
+    order, parent_of, branch_in = _sweep_order(net, ppci, br, _node_labeller(lookup, bus_ids))
+    idx = {node: i for i, node in enumerate(order)}
+    parent = np.array([-1] + [idx[parent_of[n]] for n in order[1:]], dtype=np.int64)
+    coef, r_pu, x_pu, forward, br_of_node = _node_coefficients(br, order, parent_of, branch_in)
+    elem_node, ibase, rating = _rated_elements(net, ppci, order, parent, forward, br_of_node, line_ids, trafo_ids,
+                                               line_i_max_ka)
+    eg = net.ext_grid[net.ext_grid.in_service].iloc[0]
+    va = float(eg.va_degree)
+    return RadialTree(
+        parent=parent, coef=coef,
+        node_of_bus=np.array([idx[int(lookup[b])] for b in bus_ids], dtype=np.int64),
+        v_slack=complex(float(eg.vm_pu) * np.exp(1j * np.deg2rad(va))), va_slack_deg=va,
+        base_mva=float(ppci["baseMVA"]), elem_node=elem_node, elem_ibase_ka=ibase, elem_rating_ka=rating,
+        r_pu=r_pu, x_pu=x_pu,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _BranchAdmittances:
+    """pandapower's internal (ppci) branches as two-ports, in ppci branch order, p.u."""
+
+    f: npt.NDArray[np.int64]  # (n_br,) from node
+    t: npt.NDArray[np.int64]  # (n_br,) to node
+    yff: npt.NDArray[np.complex128]  # (n_br,)
+    yft: npt.NDArray[np.complex128]  # (n_br,)
+    ytf: npt.NDArray[np.complex128]  # (n_br,)
+    ytt: npt.NDArray[np.complex128]  # (n_br,)
+    y_sh: npt.NDArray[np.complex128]  # (n_node,) Ybus diagonal less the branches' own ends: the node's shunts
+
+
+def _branch_admittances(ppci: dict) -> _BranchAdmittances:
     Yf, Yt, Ybus = ppci["Yf"].tocsr(), ppci["Yt"].tocsr(), ppci["Ybus"].tocsr()
     f = ppci["branch"][:, 0].real.astype(np.int64)
     t = ppci["branch"][:, 1].real.astype(np.int64)
-    n_br = f.size
-    k = np.arange(n_br)
+    k = np.arange(f.size)
     yff = np.asarray(Yf[k, f]).ravel()
     yft = np.asarray(Yf[k, t]).ravel()
     ytf = np.asarray(Yt[k, f]).ravel()
@@ -425,7 +478,11 @@ def _radial_tree(net, bus_ids, line_ids, trafo_ids, line_i_max_ka) -> RadialTree
     y_sh = Ybus.diagonal().copy()
     np.subtract.at(y_sh, f, yff)
     np.subtract.at(y_sh, t, ytt)
+    return _BranchAdmittances(f=f, t=t, yff=yff, yft=yft, ytf=ytf, ytt=ytt, y_sh=y_sh)
 
+
+def _node_labeller(lookup, bus_ids) -> Callable[[int], str]:
+    """``label(node)``: a ppci node named for error messages, by the first feeder bus that maps to it."""
     ppbus_of_node = {}
     for b in bus_ids:
         ppbus_of_node.setdefault(int(lookup[b]), int(b))
@@ -433,19 +490,32 @@ def _radial_tree(net, bus_ids, line_ids, trafo_ids, line_i_max_ka) -> RadialTree
     def label(node: int) -> str:
         return f"bus {ppbus_of_node[node]}" if node in ppbus_of_node else f"internal node {node}"
 
+    return label
+
+
+def _sweep_order(net, ppci, br: _BranchAdmittances,
+                 label: Callable[[int], str]) -> tuple[list[int], dict[int, int], dict[int, int]]:
+    """Breadth-first tree of the ppci nodes from the slack: parents precede children.
+
+    Returns the nodes in that order, each node's parent node and the ppci
+    branch it hangs from (both -1 at the slack).  Raises
+    :class:`MeshedFeederError` on a loop or a node the slack does not reach.
+    """
+    n_node = ppci["bus"].shape[0]
+    f, t = br.f, br.t
     ref = np.asarray(ppci["ref"]).ravel()
     if ref.size != 1:
         raise MeshedFeederError(f"expected one slack bus, found {ref.size}")
     root = int(ref[0])
     adj: list[list[tuple[int, int]]] = [[] for _ in range(n_node)]
-    for kk in range(n_br):
+    for kk in range(f.size):
         adj[f[kk]].append((t[kk], kk))
         adj[t[kk]].append((f[kk], kk))
     order = [root]
     parent_of = {root: -1}
     branch_in = {root: -1}
     head = 0
-    while head < len(order):  # breadth-first: parents precede children
+    while head < len(order):
         u = order[head]
         head += 1
         for v, kk in adj[u]:
@@ -459,26 +529,32 @@ def _radial_tree(net, bus_ids, line_ids, trafo_ids, line_i_max_ka) -> RadialTree
     if len(order) != n_node:
         missing = sorted(set(range(n_node)) - set(parent_of))
         raise MeshedFeederError(f"nodes not connected to the slack: {', '.join(label(m) for m in missing[:10])}")
+    return order, parent_of, branch_in
 
-    idx = {node: i for i, node in enumerate(order)}
-    parent = np.array([-1] + [idx[parent_of[n]] for n in order[1:]], dtype=np.int64)
+
+def _node_coefficients(br: _BranchAdmittances, order: list[int], parent_of: dict[int, int],
+                       branch_in: dict[int, int]) -> tuple[np.ndarray, ...]:
+    """Per node in sweep order: :class:`RadialTree`'s ``coef`` rows, the incoming branch's
+    series ``r_pu``, ``x_pu``, whether that branch runs parent -> node in ppci's
+    from -> to (``forward``), and its ppci branch (``br_of_node``, -1 at the slack)."""
+    n_node = len(order)
     coef = np.zeros((n_node, 10))
     r_pu = np.zeros(n_node)
     x_pu = np.zeros(n_node)
-    forward = np.ones(n_node, dtype=bool)  # branch runs parent -> node in ppci's from -> to
+    forward = np.ones(n_node, dtype=bool)
     br_of_node = np.full(n_node, -1, dtype=np.int64)
     for i, node in enumerate(order):
-        ysh = y_sh[node]
+        ysh = br.y_sh[node]
         coef[i, 8], coef[i, 9] = ysh.real, ysh.imag
         if i == 0:
             continue
         kk = branch_in[node]
         br_of_node[i] = kk
-        if f[kk] == parent_of[node]:
-            Yff, Yft, Ytf, Ytt = yff[kk], yft[kk], ytf[kk], ytt[kk]
+        if br.f[kk] == parent_of[node]:
+            Yff, Yft, Ytf, Ytt = br.yff[kk], br.yft[kk], br.ytf[kk], br.ytt[kk]
         else:
             forward[i] = False
-            Yff, Yft, Ytf, Ytt = ytt[kk], ytf[kk], yft[kk], yff[kk]
+            Yff, Yft, Ytf, Ytt = br.ytt[kk], br.ytf[kk], br.yft[kk], br.yff[kk]
         s = Yff - Yft * Ytf / Ytt
         a = -Yft / Ytt
         c = -Ytf / Ytt
@@ -486,10 +562,15 @@ def _radial_tree(net, bus_ids, line_ids, trafo_ids, line_i_max_ka) -> RadialTree
         coef[i, 0:8] = s.real, s.imag, a.real, a.imag, c.real, c.imag, z.real, z.imag
         zs = -1.0 / Yft  # series impedance (tap-scaled) for sensitivities
         r_pu[i], x_pu[i] = zs.real, zs.imag
+    return coef, r_pu, x_pu, forward, br_of_node
 
+
+def _rated_elements(net, ppci, order, parent, forward, br_of_node, line_ids, trafo_ids,
+                    line_i_max_ka) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:class:`RadialTree`'s ``elem_node``, ``elem_ibase_ka`` and ``elem_rating_ka``: lines, then transformers."""
     # ppci branch rows: pandapower's lines, then trafos, minus out-of-service rows
     ppc_rows = np.cumsum(np.asarray(ppci["branch_is"], dtype=bool)) - 1
-    node_of_br = {int(br_of_node[i]): i for i in range(1, n_node)}
+    node_of_br = {int(br_of_node[i]): i for i in range(1, len(order))}
     lookups = net._pd2ppc_lookups["branch"]
     base_mva = float(ppci["baseMVA"])
     base_kv = ppci["bus"][:, 9].real
@@ -512,15 +593,8 @@ def _radial_tree(net, bus_ids, line_ids, trafo_ids, line_i_max_ka) -> RadialTree
         tr = net.trafo.loc[trafo_ids]
         add("trafo", trafo_ids, (tr.sn_mva / (math.sqrt(3) * tr.vn_hv_kv)).to_numpy() * tr.parallel.to_numpy(),
             (tr.sn_mva / (math.sqrt(3) * tr.vn_lv_kv)).to_numpy() * tr.parallel.to_numpy())
-    eg = net.ext_grid[net.ext_grid.in_service].iloc[0]
-    va = float(eg.va_degree)
-    return RadialTree(
-        parent=parent, coef=coef,
-        node_of_bus=np.array([idx[int(lookup[b])] for b in bus_ids], dtype=np.int64),
-        v_slack=complex(float(eg.vm_pu) * np.exp(1j * np.deg2rad(va))), va_slack_deg=va, base_mva=base_mva,
-        elem_node=np.array(elem_node, dtype=np.int64), elem_ibase_ka=np.array(ibase, dtype=float).reshape(-1, 2),
-        elem_rating_ka=np.array(rating, dtype=float).reshape(-1, 2), r_pu=r_pu, x_pu=x_pu,
-    )
+    return (np.array(elem_node, dtype=np.int64), np.array(ibase, dtype=float).reshape(-1, 2),
+            np.array(rating, dtype=float).reshape(-1, 2))
 
 
 def _describe_loop(u, v, kk, parent_of, label, net, ppci) -> str:

@@ -86,59 +86,78 @@ def solver_net(feeder: Feeder) -> tuple[pp.pandapowerNet, npt.NDArray[np.int64]]
     for table in ("load", "sgen", "storage"):
         if len(net[table]):
             net[table] = net[table].iloc[0:0]
-    for table in ("trafo3w", "impedance", "ward", "xward", "dcline", "motor", "asymmetric_load",
-                  "asymmetric_sgen", "svc", "tcsc", "ssc", "vsc"):
-        if table in net and len(net[table]) and net[table].in_service.any():
-            raise NotImplementedError(f"feeder {feeder.name!r}: in-service {table} elements are not supported "
-                                      "by the external solver runners")
+    _refuse_unsupported_elements(net, feeder.name)
     if len(net.switch):
-        sw = net.switch
-        bad = sw[(sw.et == "b") & sw.closed]
-        if len(bad):
-            raise NotImplementedError(f"feeder {feeder.name!r}: closed bus-bus switches {list(bad.index)} are not "
-                                      "supported by the external solver runners")
-        bad = sw[(sw.et == "t") & ~sw.closed]
-        if len(bad):
-            raise NotImplementedError(f"feeder {feeder.name!r}: open transformer switches {list(bad.index)} are not "
-                                      "supported by the external solver runners")
-        opened = sw[(sw.et == "l") & ~sw.closed]
-        for line, group in opened.groupby("element"):
-            row = net.line.loc[line]
-            ends = set(int(b) for b in group.bus)
-            if not row.in_service:
-                continue
-            if ends >= {int(row.from_bus), int(row.to_bus)}:
-                net.line.loc[line, "in_service"] = False
-                continue
-            for bus in ends:
-                side = "from_bus" if bus == int(row.from_bus) else "to_bus"
-                aux = pp.create_bus(net, vn_kv=float(net.bus.vn_kv.at[bus]), name=f"aux: line {line} open at bus {bus}")
-                net.line.loc[line, side] = aux
-        net.switch = net.switch.iloc[0:0]
+        _resolve_switches(net, feeder.name)
     if len(net.trafo):
-        tr = net.trafo
-        if "tap_dependency_table" in tr and tr.tap_dependency_table.fillna(False).astype(bool).any():
-            raise NotImplementedError(f"feeder {feeder.name!r}: transformers with tap dependency tables are not "
-                                      "supported by the external solver runners")
-        kind = tr.tap_changer_type if "tap_changer_type" in tr else pd.Series(None, index=tr.index, dtype=object)
-        # pandapower applies a tap only where a tap changer type is given
-        net.trafo.loc[kind.isna(), "tap_pos"] = tr.tap_neutral[kind.isna()]
-        off = tr.tap_pos.fillna(0.0) != tr.tap_neutral.fillna(0.0)
-        bad = tr[off & ~kind.isna() & ~kind.isin(["Ratio", "Symmetrical"])]
-        if len(bad):
-            raise NotImplementedError(f"feeder {feeder.name!r}: transformers {list(bad.index)} sit off their neutral "
-                                      f"tap with tap changer type {list(bad.tap_changer_type)}; only 'Ratio' and "
-                                      "'Symmetrical' are supported")
-    if not np.array_equal(net.bus.index.to_numpy(), np.arange(len(net.bus))):
-        old = net.bus.index.to_numpy()
-        pp.toolbox.create_continuous_bus_index(net, start=0)
-        new_of_old = dict(zip(old.tolist(), range(len(old))))
-    else:
-        new_of_old = {int(b): int(b) for b in net.bus.index}
+        _normalise_taps(net, feeder.name)
+    new_of_old = _contiguous_bus_index(net)
     bus_pos = np.array([new_of_old[int(b)] for b in feeder.bus_ids], dtype=np.int64)
     for b in bus_pos:
         pp.create_load(net, bus=int(b), p_mw=0.0, q_mvar=0.0)
     return net, bus_pos
+
+
+def _refuse_unsupported_elements(net: pp.pandapowerNet, name: str) -> None:
+    """NotImplementedError for in-service elements that neither runner converts."""
+    for table in ("trafo3w", "impedance", "ward", "xward", "dcline", "motor", "asymmetric_load",
+                  "asymmetric_sgen", "svc", "tcsc", "ssc", "vsc"):
+        if table in net and len(net[table]) and net[table].in_service.any():
+            raise NotImplementedError(f"feeder {name!r}: in-service {table} elements are not supported "
+                                      "by the external solver runners")
+
+
+def _resolve_switches(net: pp.pandapowerNet, name: str) -> None:
+    """Apply the switches to the lines in place and drop them (see :func:`solver_net`)."""
+    sw = net.switch
+    bad = sw[(sw.et == "b") & sw.closed]
+    if len(bad):
+        raise NotImplementedError(f"feeder {name!r}: closed bus-bus switches {list(bad.index)} are not "
+                                  "supported by the external solver runners")
+    bad = sw[(sw.et == "t") & ~sw.closed]
+    if len(bad):
+        raise NotImplementedError(f"feeder {name!r}: open transformer switches {list(bad.index)} are not "
+                                  "supported by the external solver runners")
+    opened = sw[(sw.et == "l") & ~sw.closed]
+    for line, group in opened.groupby("element"):
+        row = net.line.loc[line]
+        ends = set(int(b) for b in group.bus)
+        if not row.in_service:
+            continue
+        if ends >= {int(row.from_bus), int(row.to_bus)}:
+            net.line.loc[line, "in_service"] = False
+            continue
+        for bus in ends:
+            side = "from_bus" if bus == int(row.from_bus) else "to_bus"
+            aux = pp.create_bus(net, vn_kv=float(net.bus.vn_kv.at[bus]), name=f"aux: line {line} open at bus {bus}")
+            net.line.loc[line, side] = aux
+    net.switch = net.switch.iloc[0:0]
+
+
+def _normalise_taps(net: pp.pandapowerNet, name: str) -> None:
+    """Set untyped tap changers to neutral in place; refuse taps the runners cannot model."""
+    tr = net.trafo
+    if "tap_dependency_table" in tr and tr.tap_dependency_table.fillna(False).astype(bool).any():
+        raise NotImplementedError(f"feeder {name!r}: transformers with tap dependency tables are not "
+                                  "supported by the external solver runners")
+    kind = tr.tap_changer_type if "tap_changer_type" in tr else pd.Series(None, index=tr.index, dtype=object)
+    # pandapower applies a tap only where a tap changer type is given
+    net.trafo.loc[kind.isna(), "tap_pos"] = tr.tap_neutral[kind.isna()]
+    off = tr.tap_pos.fillna(0.0) != tr.tap_neutral.fillna(0.0)
+    bad = tr[off & ~kind.isna() & ~kind.isin(["Ratio", "Symmetrical"])]
+    if len(bad):
+        raise NotImplementedError(f"feeder {name!r}: transformers {list(bad.index)} sit off their neutral "
+                                  f"tap with tap changer type {list(bad.tap_changer_type)}; only 'Ratio' and "
+                                  "'Symmetrical' are supported")
+
+
+def _contiguous_bus_index(net: pp.pandapowerNet) -> dict[int, int]:
+    """Renumber the buses 0..n-1 in place; returns each old bus index's new one."""
+    if not np.array_equal(net.bus.index.to_numpy(), np.arange(len(net.bus))):
+        old = net.bus.index.to_numpy()
+        pp.toolbox.create_continuous_bus_index(net, start=0)
+        return dict(zip(old.tolist(), range(len(old))))
+    return {int(b): int(b) for b in net.bus.index}
 
 
 def _as_batch(feeder: Feeder, p_kw: npt.ArrayLike, q_kvar: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -415,131 +434,15 @@ def pgm_input_data(net: pp.pandapowerNet, bus_pos: npt.NDArray[np.int64], *,
     Returns the dataset, the row in the node table of each feeder bus, and the
     ``sym_load`` ids in feeder bus order.
     """
-    from power_grid_model import ComponentType, DatasetType, LoadGenType, WindingType, initialize_array
+    from power_grid_model import ComponentType
 
-    next_id = 0
-
-    def ids(n: int) -> np.ndarray:
-        nonlocal next_id
-        out = np.arange(next_id, next_id + n, dtype=np.int32)
-        next_id += n
-        return out
-
-    buses = net.bus[net.bus.in_service]
-    node = initialize_array(DatasetType.input, ComponentType.node, len(buses))
-    node["id"] = ids(len(buses))
-    node["u_rated"] = buses.vn_kv.to_numpy() * 1e3
-    node_id = dict(zip(buses.index.tolist(), node["id"].tolist()))
-    row_of_bus = dict(zip(buses.index.tolist(), range(len(buses))))
-
-    def nodes_of(b) -> np.ndarray:
-        try:
-            return np.array([node_id[int(x)] for x in b], dtype=np.int32)
-        except KeyError as exc:
-            raise NotImplementedError(f"an in-service element is connected to out-of-service bus {exc}") from None
-
-    lines = net.line[net.line.in_service]
-    line = initialize_array(DatasetType.input, ComponentType.line, len(lines))
-    if len(lines):
-        km = lines.length_km.to_numpy(dtype=float)
-        par = lines.parallel.to_numpy(dtype=float)
-        c_f = lines.c_nf_per_km.to_numpy(dtype=float) * 1e-9 * km * par
-        g_s = lines.g_us_per_km.to_numpy(dtype=float) * 1e-6 * km * par
-        if np.any((g_s > 0) & (c_f <= 0)):
-            raise NotImplementedError("lines with conductance g_us_per_km but no capacitance")
-        line["id"] = ids(len(lines))
-        line["from_node"] = nodes_of(lines.from_bus)
-        line["to_node"] = nodes_of(lines.to_bus)
-        line["from_status"] = 1
-        line["to_status"] = 1
-        line["r1"] = lines.r_ohm_per_km.to_numpy(dtype=float) * km / par
-        line["x1"] = lines.x_ohm_per_km.to_numpy(dtype=float) * km / par
-        line["c1"] = c_f
-        line["tan1"] = np.divide(g_s, 2.0 * math.pi * float(net.f_hz) * c_f, out=np.zeros_like(c_f), where=c_f > 0)
-
-    trafos = net.trafo[net.trafo.in_service]
-    trafo = initialize_array(DatasetType.input, ComponentType.transformer, len(trafos))
-    if len(trafos):
-        if np.any(trafos.i0_percent.fillna(0.0).to_numpy() != 0) or np.any(trafos.pfe_kw.fillna(0.0).to_numpy() != 0):
-            raise NotImplementedError("transformers with a magnetising branch (i0_percent, pfe_kw != 0): pandapower's "
-                                      "T model and PGM's transformer model differ")
-        tap_nom = trafos.tap_neutral.fillna(0.0).to_numpy()
-        tap_pos = trafos.tap_pos.fillna(pd.Series(tap_nom, index=trafos.index)).to_numpy()
-        tap_step = trafos.tap_step_percent.fillna(0.0).to_numpy(dtype=float)
-        if np.any(tap_pos != np.round(tap_pos)) or np.any(tap_nom != np.round(tap_nom)):
-            raise NotImplementedError("transformer tap positions must be integers")
-        step_deg = trafos.tap_step_degree.fillna(0.0).to_numpy() if "tap_step_degree" in trafos else 0.0 * tap_nom
-        if np.any(step_deg[tap_pos != tap_nom] != 0):
-            raise NotImplementedError("phase-shifting tap changers are not converted")
-        tap_lv = (trafos.tap_side == "lv").to_numpy()
-        shift = trafos.shift_degree.fillna(0.0).to_numpy(dtype=float)
-        clock = np.round(shift / 30.0).astype(int) % 12
-        if np.any(np.abs(shift - 30.0 * np.round(shift / 30.0)) > 1e-9):
-            raise NotImplementedError("transformer phase shifts that are not a multiple of 30 degrees")
-        par = trafos.parallel.to_numpy(dtype=float)
-        sn_va = trafos.sn_mva.to_numpy(dtype=float) * 1e6 * par
-        trafo["id"] = ids(len(trafos))
-        trafo["from_node"] = nodes_of(trafos.hv_bus)
-        trafo["to_node"] = nodes_of(trafos.lv_bus)
-        trafo["from_status"] = 1
-        trafo["to_status"] = 1
-        trafo["u1"] = trafos.vn_hv_kv.to_numpy(dtype=float) * 1e3
-        trafo["u2"] = trafos.vn_lv_kv.to_numpy(dtype=float) * 1e3
-        trafo["sn"] = sn_va
-        trafo["uk"] = trafos.vk_percent.to_numpy(dtype=float) / 100.0
-        trafo["pk"] = trafos.vkr_percent.to_numpy(dtype=float) / 100.0 * sn_va
-        trafo["i0"] = 0.0
-        trafo["p0"] = 0.0
-        # an odd clock needs one delta winding; the winding types only matter
-        # for asymmetric and short-circuit calculations
-        trafo["winding_from"] = np.where(clock % 2 == 1, WindingType.delta, WindingType.wye_n)
-        trafo["winding_to"] = WindingType.wye_n
-        trafo["clock"] = clock
-        # pandapower: the tap-side rated voltage times 1 + (pos - neutral) * step%;
-        # PGM: u1 (tap_side 0, from = hv) or u2 (1) plus (tap_pos - tap_nom) * tap_size
-        trafo["tap_side"] = np.where(tap_lv, 1, 0)
-        trafo["tap_pos"] = tap_pos
-        trafo["tap_nom"] = tap_nom
-        trafo["tap_min"] = np.minimum(trafos.tap_min.fillna(0.0).to_numpy(), np.minimum(tap_pos, tap_nom))
-        trafo["tap_max"] = np.maximum(trafos.tap_max.fillna(0.0).to_numpy(), np.maximum(tap_pos, tap_nom))
-        trafo["tap_size"] = tap_step / 100.0 * np.where(tap_lv, trafo["u2"], trafo["u1"])
-
-    shunts = net.shunt[net.shunt.in_service] if len(net.shunt) else net.shunt
-    shunt = initialize_array(DatasetType.input, ComponentType.shunt, len(shunts))
-    if len(shunts):
-        # pandapower: p_mw, q_mvar drawn at vn_kv (per step); PGM: admittance in S
-        vn2 = (shunts.vn_kv.to_numpy(dtype=float)) ** 2
-        step = shunts.step.to_numpy(dtype=float)
-        shunt["id"] = ids(len(shunts))
-        shunt["node"] = nodes_of(shunts.bus)
-        shunt["status"] = 1
-        shunt["g1"] = shunts.p_mw.to_numpy(dtype=float) * step / vn2
-        shunt["b1"] = -shunts.q_mvar.to_numpy(dtype=float) * step / vn2
-
-    egs = net.ext_grid[net.ext_grid.in_service]
-    if len(egs) != 1:
-        raise NotImplementedError(f"expected one in-service ext_grid, found {len(egs)}")
-    source = initialize_array(DatasetType.input, ComponentType.source, 1)
-    source["id"] = ids(1)
-    source["node"] = nodes_of(egs.bus)
-    source["status"] = 1
-    source["u_ref"] = float(egs.vm_pu.iloc[0])
-    source["u_ref_angle"] = math.radians(float(egs.va_degree.iloc[0]))
-    source["sk"] = float(source_sk_va)
-    source["rx_ratio"] = 0.1
-    source["z01_ratio"] = 1.0
-
-    loads = net.load
-    sym_load = initialize_array(DatasetType.input, ComponentType.sym_load, len(loads))
-    sym_load["id"] = ids(len(loads))
-    sym_load["node"] = nodes_of(loads.bus)
-    sym_load["status"] = 1
-    sym_load["type"] = LoadGenType.const_power
-    sym_load["p_specified"] = 0.0
-    sym_load["q_specified"] = 0.0
-    if not np.array_equal(loads.bus.to_numpy(dtype=np.int64), bus_pos):
-        raise AssertionError("solver_net must create one load per feeder bus, in feeder bus order")
-
+    ids = _PgmIds()
+    node, node_id, row_of_bus = _pgm_nodes(net, ids)
+    line = _pgm_lines(net, ids, node_id)
+    trafo = _pgm_transformers(net, ids, node_id)
+    shunt = _pgm_shunts(net, ids, node_id)
+    source = _pgm_source(net, ids, node_id, source_sk_va)
+    sym_load = _pgm_loads(net, ids, node_id, bus_pos)
     data = {ComponentType.node: node, ComponentType.line: line, ComponentType.source: source,
             ComponentType.sym_load: sym_load}
     if len(trafo):
@@ -551,3 +454,177 @@ def pgm_input_data(net: pp.pandapowerNet, bus_pos: npt.NDArray[np.int64], *,
         raise NotImplementedError(f"out-of-service feeder buses {missing} (solver net indices)")
     node_of_bus = np.array([row_of_bus[int(b)] for b in bus_pos], dtype=np.int64)
     return data, node_of_bus, sym_load["id"].astype(np.int32)
+
+
+class _PgmIds:
+    """Consecutive ids for PGM components: all components of a dataset share one id space."""
+
+    def __init__(self) -> None:
+        self.next_id = 0
+
+    def __call__(self, n: int) -> np.ndarray:
+        out = np.arange(self.next_id, self.next_id + n, dtype=np.int32)
+        self.next_id += n
+        return out
+
+
+def _pgm_input_array(component: str, n: int) -> np.ndarray:
+    """An empty PGM input array of ``n`` rows of ``component`` (a ``ComponentType`` name)."""
+    from power_grid_model import ComponentType, DatasetType, initialize_array
+
+    return initialize_array(DatasetType.input, ComponentType[component], n)
+
+
+def _pgm_node_ids(node_id: dict[int, int], buses) -> np.ndarray:
+    """PGM node ids of the solver-net ``buses`` an in-service element connects to."""
+    try:
+        return np.array([node_id[int(x)] for x in buses], dtype=np.int32)
+    except KeyError as exc:
+        raise NotImplementedError(f"an in-service element is connected to out-of-service bus {exc}") from None
+
+
+def _pgm_nodes(net: pp.pandapowerNet, ids: _PgmIds) -> tuple[np.ndarray, dict[int, int], dict[int, int]]:
+    """In-service buses: the ``node`` array, each bus's node id and its row in that array."""
+    buses = net.bus[net.bus.in_service]
+    node = _pgm_input_array("node", len(buses))
+    node["id"] = ids(len(buses))
+    node["u_rated"] = buses.vn_kv.to_numpy() * 1e3
+    node_id = dict(zip(buses.index.tolist(), node["id"].tolist()))
+    row_of_bus = dict(zip(buses.index.tolist(), range(len(buses))))
+    return node, node_id, row_of_bus
+
+
+def _pgm_lines(net: pp.pandapowerNet, ids: _PgmIds, node_id: dict[int, int]) -> np.ndarray:
+    lines = net.line[net.line.in_service]
+    line = _pgm_input_array("line", len(lines))
+    if not len(lines):
+        return line
+    km = lines.length_km.to_numpy(dtype=float)
+    par = lines.parallel.to_numpy(dtype=float)
+    c_f = lines.c_nf_per_km.to_numpy(dtype=float) * 1e-9 * km * par
+    g_s = lines.g_us_per_km.to_numpy(dtype=float) * 1e-6 * km * par
+    if np.any((g_s > 0) & (c_f <= 0)):
+        raise NotImplementedError("lines with conductance g_us_per_km but no capacitance")
+    line["id"] = ids(len(lines))
+    line["from_node"] = _pgm_node_ids(node_id, lines.from_bus)
+    line["to_node"] = _pgm_node_ids(node_id, lines.to_bus)
+    line["from_status"] = 1
+    line["to_status"] = 1
+    line["r1"] = lines.r_ohm_per_km.to_numpy(dtype=float) * km / par
+    line["x1"] = lines.x_ohm_per_km.to_numpy(dtype=float) * km / par
+    line["c1"] = c_f
+    line["tan1"] = np.divide(g_s, 2.0 * math.pi * float(net.f_hz) * c_f, out=np.zeros_like(c_f), where=c_f > 0)
+    return line
+
+
+def _pgm_transformers(net: pp.pandapowerNet, ids: _PgmIds, node_id: dict[int, int]) -> np.ndarray:
+    from power_grid_model import WindingType
+
+    trafos = net.trafo[net.trafo.in_service]
+    trafo = _pgm_input_array("transformer", len(trafos))
+    if not len(trafos):
+        return trafo
+    if np.any(trafos.i0_percent.fillna(0.0).to_numpy() != 0) or np.any(trafos.pfe_kw.fillna(0.0).to_numpy() != 0):
+        raise NotImplementedError("transformers with a magnetising branch (i0_percent, pfe_kw != 0): pandapower's "
+                                  "T model and PGM's transformer model differ")
+    tap_nom, tap_pos, tap_step, tap_lv = _pgm_taps(trafos)
+    shift = trafos.shift_degree.fillna(0.0).to_numpy(dtype=float)
+    clock = np.round(shift / 30.0).astype(int) % 12
+    if np.any(np.abs(shift - 30.0 * np.round(shift / 30.0)) > 1e-9):
+        raise NotImplementedError("transformer phase shifts that are not a multiple of 30 degrees")
+    par = trafos.parallel.to_numpy(dtype=float)
+    sn_va = trafos.sn_mva.to_numpy(dtype=float) * 1e6 * par
+    trafo["id"] = ids(len(trafos))
+    trafo["from_node"] = _pgm_node_ids(node_id, trafos.hv_bus)
+    trafo["to_node"] = _pgm_node_ids(node_id, trafos.lv_bus)
+    trafo["from_status"] = 1
+    trafo["to_status"] = 1
+    trafo["u1"] = trafos.vn_hv_kv.to_numpy(dtype=float) * 1e3
+    trafo["u2"] = trafos.vn_lv_kv.to_numpy(dtype=float) * 1e3
+    trafo["sn"] = sn_va
+    trafo["uk"] = trafos.vk_percent.to_numpy(dtype=float) / 100.0
+    trafo["pk"] = trafos.vkr_percent.to_numpy(dtype=float) / 100.0 * sn_va
+    trafo["i0"] = 0.0
+    trafo["p0"] = 0.0
+    # an odd clock needs one delta winding; the winding types only matter
+    # for asymmetric and short-circuit calculations
+    trafo["winding_from"] = np.where(clock % 2 == 1, WindingType.delta, WindingType.wye_n)
+    trafo["winding_to"] = WindingType.wye_n
+    trafo["clock"] = clock
+    # pandapower: the tap-side rated voltage times 1 + (pos - neutral) * step%;
+    # PGM: u1 (tap_side 0, from = hv) or u2 (1) plus (tap_pos - tap_nom) * tap_size
+    trafo["tap_side"] = np.where(tap_lv, 1, 0)
+    trafo["tap_pos"] = tap_pos
+    trafo["tap_nom"] = tap_nom
+    trafo["tap_min"] = np.minimum(trafos.tap_min.fillna(0.0).to_numpy(), np.minimum(tap_pos, tap_nom))
+    trafo["tap_max"] = np.maximum(trafos.tap_max.fillna(0.0).to_numpy(), np.maximum(tap_pos, tap_nom))
+    trafo["tap_size"] = tap_step / 100.0 * np.where(tap_lv, trafo["u2"], trafo["u1"])
+    return trafo
+
+
+def _pgm_taps(trafos: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Tap changers as PGM takes them: neutral and actual positions, step [%], tap on the LV side.
+
+    Raises ``NotImplementedError`` for fractional positions and for a
+    phase-shifting tap changer that sits off neutral.
+    """
+    tap_nom = trafos.tap_neutral.fillna(0.0).to_numpy()
+    tap_pos = trafos.tap_pos.fillna(pd.Series(tap_nom, index=trafos.index)).to_numpy()
+    tap_step = trafos.tap_step_percent.fillna(0.0).to_numpy(dtype=float)
+    if np.any(tap_pos != np.round(tap_pos)) or np.any(tap_nom != np.round(tap_nom)):
+        raise NotImplementedError("transformer tap positions must be integers")
+    step_deg = trafos.tap_step_degree.fillna(0.0).to_numpy() if "tap_step_degree" in trafos else 0.0 * tap_nom
+    if np.any(step_deg[tap_pos != tap_nom] != 0):
+        raise NotImplementedError("phase-shifting tap changers are not converted")
+    tap_lv = (trafos.tap_side == "lv").to_numpy()
+    return tap_nom, tap_pos, tap_step, tap_lv
+
+
+def _pgm_shunts(net: pp.pandapowerNet, ids: _PgmIds, node_id: dict[int, int]) -> np.ndarray:
+    shunts = net.shunt[net.shunt.in_service] if len(net.shunt) else net.shunt
+    shunt = _pgm_input_array("shunt", len(shunts))
+    if not len(shunts):
+        return shunt
+    # pandapower: p_mw, q_mvar drawn at vn_kv (per step); PGM: admittance in S
+    vn2 = (shunts.vn_kv.to_numpy(dtype=float)) ** 2
+    step = shunts.step.to_numpy(dtype=float)
+    shunt["id"] = ids(len(shunts))
+    shunt["node"] = _pgm_node_ids(node_id, shunts.bus)
+    shunt["status"] = 1
+    shunt["g1"] = shunts.p_mw.to_numpy(dtype=float) * step / vn2
+    shunt["b1"] = -shunts.q_mvar.to_numpy(dtype=float) * step / vn2
+    return shunt
+
+
+def _pgm_source(net: pp.pandapowerNet, ids: _PgmIds, node_id: dict[int, int], source_sk_va: float) -> np.ndarray:
+    egs = net.ext_grid[net.ext_grid.in_service]
+    if len(egs) != 1:
+        raise NotImplementedError(f"expected one in-service ext_grid, found {len(egs)}")
+    source = _pgm_input_array("source", 1)
+    source["id"] = ids(1)
+    source["node"] = _pgm_node_ids(node_id, egs.bus)
+    source["status"] = 1
+    source["u_ref"] = float(egs.vm_pu.iloc[0])
+    source["u_ref_angle"] = math.radians(float(egs.va_degree.iloc[0]))
+    source["sk"] = float(source_sk_va)
+    source["rx_ratio"] = 0.1
+    source["z01_ratio"] = 1.0
+    return source
+
+
+def _pgm_loads(net: pp.pandapowerNet, ids: _PgmIds, node_id: dict[int, int],
+               bus_pos: npt.NDArray[np.int64]) -> np.ndarray:
+    """One constant-power ``sym_load`` per feeder bus, at zero until a scenario sets it."""
+    from power_grid_model import LoadGenType
+
+    loads = net.load
+    sym_load = _pgm_input_array("sym_load", len(loads))
+    sym_load["id"] = ids(len(loads))
+    sym_load["node"] = _pgm_node_ids(node_id, loads.bus)
+    sym_load["status"] = 1
+    sym_load["type"] = LoadGenType.const_power
+    sym_load["p_specified"] = 0.0
+    sym_load["q_specified"] = 0.0
+    if not np.array_equal(loads.bus.to_numpy(dtype=np.int64), bus_pos):
+        raise AssertionError("solver_net must create one load per feeder bus, in feeder bus order")
+    return sym_load
