@@ -302,8 +302,8 @@ def _charge_slots(need_kwh, p_max_kw, eta_ch, dt_h):
 
 def _compiled(fn, types: str):
     scalar = nb.njit(inline="always", cache=True)(fn)
-    array = nb.vectorize([f"float64({types})"], cache=True)(fn)
-    array.__doc__ = fn.__doc__
+    # the plain numpy ufunc numba builds: called directly, without its dispatcher's Python layer
+    array = nb.vectorize([f"float64({types})"], cache=True)(fn).ufunc
     return scalar, array
 
 

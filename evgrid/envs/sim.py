@@ -427,9 +427,7 @@ def account(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int,
             out: GridOutcome, ev: Settlement, price_zone: FloatArray, multiplier: FloatArray) -> StepRecord:
     """Phase 6: zone loads and operating costs (carbon accounts per environment and zone), violations."""
     n_env, n_zone, dt_h = inj.p_kw.shape[0], layout.n_zone, cfg.dt_min / 60.0
-    p_bus = inj.p_kw - out.curtail_kw - out.v2g_add_kw
-    if out.res_curtail_kw.any():
-        p_bus = p_bus + out.res_curtail_kw
+    p_bus = inj.p_kw - out.curtail_kw - out.v2g_add_kw + out.res_curtail_kw
     width = n_env * n_zone
     zlin = (np.arange(n_env)[:, None] * n_zone + layout.zone_of_bus[None, :]).ravel()
 
@@ -437,10 +435,12 @@ def account(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int,
         return np.bincount(zlin, x.ravel(), width).reshape(n_env, n_zone)
 
     zone_load = by_zone(p_bus)
-    renewable = inj.renewable_kw - out.res_curtail_kw if out.res_curtail_kw.any() else inj.renewable_kw
+    curtailed = out.res_curtail_kw.any()
+    renewable = inj.renewable_kw - out.res_curtail_kw if curtailed else inj.renewable_kw
     costs = mk.operating_cost(
-        purchase_kwh=zone_load * dt_h, diesel_kw=by_zone(inj.diesel_kw), curtailed_kwh=by_zone(out.res_curtail_kw) * dt_h,
-        dt_h=dt_h, cum_excess_t=fleet.cum_excess_t, cfg=cfg.market, period=int(day.period[t]),
+        purchase_kwh=zone_load * dt_h, diesel_kw=by_zone(inj.diesel_kw),
+        curtailed_kwh=by_zone(out.res_curtail_kw) * dt_h if curtailed else np.zeros_like(zone_load), dt_h=dt_h,
+        cum_excess_t=fleet.cum_excess_t, cfg=cfg.market, period=int(day.period[t]),
         renewable_kwh=by_zone(renewable) * dt_h)
     fleet.cum_excess_t = costs.cum_excess_t
     fleet.zone_load_sum_kw += zone_load

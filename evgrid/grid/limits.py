@@ -258,4 +258,6 @@ def _as_flex(name: str, x: npt.ArrayLike, shape: tuple[int, int]) -> np.ndarray:
     a = as_batch(name, x, shape[1])
     if a.shape != shape:
         raise ValueError(f"{name}: expected shape {shape} like p_kw, got {a.shape}")
-    return as_array(name, a, lo=0.0)
+    if (a < 0.0).any():
+        as_array(name, a, lo=0.0)  # raises, naming the first negative value
+    return a

@@ -84,7 +84,7 @@ class ActionDecoder:
         try:
             raw = [[actions[e][a] for a in names] for e in range(shape[0])]
             v = np.array(raw)
-            ok = v.shape == shape and np.issubdtype(v.dtype, np.integer) and v.min() >= 0 and v.max() < n \
+            ok = v.shape == shape and v.dtype.kind in "iu" and v.min() >= 0 and v.max() < n \
                 and all(_is_int_scalar(x) for row in raw for x in row)
         except (TypeError, ValueError):
             ok = False
@@ -96,21 +96,21 @@ class ActionDecoder:
     def _multipliers(self, actions: list[Mapping]) -> np.ndarray:
         """Operators' price multipliers, (E, Z), within the market's range (``market.check_multiplier``)."""
         cfg = self.sim.cfg.market
-        out = np.empty((self.sim.n_env, len(self.ops)))
-        for e in range(self.sim.n_env):
-            for z, a in enumerate(self.ops):
-                out[e, z] = _box_value(actions[e][a], self.label(a, e), "a price multiplier",
-                                       cfg.price_multiplier_min, cfg.price_multiplier_max)
-        try:
-            return mk.check_multiplier(out, cfg)
-        except ValueError:
-            for e in range(self.sim.n_env):  # name the first agent outside the range
-                for z, a in enumerate(self.ops):
-                    try:
-                        mk.check_multiplier(out[e, z], cfg)
-                    except ValueError as exc:
-                        raise ValueError(f"actions[{self.label(a, e)}]: {exc}") from None
-            raise
+        raw = [[actions[e][a] for a in self.ops] for e in range(self.sim.n_env)]
+        if all(_is_box1(x) for row in raw for x in row):
+            try:
+                return mk.check_multiplier(np.array(raw, dtype=float).reshape(len(raw), -1), cfg)
+            except ValueError:
+                pass  # name the agent below
+        for e, row in enumerate(raw):
+            for a, x in zip(self.ops, row):
+                value = _box_value(x, self.label(a, e), "a price multiplier", cfg.price_multiplier_min,
+                                   cfg.price_multiplier_max)
+                try:
+                    mk.check_multiplier(value, cfg)
+                except ValueError as exc:
+                    raise ValueError(f"actions[{self.label(a, e)}]: {exc}") from None
+        raise AssertionError("unreachable: a batch that fails has a failing agent")
 
     # ------------------------------------------------------------------ EVs
 
@@ -141,7 +141,7 @@ class ActionDecoder:
         names = [(e, f"evs_{j}") for e in range(sim.n_env) for j in range(sim.layout.n_station)]
         try:
             acts = [actions[e][a] for e, a in names]
-            ok = all(isinstance(a, Mapping) and a.keys() == _EV_KEYS for a in acts)
+            ok = all(type(a) is dict and a.keys() == _EV_KEYS for a in acts)
             mode = np.array([a["mode"] for a in acts])
             power = np.array([a["power"] for a in acts])
             ok = ok and _valid_evs(mode, power, (len(names), slots), (len(names), slots))
@@ -158,22 +158,31 @@ class ActionDecoder:
 
 
 def _valid_evs(mode: np.ndarray, power: np.ndarray, mode_shape: tuple, power_shape: tuple) -> bool:
-    return (mode.shape == mode_shape and np.issubdtype(mode.dtype, np.integer) and power.shape == power_shape
+    # NaN fails both comparisons of the power check
+    return (mode.shape == mode_shape and mode.dtype.kind in "iu" and power.shape == power_shape
             and _is_real_dtype(power.dtype) and (mode.size == 0 or (mode.min() >= 0 and mode.max() <= 2))
-            and bool(np.isfinite(power).all()) and (power.size == 0 or (power.min() >= 0 and power.max() <= 1)))
+            and bool(((power >= 0.0) & (power <= 1.0)).all()))
+
+
+def _is_box1(x: Any) -> bool:
+    """An array of shape (1,) of a real dtype (values unchecked)."""
+    return type(x) is np.ndarray and x.shape == (1,) and x.dtype.kind in "iuf"
 
 
 def _is_int_scalar(x: Any) -> bool:
     """In a ``Discrete`` space's domain: a Python or numpy integer, or a 0-d integer array (not a bool)."""
-    if isinstance(x, bool | np.bool_):
+    t = type(x)
+    if t is bool or t is np.bool_:
         return False
-    if isinstance(x, Integral):
+    if t is int or isinstance(x, np.integer):
         return True
-    return isinstance(x, np.ndarray) and x.shape == () and np.issubdtype(x.dtype, np.integer)
+    if t is np.ndarray:
+        return x.shape == () and x.dtype.kind in "iu"
+    return isinstance(x, Integral)
 
 
 def _is_real_dtype(dtype: np.dtype) -> bool:
-    return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+    return dtype.kind in "iuf"
 
 
 def _int_action(a: Any, agent: str, n: int) -> int:
@@ -208,7 +217,7 @@ def _grouped_action(a: Any, agent: str, slots: int) -> tuple[np.ndarray, np.ndar
         raise ValueError(f"actions[{agent}]: expected {{'mode': [{slots}] ints, 'power': [{slots}] fractions}} "
                          f"with exactly these keys, got {describe(a)}")
     mode, power = np.asarray(a["mode"]), np.asarray(a["power"])
-    if mode.shape != (slots,) or not np.issubdtype(mode.dtype, np.integer) or mode.min() < 0 or mode.max() > 2:
+    if mode.shape != (slots,) or mode.dtype.kind not in "iu" or mode.min() < 0 or mode.max() > 2:
         raise ValueError(f"actions[{agent}]['mode']: expected {slots} integers in [0, 2], got {describe(a['mode'])}")
     if power.shape != (slots,) or not _is_real_dtype(power.dtype) or not np.isfinite(power).all() \
             or power.min() < 0 or power.max() > 1:

@@ -21,9 +21,10 @@ class Feature:
 class FeatureSet(tuple):
     """An ordered, immutable set of features; position = column of the observation."""
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(f.name for f in self)
+    def __new__(cls, features):
+        self = super().__new__(cls, features)
+        self.names = tuple(f.name for f in self)  # read on every observation: computed once
+        return self
 
     def index(self, name: str) -> int:  # type: ignore[override]
         """Column of feature ``name``."""
