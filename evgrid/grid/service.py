@@ -11,8 +11,9 @@ and ``q_kvar``, and what limit enforcement may change: EV charging it may curtai
 (``flex_gen_kw``), all >= 0.  The answer is a :class:`GridSolution`.
 
 :class:`FeederSolver` holds one feeder's solver and enforcer; its :meth:`~FeederSolver.solve_batch`
-serves several callers' requests in one vectorised solve (the actor's micro-batches; ``LocalGrid``: one
-request), each warm-started by the one policy of :class:`WarmStarts`.
+serves several callers' checked requests (:func:`check_request`) in one vectorised solve (the actor's
+micro-batches), each warm-started by the one policy of :class:`WarmStarts`, which ``LocalGrid`` follows
+for its single requests too.
 """
 
 from __future__ import annotations
@@ -92,8 +93,7 @@ def check_request(n_bus: int, p_kw: npt.ArrayLike, q_kvar: npt.ArrayLike, flex_c
     fails on its own (not inside a batch of others); ``flex_gen_kw`` None: no curtailable generation."""
     p = as_batch("p_kw", p_kw, n_bus)
     out = [p]
-    for name, x in (("q_kvar", q_kvar), ("flex_charge_kw", flex_charge_kw), ("flex_v2g_kw", flex_v2g_kw),
-                    ("flex_gen_kw", flex_gen_kw)):
+    for name, x in zip(FeederRequest._fields[1:], (q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw)):
         if x is None:
             out.append(np.zeros_like(p))
             continue
@@ -113,10 +113,12 @@ class FeederSolver:
         self.enforcer = (LimitEnforcer(self.backend, loading_max=grid.loading_max, max_rounds=grid.limit_rounds,
                                        export_limit_kw=grid.export_limit_kw) if grid.enforce_limits else None)
 
-    def enforce(self, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray, flex_v2g_kw: np.ndarray,
-                flex_gen_kw: np.ndarray, flow: FlowResult) -> GridSolution:
-        """The solution from the request's power flow ``flow``: enforced, or as it is when enforcement is off."""
+    def enforce(self, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: npt.ArrayLike,
+                flex_v2g_kw: npt.ArrayLike, flex_gen_kw: npt.ArrayLike | None, flow: FlowResult) -> GridSolution:
+        """The solution from the request's power flow ``flow``: enforced, or as it is when enforcement is off
+        (the request is still checked: a bad one must fail whatever the setting)."""
         if self.enforcer is None:
+            check_request(self.feeder.n_bus, p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw)
             zero = np.zeros_like(p_kw)
             return GridSolution(flow, zero, zero, zero, flow.vm_pu)
         enf = self.enforcer.enforce(p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw, flow=flow)
@@ -251,5 +253,10 @@ class LocalGrid:
         curtailable generation)."""
         f = check_int("f", f, 0, len(self.solvers) - 1)
         solver = self.solvers[f]
-        req = check_request(solver.feeder.n_bus, p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw)
-        return solver.solve_batch([(f, req)], self.warm)[0]
+        # one request, so no batch to keep it apart from: the backend and the enforcer check what they read,
+        # which is every array (the flexibilities are checked in ``enforce`` when enforcement is off)
+        p = as_batch("p_kw", p_kw, solver.feeder.n_bus)
+        flow = solver.backend.solve(p, q_kvar, init=self.warm.get(f, p.shape[0]))
+        sol = solver.enforce(p, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw, flow)
+        self.warm.put(f, sol.flow)
+        return sol.take(slice(None))
