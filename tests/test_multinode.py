@@ -1,5 +1,6 @@
 """A real two-node Ray cluster on this machine: `evgrid train --address` with env runners on both
-nodes and the shared power-flow actor serving them.  Starts and stops exactly its own nodes."""
+nodes and the shared power-flow actor (``evgrid.cluster.powerflow``) serving them, over its same-node
+socket and over Ray.  Starts and stops exactly its own nodes."""
 
 from __future__ import annotations
 
@@ -88,6 +89,8 @@ def test_training_on_a_two_node_cluster_uses_both_nodes(tmp_path):
         stats = json.loads((run / "powerflow_stats.json").read_text())
         per_node = stats[0]["requests_per_node"]
         assert len(per_node) == 2 and min(per_node.values()) > 0, per_node
+        # transport "auto": the runner on the actor's node sends through its socket, the other one through Ray
+        assert 0 < stats[0]["socket_requests"] < stats[0]["requests"], stats[0]
     finally:
         for proc in reversed(nodes):
             _stop(proc)

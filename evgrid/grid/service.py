@@ -9,12 +9,17 @@ A request is one feeder's batch (B scenarios x n_bus buses, load positive): the 
 and ``q_kvar``, and what limit enforcement may change: EV charging it may curtail
 (``flex_charge_kw``), V2G discharge it may add (``flex_v2g_kw``) and PV / wind output it may curtail
 (``flex_gen_kw``), all >= 0.  The answer is a :class:`GridSolution`.
+
+:class:`FeederSolver` holds one feeder's solver and enforcer; its :meth:`~FeederSolver.solve_batch`
+serves several callers' checked requests (:func:`check_request`) in one vectorised solve (the actor's
+micro-batches), each warm-started by the one policy of :class:`WarmStarts`, which ``LocalGrid`` follows
+for its single requests too.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -24,6 +29,7 @@ from evgrid.grid.config import GridConfig
 from evgrid.grid.feeders import Feeder, build_city, build_feeder
 from evgrid.grid.flow import FlowResult, PowerFlowBackend, make_backend
 from evgrid.grid.limits import LimitEnforcer
+from evgrid.validate import as_array, as_batch, check_int
 
 
 class FeederSet(NamedTuple):
@@ -66,6 +72,38 @@ class GridSolution(NamedTuple):
                             self.gen_curtail_kw[rows], self.vm_dispatch_pu[rows])
 
 
+class FeederRequest(NamedTuple):
+    """One feeder's batch, checked (:func:`check_request`): (B, n_bus) float64 each, load positive, the
+    three flexibilities >= 0."""
+
+    p_kw: npt.NDArray[np.float64]
+    q_kvar: npt.NDArray[np.float64]
+    flex_charge_kw: npt.NDArray[np.float64]
+    flex_v2g_kw: npt.NDArray[np.float64]
+    flex_gen_kw: npt.NDArray[np.float64]
+
+    @property
+    def batch(self) -> int:
+        return int(self.p_kw.shape[0])
+
+
+def check_request(n_bus: int, p_kw: npt.ArrayLike, q_kvar: npt.ArrayLike, flex_charge_kw: npt.ArrayLike,
+                  flex_v2g_kw: npt.ArrayLike, flex_gen_kw: npt.ArrayLike | None = None) -> FeederRequest:
+    """A request for a feeder of ``n_bus`` buses, checked whether or not limits are enforced, so that a bad one
+    fails on its own (not inside a batch of others); ``flex_gen_kw`` None: no curtailable generation."""
+    p = as_batch("p_kw", p_kw, n_bus)
+    out = [p]
+    for name, x in zip(FeederRequest._fields[1:], (q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw)):
+        if x is None:
+            out.append(np.zeros_like(p))
+            continue
+        a = as_batch(name, x, n_bus)
+        if a.shape != p.shape:
+            raise ValueError(f"{name}: expected shape {p.shape} like p_kw, got {a.shape}")
+        out.append(a if name == "q_kvar" else as_array(name, a, finite=False, lo=0.0))
+    return FeederRequest(*out)
+
+
 class FeederSolver:
     """One feeder's backend and (when limits are enforced) its enforcer."""
 
@@ -75,14 +113,58 @@ class FeederSolver:
         self.enforcer = (LimitEnforcer(self.backend, loading_max=grid.loading_max, max_rounds=grid.limit_rounds,
                                        export_limit_kw=grid.export_limit_kw) if grid.enforce_limits else None)
 
-    def enforce(self, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray, flex_v2g_kw: np.ndarray,
-                flex_gen_kw: np.ndarray, flow: FlowResult) -> GridSolution:
-        """The solution from the request's power flow ``flow``: enforced, or as it is when enforcement is off."""
+    def enforce(self, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: npt.ArrayLike,
+                flex_v2g_kw: npt.ArrayLike, flex_gen_kw: npt.ArrayLike | None, flow: FlowResult) -> GridSolution:
+        """The solution from the request's power flow ``flow``: enforced, or as it is when enforcement is off
+        (the request is still checked: a bad one must fail whatever the setting)."""
         if self.enforcer is None:
+            check_request(self.feeder.n_bus, p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw)
             zero = np.zeros_like(p_kw)
             return GridSolution(flow, zero, zero, zero, flow.vm_pu)
         enf = self.enforcer.enforce(p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw, flow=flow)
         return GridSolution(enf.flow, enf.curtail_kw, enf.v2g_kw, enf.gen_curtail_kw, flow.vm_pu)
+
+    def solve_batch(self, keyed: Sequence[tuple[Hashable, FeederRequest]], warm: WarmStarts) -> list[GridSolution]:
+        """Several keys' requests (one each) in one vectorised solve and one enforcement, each warm-started
+        from its key's last solution of the same batch size; each key's new solution is kept in ``warm``
+        and returned without its warm-start state.
+
+        One request is computed exactly as ``backend.solve`` then :meth:`enforce` would, to the last bit;
+        several agree with that to the solver tolerance only: the sweep iterates a chunk of scenarios until
+        all of them converge and the enforcer re-solves the whole batch while any scenario still needs it,
+        so a scenario's last digits depend on its companions.
+        """
+        reqs = [r for _, r in keyed]
+        sizes = [r.batch for r in reqs]
+        inits = [warm.get(k, b) for (k, _), b in zip(keyed, sizes)]
+        x = reqs[0] if len(reqs) == 1 else FeederRequest(*(np.concatenate(a) for a in zip(*reqs)))
+        sol = self.enforce(*x, self._flow(x.p_kw, x.q_kvar, inits, sizes))
+        if len(reqs) == 1:
+            warm.put(keyed[0][0], sol.flow)
+            return [sol.take(slice(None))]
+        out = []
+        start = 0
+        for (key, _), b in zip(keyed, sizes):
+            rows = slice(start, start + b)
+            start += b
+            warm.put(key, sol.flow.take(rows))
+            out.append(sol.take(rows))
+        return out
+
+    def _flow(self, p_kw: np.ndarray, q_kvar: np.ndarray, inits: list[FlowResult | None],
+              sizes: list[int]) -> FlowResult:
+        """The power flow of the stacked requests, each warm-started from its ``inits`` entry (None: cold)."""
+        warm_i = [i for i, x in enumerate(inits) if x is not None]
+        if len(warm_i) in (0, len(inits)):
+            return self.backend.solve(p_kw, q_kvar, init=FlowResult.concat(inits) if warm_i else None)
+        # the backend warm-starts a whole batch or nothing: the warm requests in one call, the cold in another
+        off = np.cumsum([0, *sizes])
+        rows = [np.arange(off[i], off[i + 1]) for i in range(len(sizes))]
+        rw = np.concatenate([rows[i] for i in warm_i])
+        rc = np.concatenate([rows[i] for i in range(len(sizes)) if inits[i] is None])
+        fw = self.backend.solve(p_kw[rw], q_kvar[rw], init=FlowResult.concat([inits[i] for i in warm_i]))
+        fc = self.backend.solve(p_kw[rc], q_kvar[rc])
+        return FlowResult.scatter([(fw, rw), (fc, rc)], int(off[-1]))
 
 
 class WarmStarts:
@@ -91,9 +173,7 @@ class WarmStarts:
     poison the next start.  At most ``max_size`` keys, the least recently used dropped (that key starts cold)."""
 
     def __init__(self, max_size: int = 1 << 30) -> None:
-        if not isinstance(max_size, int) or max_size < 1:
-            raise ValueError(f"max_size: expected an integer >= 1, got {max_size!r}")
-        self.max_size = max_size
+        self.max_size = check_int("max_size", max_size, 1)
         self._last: collections.OrderedDict[Hashable, FlowResult] = collections.OrderedDict()
 
     def get(self, key: Hashable, batch: int) -> FlowResult | None:
@@ -161,19 +241,22 @@ class LocalGrid:
     def reset(self) -> None:
         self.warm.clear()
 
-    def submit(self, f: int, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
-               flex_v2g_kw: np.ndarray, flex_gen_kw: np.ndarray) -> _Done:
+    def submit(self, f: int, p_kw: npt.ArrayLike, q_kvar: npt.ArrayLike, flex_charge_kw: npt.ArrayLike,
+               flex_v2g_kw: npt.ArrayLike, flex_gen_kw: npt.ArrayLike | None = None) -> _Done:
         """:meth:`solve`, in the shape of a remote call (``.result()``): a simulator sends every feeder
         before waiting."""
         return _Done(self.solve(f, p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw))
 
-    def solve(self, f: int, p_kw: np.ndarray, q_kvar: np.ndarray, flex_charge_kw: np.ndarray,
-              flex_v2g_kw: np.ndarray, flex_gen_kw: np.ndarray) -> GridSolution:
-        """Solve feeder ``f`` for a batch (B, n_bus) and enforce its limits."""
-        if not isinstance(f, int | np.integer) or not 0 <= f < len(self.solvers):
-            raise ValueError(f"f: expected a feeder index in [0, {len(self.solvers) - 1}], got {f!r}")
+    def solve(self, f: int, p_kw: npt.ArrayLike, q_kvar: npt.ArrayLike, flex_charge_kw: npt.ArrayLike,
+              flex_v2g_kw: npt.ArrayLike, flex_gen_kw: npt.ArrayLike | None = None) -> GridSolution:
+        """Solve feeder ``f`` for a batch (B, n_bus) and enforce its limits (``flex_gen_kw`` None: no
+        curtailable generation)."""
+        f = check_int("f", f, 0, len(self.solvers) - 1)
         solver = self.solvers[f]
-        flow = solver.backend.solve(p_kw, q_kvar, init=self.warm.get(f, np.shape(p_kw)[0]))
-        sol = solver.enforce(p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw, flow)
+        # one request, so no batch to keep it apart from: the backend and the enforcer check what they read,
+        # which is every array (the flexibilities are checked in ``enforce`` when enforcement is off)
+        p = as_batch("p_kw", p_kw, solver.feeder.n_bus)
+        flow = solver.backend.solve(p, q_kvar, init=self.warm.get(f, p.shape[0]))
+        sol = solver.enforce(p, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw, flow)
         self.warm.put(f, sol.flow)
-        return sol
+        return sol.take(slice(None))

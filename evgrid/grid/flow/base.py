@@ -47,7 +47,7 @@ class FlowResult:
 
     def take(self, rows: slice | npt.NDArray[np.int64], state: bool = True) -> FlowResult:
         """The scenarios ``rows`` (views for a slice); ``state=False`` drops the warm-start state."""
-        out = {f.name: (v[rows] if (v := getattr(self, f.name)) is not None else None) for f in fields(self)}
+        out = {name: (v[rows] if (v := getattr(self, name)) is not None else None) for name in _FLOW_FIELDS}
         if not state:
             out["state"] = None
         return FlowResult(**out)
@@ -58,9 +58,9 @@ class FlowResult:
         if len(flows) == 1:
             return flows[0]
         out = {}
-        for f in fields(FlowResult):
-            parts = [getattr(x, f.name) for x in flows]
-            out[f.name] = None if any(p is None for p in parts) else np.concatenate(parts)
+        for name in _FLOW_FIELDS:
+            parts = [getattr(x, name) for x in flows]
+            out[name] = None if any(p is None for p in parts) else np.concatenate(parts)
         return FlowResult(**out)
 
     @staticmethod
@@ -68,16 +68,19 @@ class FlowResult:
         """One batch of ``n`` scenarios from results that each cover the given rows (a state only where every
         part has one)."""
         out = {}
-        for f in fields(FlowResult):
-            if any(getattr(p, f.name) is None for p, _ in parts):
-                out[f.name] = None
+        for name in _FLOW_FIELDS:
+            if any(getattr(p, name) is None for p, _ in parts):
+                out[name] = None
                 continue
-            v0 = getattr(parts[0][0], f.name)
+            v0 = getattr(parts[0][0], name)
             a = np.empty((n, *v0.shape[1:]), dtype=v0.dtype)
             for p, rows in parts:
-                a[rows] = getattr(p, f.name)
-            out[f.name] = a
+                a[rows] = getattr(p, name)
+            out[name] = a
         return FlowResult(**out)
+
+
+_FLOW_FIELDS = tuple(f.name for f in fields(FlowResult))
 
 
 class PowerFlowBackend(ABC):
