@@ -219,7 +219,8 @@ def _fixed_actions(env) -> Callable[[dict], dict]:
 
 
 def _actor_inputs(feeder, batch: int, n_steps: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_steps, 4, batch, n_bus): p_kw, q_kvar, flex_charge_kw, flex_v2g_kw of consecutive env-like steps.
+    """(n_steps, 5, batch, n_bus): p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw (no DER: 0) of
+    consecutive env-like steps, in the order ``GridService`` requests take them.
 
     Base load 0.4..1.0 x nominal, EV charging 0..400 kW at six load buses (the enforcer curtails now and then),
     loads drifting by up to +-3 % a step as consecutive steps do (so warm starts matter as in an env).
@@ -229,14 +230,13 @@ def _actor_inputs(feeder, batch: int, n_steps: int, rng: np.random.Generator) ->
     level = rng.uniform(0.4, 1.0, (batch, n_bus))
     ev = np.zeros((batch, n_bus))
     ev[:, ev_bus] = rng.uniform(0.0, 400.0, (batch, ev_bus.size))
-    out = np.empty((n_steps, 4, batch, n_bus))
+    out = np.zeros((n_steps, 5, batch, n_bus))
     for t in range(n_steps):
         level = np.clip(level * rng.uniform(0.97, 1.03, level.shape), 0.0, 1.2)
         ev = np.clip(ev * rng.uniform(0.97, 1.03, ev.shape), 0.0, 400.0)
         out[t, 0] = feeder.base_p_kw * level + ev
         out[t, 1] = feeder.base_q_kvar * level
         out[t, 2] = ev
-        out[t, 3] = 0.0
     return out
 
 
