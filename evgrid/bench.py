@@ -65,18 +65,7 @@ def bench_powerflow(
     feeder = build_feeder(feeder_name)
     ref = PandapowerBackend(feeder)
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    runners = []
-    if external:
-        from evgrid.grid.flow.external import LightSimRunner, PgmRunner, available
-
-        # lightsim2grid twice: its C++ batch class, and GridModel.ac_pf per scenario
-        for cls, mode, kwargs in ((LightSimRunner, "batch", {}), (LightSimRunner, "ac_pf", {"mode": "loop"}),
-                                  (PgmRunner, "batch", {})):
-            why = available().get(cls.name)
-            if why is None:
-                runners.append((mode, cls(feeder, **kwargs)))
-            else:
-                log.warning("bench: %s unavailable (%s); not measured", cls.name, why)
+    runners = _external_runners(feeder) if external else []
     rows: list[dict] = []
     for batch in batches:
         if batch < 1:
@@ -111,6 +100,22 @@ def bench_powerflow(
     return rows
 
 
+def _external_runners(feeder) -> list[tuple[str, object]]:
+    """(mode, runner) of the field's fast solvers that are installed (a warning names those that are not)."""
+    from evgrid.grid.flow.external import LightSimRunner, PgmRunner, available
+
+    runners = []
+    # lightsim2grid twice: its C++ batch class, and GridModel.ac_pf per scenario
+    for cls, mode, kwargs in ((LightSimRunner, "batch", {}), (LightSimRunner, "ac_pf", {"mode": "loop"}),
+                              (PgmRunner, "batch", {})):
+        why = available().get(cls.name)
+        if why is None:
+            runners.append((mode, cls(feeder, **kwargs)))
+        else:
+            log.warning("bench: %s unavailable (%s); not measured", cls.name, why)
+    return runners
+
+
 # ---------------------------------------------------------------------------
 # env
 
@@ -135,7 +140,6 @@ def bench_env(feeder_name: str = "ieee33", evs: Iterable[int] = (1000, 10000, 10
     after the timed steps, per EV session.
     """
     from evgrid.envs.config import load_config
-    from evgrid.envs.ev_grid import EVGridEnv
     from evgrid.envs.sim import Sim
 
     # build and step a small one first: imports, feeder caches and compiled kernels are not per-EV memory
@@ -153,33 +157,8 @@ def bench_env(feeder_name: str = "ieee33", evs: Iterable[int] = (1000, 10000, 10
                 cfg = load_config(base, {"agents": {"operator": "rule", "station": "rule", "ev_view": "rule"}})
             else:
                 cfg = load_config(base, {"agents": {"ev_view": view}})
-            # the evening: from 17:00, when home sessions pile up
-            first = int(17 * 60 / cfg.dt_min)
             rss0 = _rss_bytes()
-            if view == "rule":
-                sim = Sim(cfg, 1)
-                sim.reset(seed)
-                for _ in range(first):
-                    sim.step()
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    sim.step()
-                dt = time.perf_counter() - t0
-                plugged = int(sim.plugged().size)
-            else:
-                env = EVGridEnv(cfg)
-                obs, _ = env.reset(seed=seed)
-                acts = _fixed_actions(env)
-                for _ in range(first):
-                    obs, *_ = env.step(acts(obs))
-                total = 0.0
-                for _ in range(steps):
-                    a = acts(obs)  # the policy's time is not the env's
-                    t0 = time.perf_counter()
-                    obs, *_ = env.step(a)
-                    total += time.perf_counter() - t0
-                dt = total
-                plugged = int(env.sim.plugged().size)
+            dt, plugged = (_time_rule_steps if view == "rule" else _time_env_steps)(cfg, steps, seed)
             rss1 = _rss_bytes()
             rows.append(dict(bench="env", feeder=feeder_name, view=view, n_ev=n_ev, plugged_at_end=plugged,
                              steps=steps, ms_per_step=round(dt / steps * 1e3, 3),
@@ -187,6 +166,44 @@ def bench_env(feeder_name: str = "ieee33", evs: Iterable[int] = (1000, 10000, 10
                              bytes_per_ev=round((rss1 - rss0) / n_ev, 1)))
             log.info("bench env: %s %d EVs done", view, n_ev)
     return rows
+
+
+def _evening_start(cfg) -> int:
+    """The step at 17:00, when home sessions pile up."""
+    return int(17 * 60 / cfg.dt_min)
+
+
+def _time_rule_steps(cfg, steps: int, seed: int) -> tuple[float, int]:
+    """Seconds of ``steps`` simulator steps with every level on its rule from 17:00, and EVs plugged after."""
+    from evgrid.envs.sim import Sim
+
+    sim = Sim(cfg, 1)
+    sim.reset(seed)
+    for _ in range(_evening_start(cfg)):
+        sim.step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        sim.step()
+    return time.perf_counter() - t0, int(sim.plugged().size)
+
+
+def _time_env_steps(cfg, steps: int, seed: int) -> tuple[float, int]:
+    """Seconds inside ``steps`` PettingZoo steps from 17:00 (fixed valid actions, not timed), and EVs plugged
+    after."""
+    from evgrid.envs.ev_grid import EVGridEnv
+
+    env = EVGridEnv(cfg)
+    obs, _ = env.reset(seed=seed)
+    acts = _fixed_actions(env)
+    for _ in range(_evening_start(cfg)):
+        obs, *_ = env.step(acts(obs))
+    total = 0.0
+    for _ in range(steps):
+        a = acts(obs)  # the policy's time is not the env's
+        t0 = time.perf_counter()
+        obs, *_ = env.step(a)
+        total += time.perf_counter() - t0
+    return total, int(env.sim.plugged().size)
 
 
 def _fixed_actions(env) -> Callable[[dict], dict]:
@@ -202,7 +219,8 @@ def _fixed_actions(env) -> Callable[[dict], dict]:
 
 
 def _actor_inputs(feeder, batch: int, n_steps: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_steps, 4, batch, n_bus): p_kw, q_kvar, flex_charge_kw, flex_v2g_kw of consecutive env-like steps.
+    """(n_steps, 5, batch, n_bus): p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw (no DER: 0) of
+    consecutive env-like steps, in the order ``GridService`` requests take them.
 
     Base load 0.4..1.0 x nominal, EV charging 0..400 kW at six load buses (the enforcer curtails now and then),
     loads drifting by up to +-3 % a step as consecutive steps do (so warm starts matter as in an env).
@@ -212,14 +230,13 @@ def _actor_inputs(feeder, batch: int, n_steps: int, rng: np.random.Generator) ->
     level = rng.uniform(0.4, 1.0, (batch, n_bus))
     ev = np.zeros((batch, n_bus))
     ev[:, ev_bus] = rng.uniform(0.0, 400.0, (batch, ev_bus.size))
-    out = np.empty((n_steps, 4, batch, n_bus))
+    out = np.zeros((n_steps, 5, batch, n_bus))
     for t in range(n_steps):
         level = np.clip(level * rng.uniform(0.97, 1.03, level.shape), 0.0, 1.2)
         ev = np.clip(ev * rng.uniform(0.97, 1.03, ev.shape), 0.0, 400.0)
         out[t, 0] = feeder.base_p_kw * level + ev
         out[t, 1] = feeder.base_q_kvar * level
         out[t, 2] = ev
-        out[t, 3] = 0.0
     return out
 
 
@@ -230,18 +247,10 @@ def _check_transport(bench: str, stats: dict | None, transport: str | None) -> N
                            f"{stats['requests']} through the socket")
 
 
-def bench_actor(
-    clients: Iterable[int] = (1, 2, 4, 8),
-    scenarios_per_call: Iterable[int] = (1, 8),
-    feeder: str = "ieee33",
-    calls: int = 300,
-    seed: int = 0,
-    *,
-    modes: Iterable[str] = ("local", "actor"),
-    transports: Iterable[str] = ("socket", "ray"),
-    micro_batching: Iterable[bool] = (True, False),
-    max_wait_ms: float = 1.0,
-) -> list[dict]:
+def bench_actor(clients: Iterable[int] = (1, 2, 4, 8), scenarios_per_call: Iterable[int] = (1, 8),
+                feeder: str = "ieee33", calls: int = 300, seed: int = 0, *, modes: Iterable[str] = ("local", "actor"),
+                transports: Iterable[str] = ("socket", "ray"), micro_batching: Iterable[bool] = (True, False),
+                max_wait_ms: float = 1.0) -> list[dict]:
     """Solve + enforce throughput and latency: the shared power-flow actor against solving in-process.
 
     Callers are real parallel clients: small Ray actors (``num_cpus=0``, one process each), each holding a
@@ -260,65 +269,15 @@ def bench_actor(
     import ray
 
     from evgrid.cluster.powerflow import get_or_create_actor
-    from evgrid.grid.service import build_feeders
     from evgrid.cluster.runtime import connect
     from evgrid.envs.config import load_config
+    from evgrid.grid.service import build_feeders
 
-    clients = sorted({int(c) for c in clients})
-    spcs = [int(s) for s in scenarios_per_call]
-    modes = list(modes)
-    mbs = [bool(m) for m in micro_batching]
-    if not clients or clients[0] < 1 or clients[-1] > 256:
-        raise ValueError(f"clients: expected counts in [1, 256], got {clients}")
-    if not spcs or min(spcs) < 1 or max(spcs) > 65536:
-        raise ValueError(f"scenarios_per_call: expected sizes in [1, 65536], got {spcs}")
-    if not 1 <= calls <= 1_000_000:
-        raise ValueError(f"calls: expected 1..1,000,000 calls per client, got {calls}")
-    if feeder == "city":
-        raise ValueError("feeder: expected one feeder (ieee33, feeder14, cigre_mv), got 'city'")
-    bad = [m for m in modes if m not in ("local", "actor")]
-    if bad or not modes:
-        raise ValueError(f"modes: expected a non-empty subset of local, actor, got {modes}")
-    transports = list(transports)
-    if not transports or not set(transports) <= {"socket", "ray"}:
-        raise ValueError(f"transports: expected a non-empty subset of socket, ray, got {transports}")
+    clients, spcs, modes, transports = _check_actor_args(clients, scenarios_per_call, calls, feeder, modes, transports)
+    plan = [("local", None, False)] if "local" in modes else []
+    plan += [("actor", t, bool(mb)) for t in transports for mb in micro_batching] if "actor" in modes else []
     cfg = load_config(None, {"grid": {"feeder": feeder}, "seed": seed})
-    warmup, n_steps = 10, 16
     name, namespace = "evgrid-bench-powerflow", "evgrid-bench"
-
-    @ray.remote(num_cpus=0)
-    class _Caller:
-        """One client process: its own LocalGrid and a PowerFlowClient per transport."""
-
-        def __init__(self, cfg, name, namespace):
-            from evgrid.cluster.powerflow import PowerFlowClient, build_feeders
-            from evgrid.grid.service import LocalGrid
-
-            self.grids = {"local": LocalGrid(build_feeders(cfg.grid).feeders, cfg.grid),
-                          "socket": PowerFlowClient(cfg, name=name, namespace=namespace, transport="auto"),
-                          "ray": PowerFlowClient(cfg, name=name, namespace=namespace, transport="ray")}
-
-        def ready(self) -> bool:
-            return True
-
-        def warm(self, mode, inputs, warmup):
-            grid = self.grids[mode]
-            grid.reset()
-            for i in range(warmup):
-                grid.solve(0, *inputs[i % inputs.shape[0]])
-
-        def run(self, mode, inputs, calls, warmup, start_at):
-            grid = self.grids[mode]
-            n = inputs.shape[0]
-            while time.time() < start_at:
-                time.sleep(1e-4)
-            lat = np.empty(calls)
-            for i in range(calls):
-                t0 = time.perf_counter()
-                grid.solve(0, *inputs[(warmup + i) % n])
-                lat[i] = time.perf_counter() - t0
-            return lat, time.time()
-
     rows: list[dict] = []
     started_ray = not ray.is_initialized()
     f = build_feeders(cfg.grid).feeders[0]
@@ -328,43 +287,102 @@ def bench_actor(
         try:
             pf_actor = get_or_create_actor(cfg, name=name, namespace=namespace, max_wait_ms=max_wait_ms)[0]
             handles.append(pf_actor)
-            callers = [_Caller.remote(cfg, name, namespace) for _ in range(clients[-1])]
+            caller_cls = ray.remote(num_cpus=0)(_ActorCaller)
+            callers = [caller_cls.remote(cfg, name, namespace) for _ in range(clients[-1])]
             handles += callers
             ray.get([c.ready.remote() for c in callers])  # no caller still building its feeder while others run
             for spc in spcs:
-                inputs = [ray.put(_actor_inputs(f, spc, n_steps, rng)) for _ in callers]
+                inputs = [ray.put(_actor_inputs(f, spc, _ACTOR_STEPS, rng)) for _ in callers]
                 for n in clients:
-                    plan = [("local", None, False)] if "local" in modes else []
-                    plan += [("actor", t, mb) for t in transports for mb in mbs] if "actor" in modes else []
                     for mode, transport, mb in plan:
-                        grid = transport or mode
                         if mode == "actor":
                             ray.get(pf_actor.configure.remote(micro_batching=mb, max_wait_ms=max_wait_ms))
-                        ray.get([c.warm.remote(grid, inputs[k], warmup) for k, c in enumerate(callers[:n])])
-                        ray.get(pf_actor.stats.remote(True))  # count this row's timed calls only
-                        # callers start together at a wall-clock instant every one of them receives in time
-                        start_at = time.time() + 0.5
-                        res = ray.get([c.run.remote(grid, inputs[k], calls, warmup, start_at)
-                                       for k, c in enumerate(callers[:n])])
-                        stats = ray.get(pf_actor.stats.remote(True)) if mode == "actor" else None
-                        _check_transport("bench actor", stats, transport)
-                        lat_ms = np.concatenate([r[0] for r in res]) * 1e3
-                        wall_s = max(r[1] for r in res) - start_at
-                        rows.append(dict(
-                            bench="actor", feeder=feeder, mode=mode, transport=transport, clients=n,
-                            scenarios_per_call=spc, micro_batching=mb, calls_per_client=calls,
-                            scenarios_per_s=round(n * calls * spc / wall_s, 1),
-                            p50_ms=round(float(np.percentile(lat_ms, 50)), 3),
-                            p99_ms=round(float(np.percentile(lat_ms, 99)), 3),
-                            requests_per_solve=(round(stats["requests"] / max(stats["solves"], 1), 2)
-                                                if stats else None),
-                        ))
+                        row = _actor_row(pf_actor, callers[:n], inputs, transport or mode, calls)
+                        rows.append(dict(bench="actor", feeder=feeder, mode=mode, transport=transport, clients=n,
+                                         scenarios_per_call=spc, micro_batching=mb, calls_per_client=calls,
+                                         scenarios_per_s=round(n * calls * spc / row.pop("wall_s"), 1), **row))
                         log.info("bench actor: %s", rows[-1])
         finally:
             if not started_ray:  # someone else's Ray: leave it, minus our actors
                 for h in handles:
                     ray.kill(h)
     return rows
+
+
+_ACTOR_WARMUP, _ACTOR_STEPS = 10, 16  # untimed calls per caller and row; env-like steps cycled through
+
+
+def _check_actor_args(clients: Iterable[int], scenarios_per_call: Iterable[int], calls: int, feeder: str,
+                      modes: Iterable[str], transports: Iterable[str]) -> tuple[list[int], list[int], list, list]:
+    """(clients sorted, scenarios per call, modes, transports), or a ValueError naming the argument."""
+    clients = sorted({int(c) for c in clients})
+    spcs = [int(s) for s in scenarios_per_call]
+    modes, transports = list(modes), list(transports)
+    if not clients or clients[0] < 1 or clients[-1] > 256:
+        raise ValueError(f"clients: expected counts in [1, 256], got {clients}")
+    if not spcs or min(spcs) < 1 or max(spcs) > 65536:
+        raise ValueError(f"scenarios_per_call: expected sizes in [1, 65536], got {spcs}")
+    if not 1 <= calls <= 1_000_000:
+        raise ValueError(f"calls: expected 1..1,000,000 calls per client, got {calls}")
+    if feeder == "city":
+        raise ValueError("feeder: expected one feeder (ieee33, feeder14, cigre_mv), got 'city'")
+    if not modes or not set(modes) <= {"local", "actor"}:
+        raise ValueError(f"modes: expected a non-empty subset of local, actor, got {modes}")
+    if not transports or not set(transports) <= {"socket", "ray"}:
+        raise ValueError(f"transports: expected a non-empty subset of socket, ray, got {transports}")
+    return clients, spcs, modes, transports
+
+
+class _ActorCaller:
+    """One client process of ``bench actor`` (a Ray actor): its own LocalGrid and a PowerFlowClient per
+    transport."""
+
+    def __init__(self, cfg, name, namespace):
+        from evgrid.cluster.powerflow import PowerFlowClient, build_feeders
+        from evgrid.grid.service import LocalGrid
+
+        self.grids = {"local": LocalGrid(build_feeders(cfg.grid).feeders, cfg.grid),
+                      "socket": PowerFlowClient(cfg, name=name, namespace=namespace, transport="auto"),
+                      "ray": PowerFlowClient(cfg, name=name, namespace=namespace, transport="ray")}
+
+    def ready(self) -> bool:
+        return True
+
+    def warm(self, mode, inputs, warmup):
+        grid = self.grids[mode]
+        grid.reset()
+        for i in range(warmup):
+            grid.solve(0, *inputs[i % inputs.shape[0]])
+
+    def run(self, mode, inputs, calls, warmup, start_at):
+        grid = self.grids[mode]
+        n = inputs.shape[0]
+        while time.time() < start_at:
+            time.sleep(1e-4)
+        lat = np.empty(calls)
+        for i in range(calls):
+            t0 = time.perf_counter()
+            grid.solve(0, *inputs[(warmup + i) % n])
+            lat[i] = time.perf_counter() - t0
+        return lat, time.time()
+
+
+def _actor_row(pf_actor, callers: list, inputs: list, grid: str, calls: int) -> dict:
+    """One measurement: every caller warms up, then all make ``calls`` timed calls through ``grid`` (local,
+    socket or ray) from a common start; wall seconds, latency percentiles and the actor's requests per solve."""
+    import ray
+
+    ray.get([c.warm.remote(grid, inputs[k], _ACTOR_WARMUP) for k, c in enumerate(callers)])
+    ray.get(pf_actor.stats.remote(True))  # count this row's timed calls only
+    # callers start together at a wall-clock instant every one of them receives in time
+    start_at = time.time() + 0.5
+    res = ray.get([c.run.remote(grid, inputs[k], calls, _ACTOR_WARMUP, start_at) for k, c in enumerate(callers)])
+    stats = ray.get(pf_actor.stats.remote(True)) if grid != "local" else None
+    _check_transport("bench actor", stats, None if grid == "local" else grid)
+    lat_ms = np.concatenate([r[0] for r in res]) * 1e3
+    return dict(wall_s=max(r[1] for r in res) - start_at, p50_ms=round(float(np.percentile(lat_ms, 50)), 3),
+                p99_ms=round(float(np.percentile(lat_ms, 99)), 3),
+                requests_per_solve=round(stats["requests"] / max(stats["solves"], 1), 2) if stats else None)
 
 
 def bench_actor_sampling(envs_per_runner: int = 8, n_ev: int = 300, *, steps: int = 96, repeats: int = 3,
@@ -382,50 +400,56 @@ def bench_actor_sampling(envs_per_runner: int = 8, n_ev: int = 300, *, steps: in
     """
     import ray
 
-    from evgrid.agents.rllib.algos import algo_config
-    from evgrid.cluster.powerflow import get_or_create_actor
-    from evgrid.cluster.runtime import _register_env, connect, load_run_config
+    from evgrid.agents.rllib.algos import load_run_config
+    from evgrid.agents.rllib.experiment import Experiment
+    from evgrid.cluster.runtime import connect, powerflow_factory, start_powerflow_actors
 
     k = int(envs_per_runner)
     if not 1 <= k <= 1024:
         raise ValueError(f"envs_per_runner: expected 1..1024, got {envs_per_runner!r}")
     rows: list[dict] = []
     with connect():
-        _register_env()
         for mode, transport in (("local", None), ("actor", "socket"), ("actor", "ray")):
-            env_cfg, train_cfg = load_run_config("experiments/quickstart.yaml", [
+            env_cfg, train_cfg = load_run_config("quickstart", [
                 f"fleet.n_ev={n_ev}", f"train.powerflow={mode}", "train.num_env_runners=0",
                 f"train.envs_per_runner={k}", f"train.rollout_fragment_length={steps}",
                 f"train.train_batch_size={steps * k}", f"train.minibatch_size={steps * k}", f"train.seed={seed}"])
-            shards = get_or_create_actor(env_cfg) if mode == "actor" else []
-            algo = algo_config(env_cfg, train_cfg).build_algo()
+            shards = start_powerflow_actors(env_cfg, train_cfg)
             try:
-                runner = algo.env_runner
-                if transport == "ray":
-                    runner.env.vec.sim.grid.transport = "ray"
-                runner.sample(num_timesteps=steps * k, explore=True)  # warm-up: modules, kernels, actor
-                if shards:
-                    ray.get(shards[0].stats.remote(True))
-                best = np.inf
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    runner.sample(num_timesteps=steps * k, explore=True)
-                    best = min(best, time.perf_counter() - t0)
-                stats = ray.get(shards[0].stats.remote()) if shards else None
-                _check_transport("bench actor sampling", stats, transport)
+                with Experiment(env_cfg, train_cfg, grid_factory=powerflow_factory(train_cfg)) as exp:
+                    best_s, stats = _time_sampling(exp.algo.env_runner, steps * k, repeats, transport, shards)
             finally:
-                algo.stop()
                 for h in shards:
                     ray.kill(h, no_restart=True)
+            _check_transport("bench actor sampling", stats, transport)
             rows.append(dict(bench="actor_sampling", feeder="ieee33", mode=mode, transport=transport,
                              envs_per_runner=k, n_ev=n_ev,
-                             env_steps_per_s=round(steps * k / best, 1),
+                             env_steps_per_s=round(steps * k / best_s, 1),
                              actor_requests_per_step=(round(stats["requests"] / (repeats * steps), 2)
                                                       if stats else None)))
             log.info("bench actor sampling: %s", rows[-1])
     for r in rows[1:]:
         r["vs_local"] = round(r["env_steps_per_s"] / rows[0]["env_steps_per_s"], 3)
     return rows
+
+
+def _time_sampling(runner, env_steps: int, repeats: int, transport: str | None, shards: list
+                   ) -> tuple[float, dict | None]:
+    """Best seconds of ``repeats`` samples of ``env_steps`` env steps after a warm-up sample, and the first
+    actor's counters over the timed samples (None without actors)."""
+    import ray
+
+    if transport == "ray":
+        runner.env.vec.sim.grid.transport = "ray"
+    runner.sample(num_timesteps=env_steps, explore=True)  # warm-up: modules, kernels, actor
+    if shards:
+        ray.get(shards[0].stats.remote(True))
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.sample(num_timesteps=env_steps, explore=True)
+        best = min(best, time.perf_counter() - t0)
+    return best, (ray.get(shards[0].stats.remote()) if shards else None)
 
 
 # ---------------------------------------------------------------------------
@@ -444,44 +468,38 @@ def bench_train(views: Iterable[str] = ("grouped", "individual"), n_ev: int = 10
     observations) over sampling seconds; on the grouped row, ``ev_decisions_vs_individual`` divides its
     ``ev_decisions_per_s`` by the individual view's of the same run.
     """
-    from evgrid.agents.rllib.algos import algo_config, summary_of
-    from evgrid.cluster.runtime import _register_env, connect, load_run_config
+    from evgrid.agents.rllib.algos import load_run_config
+    from evgrid.agents.rllib.experiment import Experiment
+    from evgrid.cluster.runtime import connect
 
     rows = []
     n_station = 6
     ports = int(np.ceil(n_ev / n_station * 1.3)) + 10  # a plug for every EV the station draws
     steps = 24
+    batch = steps * envs_per_runner * max(env_runners, 1)
     with connect():
-        _register_env()
         for view in views:
-            env_cfg, train_cfg = load_run_config("experiments/quickstart.yaml", [
+            env_cfg, train_cfg = load_run_config("quickstart", [
                 f"agents.ev_view={view}", "fleet.scenario=household_valley", f"fleet.n_ev={n_ev}",
                 "fleet.household_arrival_h=[18.0,0.0,18.0,18.0]", f"stations.n_station={n_station}",
                 f"stations.ports={ports}", f"n_steps={steps}", "start_hour=18.0",
                 f"train.num_env_runners={env_runners}", f"train.envs_per_runner={envs_per_runner}",
-                f"train.rollout_fragment_length={steps}",
-                f"train.train_batch_size={steps * envs_per_runner * max(env_runners, 1)}",
-                f"train.minibatch_size={steps * envs_per_runner * max(env_runners, 1)}", "train.num_epochs=1",
-                f"train.seed={seed}"])
-            algo = algo_config(env_cfg, train_cfg).build_algo()
-            try:
-                algo.train()  # warm-up
-                sums = dict(env_steps=0.0, ev_decisions=0.0, sample_s=0.0, learn_s=0.0, env_step_s=0.0)
-                for _ in range(iterations):
-                    s = summary_of(algo.train())
-                    for k in ("ev_decisions", "sample_s", "learn_s", "env_step_s"):
-                        sums[k] += s[k]
-                    sums["env_steps"] += train_cfg.train_batch_size
-            finally:
-                algo.stop()
+                f"train.rollout_fragment_length={steps}", f"train.train_batch_size={batch}",
+                f"train.minibatch_size={batch}", "train.num_epochs=1", f"train.seed={seed}"])
+            with Experiment(env_cfg, train_cfg) as exp:
+                exp.step()  # warm-up
+                timed = [exp.step() for _ in range(iterations)]
+            ev_decisions, sample_s, learn_s, env_step_s = (sum(getattr(s, k) for s in timed) for k in (
+                "ev_decisions", "sample_s", "learn_s", "env_step_s"))
+            env_steps = batch * iterations
             rows.append(dict(bench="train", ev_view=view, n_ev=n_ev, env_runners=env_runners,
                              envs_per_runner=envs_per_runner,
-                             ev_decisions_per_step=round(sums["ev_decisions"] / sums["env_steps"], 1),
-                             env_steps_per_s=round(sums["env_steps"] / sums["sample_s"], 2),
-                             ev_decisions_per_s=round(sums["ev_decisions"] / sums["sample_s"], 1),
-                             sample_s=round(sums["sample_s"] / iterations, 4),
-                             learn_s=round(sums["learn_s"] / iterations, 4),
-                             env_share_of_sampling=round(sums["env_step_s"] / sums["sample_s"], 4)))
+                             ev_decisions_per_step=round(ev_decisions / env_steps, 1),
+                             env_steps_per_s=round(env_steps / sample_s, 2),
+                             ev_decisions_per_s=round(ev_decisions / sample_s, 1),
+                             sample_s=round(sample_s / iterations, 4),
+                             learn_s=round(learn_s / iterations, 4),
+                             env_share_of_sampling=round(env_step_s / sample_s, 4)))
             log.info("bench train: %s done", view)
     by_view = {r["ev_view"]: r for r in rows}
     if {"grouped", "individual"} <= by_view.keys():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from evgrid.config import ConfigError
 from evgrid.envs.config import EnvConfig, load_config
 from evgrid.envs.sim import DEPARTED, TURNED_AWAY, Sim, StepRecord
+from evgrid.validate import check_int
 
 log = logging.getLogger(__name__)
 
@@ -95,62 +98,130 @@ class EpisodeMetrics:
                 for e in range(sim.n_env)]
 
 
-def run_rule_episode(cfg: EnvConfig, seed: int) -> dict[str, float]:
-    """One episode with every level on its rule; the episode's metrics."""
+def rule_episodes(cfg: EnvConfig, seeds: Iterable[int], log_dir: str | os.PathLike[str] | None = None
+                  ) -> Iterator[dict[str, float]]:
+    """Episodes with every level on its rule (the simulator alone), one metric row each; with ``log_dir``,
+    their ``steps.parquet`` and ``sessions.parquet`` there (episode numbers count from 0)."""
+    from evgrid.io import EpisodeLog
+
     sim = Sim(cfg, 1)
-    sim.reset(seed)
-    m = EpisodeMetrics(sim)
-    while sim.t < sim.n_steps:
-        m.add(sim.step())
-    return m.rows()[0]
+    log = EpisodeLog(log_dir, sim) if log_dir is not None else None
+    try:
+        for episode, seed in enumerate(seeds):
+            sim.reset(seed)
+            if log is not None:
+                log.start(episode)
+            m = EpisodeMetrics(sim)
+            while sim.t < sim.n_steps:
+                rec = sim.step()
+                m.add(rec)
+                if log is not None:
+                    log.add_step(rec)
+            if log is not None:
+                log.end_episode()
+            yield m.rows()[0]
+    finally:
+        if log is not None:
+            log.close()
 
 
-def run_trained_episode(cfg: EnvConfig, checkpoint: str | os.PathLike[str], seed: int) -> dict[str, float]:
-    """One episode of the config's learned levels acting greedily with a checkpoint's modules."""
-    from evgrid.agents.rllib.policy import TrainedPolicy
+def policy_episodes(cfg: EnvConfig, make_policy: Callable[[Any], Any], seeds: Iterable[int],
+                    log_dir: str | os.PathLike[str] | None = None) -> Iterator[dict[str, float]]:
+    """Episodes of an :class:`EVGridEnv` whose learned agents follow ``make_policy(env)`` (anything with
+    ``act(obs) -> actions``), one metric row each; with ``log_dir``, the env's step and session logs there."""
     from evgrid.envs.ev_grid import EVGridEnv
 
-    env = EVGridEnv(cfg)
-    policy = TrainedPolicy(checkpoint, env)
-    obs, _ = env.reset(seed=seed)
-    m = EpisodeMetrics(env.sim)
-    while env.agents:
-        obs, *_ = env.step(policy.act(obs))
-        m.add(env.last_rec)
-    return m.rows()[0]
+    env = EVGridEnv(load_config(cfg, {"log_dir": None if log_dir is None else os.fspath(log_dir)}))
+    try:
+        policy = make_policy(env)
+        for seed in seeds:
+            obs, _ = env.reset(seed=seed)
+            m = EpisodeMetrics(env.sim)
+            while env.agents:
+                obs, *_ = env.step(policy.act(obs))
+                m.add(env.last_rec)
+            yield m.rows()[0]
+    finally:
+        env.close()
 
 
-def evaluate_baselines(config: Any, policies: list[str], episodes: int, *, out_dir: str | os.PathLike[str] | None,
-                       seed: int | None = None, overrides: Any = (), progress: bool = True,
-                       checkpoint: str | os.PathLike[str] | None = None) -> list[dict]:
+def output_dir(name: str, path: str | os.PathLike[str]) -> Path:
+    """Create the directory ``path`` (and its parents) for results, or a ConfigError naming ``name`` — before
+    any work whose results it would hold."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot create the directory {os.fspath(path)!r} ({e.strerror or e}); "
+                          f"expected a new or existing directory") from None
+    return out
+
+
+def episode_seeds(episodes: int, seed: int) -> range:
+    """The seeds of ``episodes`` episodes from ``seed`` (episode e: ``seed + e``); a ConfigError naming
+    ``episodes`` or ``seed`` when out of range."""
+    try:
+        check_int("episodes", episodes, 1, 1_000_000)
+        check_int("seed", seed, 0, 2**62)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return range(int(seed), int(seed) + int(episodes))
+
+
+def check_evaluation(config: Any, policies: Sequence[str], episodes: int, *, seed: int | None = None,
+                     overrides: Any = (), checkpoint: str | os.PathLike[str] | None = None) -> tuple[EnvConfig, range]:
+    """(config, seeds of the episodes) after checking every input of :func:`evaluate_baselines`; a ConfigError
+    names the first that cannot work."""
+    from evgrid.agents.baselines import POLICIES
+
+    bad = [p for p in policies if p not in POLICIES]
+    if bad or not (policies or checkpoint is not None):
+        raise ConfigError(f"policy: expected one or more of {', '.join(POLICIES)}, got {bad[0] if bad else 'none'!r}")
+    base = load_config(config, overrides)
+    seeds = episode_seeds(episodes, base.seed if seed is None else seed)
+    if checkpoint is not None:
+        from evgrid.agents.rllib.policy import checkpoint_dir
+
+        checkpoint_dir(checkpoint)
+    return base, seeds
+
+
+def evaluate_baselines(config: Any, policies: Sequence[str], episodes: int, *,
+                       out_dir: str | os.PathLike[str] | None, seed: int | None = None, overrides: Any = (),
+                       progress: bool = True, checkpoint: str | os.PathLike[str] | None = None) -> list[dict]:
     """Run each baseline (and, with ``checkpoint``, the trained policies as ``trained``) for ``episodes``
-    episodes on seeds ``seed``, ``seed + 1``, ...; write ``metrics.parquet`` and ``summary.md`` to ``out_dir``."""
+    episodes on seeds ``seed``, ``seed + 1``, ...; write ``metrics.parquet`` and ``summary.md`` to ``out_dir``
+    after every episode.  With the config's ``log_dir`` set, each policy's ``steps.parquet`` and
+    ``sessions.parquet`` go to ``<log_dir>/<policy>/``.  Every input is checked before the first episode."""
     from tqdm import tqdm
 
     from evgrid.agents.baselines import rule_overrides
 
-    if episodes < 1:
-        raise ValueError(f"episodes: expected >= 1, got {episodes}")
-    base = load_config(config, overrides)
-    seed = base.seed if seed is None else seed
-    rows: list[dict] = []
-    runs = (["trained"] if checkpoint is not None else []) + list(policies)
-    bar = tqdm(total=len(runs) * episodes, desc="evaluate", unit="episode", disable=not progress)
+    base, seeds = check_evaluation(config, policies, episodes, seed=seed, overrides=overrides, checkpoint=checkpoint)
+    out = output_dir("out_dir", out_dir) if out_dir is not None else None
+
+    def log_dir(policy: str) -> Path | None:
+        return Path(base.log_dir) / policy if base.log_dir is not None else None
+
+    runs: list[tuple[str, Callable[[], Iterator[dict]]]] = []
     if checkpoint is not None:
-        for ep in range(episodes):
-            rows.append({"policy": "trained", "episode": ep, **run_trained_episode(base, checkpoint, seed + ep)})
-            bar.update(1)
+        from evgrid.agents.rllib.policy import TrainedPolicy, load_modules
+
+        modules = load_modules(checkpoint)
+        runs.append(("trained", lambda: policy_episodes(base, lambda env: TrainedPolicy(modules, env), seeds,
+                                                        log_dir("trained"))))
     for policy in policies:
         cfg = load_config(base, rule_overrides(policy, routed=base.routing is not None))
-        for ep in range(episodes):
-            row = {"policy": policy, "episode": ep}
-            row.update(run_rule_episode(cfg, seed + ep))
-            rows.append(row)
-            bar.update(1)
+        runs.append((policy, lambda cfg=cfg, policy=policy: rule_episodes(cfg, seeds, log_dir(policy))))
+    rows: list[dict] = []
+    with tqdm(total=len(runs) * episodes, desc="evaluate", unit="episode", disable=not progress) as bar:
+        for policy, episodes_of in runs:
             bar.set_postfix(policy=policy)
-    bar.close()
-    if out_dir is not None:
-        write_metrics(rows, out_dir)
+            for episode, metrics in enumerate(episodes_of()):
+                rows.append({"policy": policy, "episode": episode, **metrics})
+                if out is not None:
+                    write_metrics(rows, out)  # an interrupted evaluation keeps every episode it finished
+                bar.update(1)
     return rows
 
 

@@ -16,7 +16,7 @@ from evgrid.evaluate import METRICS
 
 
 def test_evaluate_cli_writes_metrics_and_summary(tmp_path, capsys):
-    rc = main(["evaluate", "experiments/quickstart.yaml", "fleet.n_ev=150", "--policy", "uncontrolled", "tou",
+    rc = main(["evaluate", "quickstart", "fleet.n_ev=150", "--policy", "uncontrolled", "tou",
                "--episodes", "2", "--out", str(tmp_path)])
     assert rc == 0
     table = pq.read_table(tmp_path / "metrics.parquet").to_pandas()
@@ -35,8 +35,27 @@ def test_evaluate_cli_writes_metrics_and_summary(tmp_path, capsys):
     assert "metrics.parquet" in capsys.readouterr().out
 
 
+def test_evaluate_logs_steps_and_sessions_per_policy_when_log_dir_is_set(tmp_path, monkeypatch):
+    """The config's log_dir holds each policy's steps.parquet and sessions.parquet (rule baselines run the
+    simulator directly); from any directory, with the overrides after the options."""
+    monkeypatch.chdir(tmp_path)
+    rc = main(["evaluate", "quickstart", "--policy", "uncontrolled", "tou", "--episodes", "2", "n_steps=8",
+               "start_hour=17.0", "fleet.n_ev=80", "log_dir=logs", "--out", "out"])
+    assert rc == 0
+    metrics = pq.read_table(tmp_path / "out" / "metrics.parquet").to_pandas()
+    for policy in ("uncontrolled", "tou"):
+        steps = pq.read_table(tmp_path / "logs" / policy / "steps.parquet").to_pandas()
+        sessions = pq.read_table(tmp_path / "logs" / policy / "sessions.parquet").to_pandas()
+        assert steps.groupby("episode").size().to_dict() == {0: 8, 1: 8}
+        assert set(sessions.episode) == {0, 1} and sessions.e_delivered_kwh.sum() > 0
+        # the logs are the episodes the metrics describe
+        load = steps.groupby("episode").total_load_kw
+        swing = (load.max() - load.min()).to_numpy()
+        np.testing.assert_allclose(swing, metrics[metrics.policy == policy].peak_valley_kw.to_numpy())
+
+
 def test_lbms_balances_the_city_better_than_nearest(tmp_path):
-    main(["evaluate", "experiments/seed002.yaml", "fleet.n_ev=600", "--policy", "uncontrolled", "lbms",
+    main(["evaluate", "seed002", "fleet.n_ev=600", "--policy", "uncontrolled", "lbms",
           "--episodes", "1", "--out", str(tmp_path)])
     t = pq.read_table(tmp_path / "metrics.parquet").to_pandas().set_index("policy")
     assert t.loc["lbms", "spatial_std_kw"] < t.loc["uncontrolled", "spatial_std_kw"]
@@ -69,17 +88,17 @@ def test_grouped_slots_are_stable_and_masks_match_plugged_evs():
                       fleet={"n_ev": 200})
     obs, _ = env.reset(seed=1)
     policy = BaselinePolicy("uncontrolled", env)
-    owner_prev = env.vec._slot_owner.copy()
+    owner_prev = env.vec.slots.owner.copy()
     while env.agents:
         obs, *_ = env.step(policy.act(obs))
         if not env.agents:
             break
         sim = env.sim
-        owner = env.vec._slot_owner
+        owner = env.vec.slots.owner
         # an EV that stays plugged keeps its slot
-        kept = (owner_prev >= 0) & (sim.status[np.maximum(owner_prev, 0)] == PLUGGED)
+        kept = (owner_prev >= 0) & (sim.fleet.status[np.maximum(owner_prev, 0)] == PLUGGED)
         np.testing.assert_array_equal(owner[kept], owner_prev[kept])
-        counts = np.bincount(sim.station[sim.plugged()], minlength=sim.n_station)
-        for j in range(sim.n_station):
+        counts = np.bincount(sim.fleet.station[sim.plugged()], minlength=sim.layout.n_station)
+        for j in range(sim.layout.n_station):
             assert obs[f"evs_{j}"]["mask"].sum() == counts[j]
         owner_prev = owner.copy()

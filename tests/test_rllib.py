@@ -1,5 +1,5 @@
-"""The RLlib glue: the MultiAgentEnv adapter, the shared per-EV module and its masked distribution,
-and one PPO iteration training operators, stations and grouped EVs together."""
+"""The RLlib glue: the MultiAgentEnv adapter, the shared per-EV module and its masked distribution, one PPO
+iteration training operators, stations and grouped EVs together, and the Experiment every command drives."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
 from evgrid.agents.rllib.env import RLlibEVGrid, RLlibEVGridVector
+from evgrid.agents.rllib.experiment import Experiment, ExperimentCallback, IterationSummary
 from evgrid.agents.rllib.modules import SlotDistribution, SlotSetModule, module_specs, policy_mapping_fn
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -22,7 +23,7 @@ SMALL = {"n_steps": 24, "start_hour": 16.0, "fleet": {"n_ev": 120}, "stations": 
 
 
 def _env_config(view):
-    return {"config": "experiments/quickstart.yaml", "overrides": {**SMALL, "ev_view": view}}
+    return {"config": "quickstart", "overrides": {**SMALL, "ev_view": view}}
 
 
 @pytest.mark.parametrize("view", ["individual", "grouped"])
@@ -210,8 +211,11 @@ def test_slot_module_and_distribution_match_a_plain_torch_reference():
     # a greedy policy takes the likeliest mode and the Beta mean
     greedy = d.to_deterministic().sample()
     assert torch.equal(greedy["mode"], cat.probs.argmax(-1)) and torch.allclose(greedy["power"], beta.mean)
-    # the parameters keep their names and shapes (checkpoints stay loadable)
-    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == {
+
+
+def test_slot_module_parameters_keep_their_names_and_shapes():
+    """Checkpoints stay loadable."""
+    assert {k: tuple(v.shape) for k, v in _module(n_slot=7).state_dict().items()} == {
         "ev_net.0.weight": (16, 23), "ev_net.0.bias": (16,), "ev_net.2.weight": (16, 16), "ev_net.2.bias": (16,),
         "pi_head.weight": (5, 16), "pi_head.bias": (5,), "vf_net.0.weight": (16, 26), "vf_net.0.bias": (16,),
         "vf_net.2.weight": (16, 16), "vf_net.2.bias": (16,), "vf_net.4.weight": (1, 16), "vf_net.4.bias": (1,)}
@@ -255,16 +259,18 @@ def test_one_ppo_iteration_trains_all_three_levels(ray_local):
         algo.stop()
 
 
-def test_train_cli_checkpoints_and_resumes_without_losing_iterations(tmp_path, ray_local):
+def test_train_cli_checkpoints_and_resumes_without_losing_iterations(tmp_path, ray_local, monkeypatch):
     import pandas as pd
 
     from evgrid.cli import main
+
+    monkeypatch.chdir(tmp_path)  # any directory: the config is the shipped quickstart
 
     run = tmp_path / "run"
     small = ["n_steps=24", "start_hour=16.0", "fleet.n_ev=100", "stations.ports=40", "train.num_env_runners=0",
              "train.train_batch_size=48", "train.minibatch_size=24", "train.rollout_fragment_length=48",
              "train.num_epochs=1", "train.checkpoint_every=1"]
-    assert main(["train", "experiments/quickstart.yaml", *small, "train.iterations=2", "--run-dir", str(run)]) == 0
+    assert main(["train", "quickstart", *small, "train.iterations=2", "--run-dir", str(run)]) == 0
     for name in ("config.yaml", "metrics.parquet", "summary.md", "learning_curves.png"):
         assert (run / name).is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
@@ -275,6 +281,74 @@ def test_train_cli_checkpoints_and_resumes_without_losing_iterations(tmp_path, r
     env_steps = m.groupby("iteration").env_steps.first()
     assert env_steps.is_monotonic_increasing and env_steps.iloc[-1] > env_steps.iloc[1]
     assert (m.ev_decisions > 0).all()
+    assert (run / "logs" / "ray.log").is_file()  # Ray's and RLlib's own messages
+    # the grouped EVs' shared module acts greedily in `evgrid evaluate`
+    env_only = [o for o in small if not o.startswith("train.")]
+    assert main(["evaluate", "quickstart", "--checkpoint", str(run), "--policy", "tou", "--episodes", "1",
+                 *env_only, "--out", str(tmp_path / "eval")]) == 0
+    assert list(pd.read_parquet(tmp_path / "eval" / "metrics.parquet").policy) == ["trained", "tou"]
+
+
+class _Calls(ExperimentCallback):
+    def __init__(self):
+        self.calls = []
+
+    def on_setup(self, experiment):
+        self.calls.append("setup")
+
+    def on_iteration(self, experiment, summary):
+        self.calls.append(("iteration", summary.iteration))
+
+    def on_checkpoint(self, experiment, path):
+        self.calls.append(("checkpoint", path.name))
+
+    def on_close(self, experiment):
+        self.calls.append("close")
+
+
+# operators and stations learned with discrete levels, EVs on their rule: what DQN can train
+DQN_ENV = ["n_steps=8", "start_hour=16.0", "fleet.n_ev=40", "stations.ports=20", "agents.operator_action=level",
+           "agents.ev_view=rule"]
+
+
+def test_experiment_trains_checkpoints_restores_and_evaluates_dqn(tmp_path, ray_local):
+    """One Experiment loop end to end on DQN, whose modules pick greedy actions themselves (no action
+    distribution inputs): its live modules, a restored copy and `evgrid evaluate --checkpoint` agree."""
+    import dataclasses
+
+    import pandas as pd
+
+    from evgrid.agents.rllib.algos import load_run_config
+    from evgrid.cli import main
+
+    env_cfg, train_cfg = load_run_config("quickstart", [
+        *DQN_ENV, "train.algorithm=DQN", "train.num_env_runners=0", "train.train_batch_size=16",
+        "train.minibatch_size=16", "train.rollout_fragment_length=8", "train.iterations=1"])
+    calls = _Calls()
+    run = tmp_path / "run"
+    with Experiment(env_cfg, train_cfg, run, callbacks=[calls]) as exp:
+        s = exp.step()
+        assert isinstance(s, IterationSummary) and s.iteration == 1 and set(s.returns) == {"operator", "station"}
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            s.iteration = 2
+        assert exp.checkpoint() == run / "checkpoints" / "iter_000001"
+        live = pd.DataFrame(exp.evaluate(episodes=1, seed=3))
+    assert calls.calls == ["setup", ("iteration", 1), ("checkpoint", "iter_000001"), "close"]
+    for name in ("config.yaml", "metrics.parquet", "summary.md", "learning_curves.png"):
+        assert (run / name).is_file(), name
+    assert list(live.policy) == ["trained"] and np.isfinite(live.operator_cost).all()
+    with Experiment(env_cfg, train_cfg) as again:
+        assert again.restore(run) == 1
+        assert pd.DataFrame(again.evaluate(episodes=1, seed=3)).equals(live)
+    logs = tmp_path / "logs"
+    assert main(["evaluate", "quickstart", *DQN_ENV, "--checkpoint", str(run), "--policy", "uncontrolled",
+                 "--episodes", "1", "--seed", "3", "--out", str(tmp_path / "eval"), f"log_dir={logs}"]) == 0
+    m = pd.read_parquet(tmp_path / "eval" / "metrics.parquet")
+    assert list(m.policy) == ["trained", "uncontrolled"]
+    assert m.operator_cost.iloc[0] == pytest.approx(live.operator_cost.iloc[0])
+    for policy in ("trained", "uncontrolled"):  # each policy's step and session logs
+        assert len(pd.read_parquet(logs / policy / "steps.parquet")) == 8
+        assert (logs / policy / "sessions.parquet").is_file()
 
 
 @pytest.mark.slow
@@ -293,7 +367,7 @@ def test_same_seed_same_training_run(tmp_path):
     runs = []
     for k in range(2):
         env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
-        done = subprocess.run([sys.executable, "-m", "evgrid.cli", "train", "experiments/quickstart.yaml", *small,
+        done = subprocess.run([sys.executable, "-m", "evgrid.cli", "train", "quickstart", *small,
                                "--run-dir", str(tmp_path / f"run{k}")], capture_output=True, text=True, env=env,
                               timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -314,7 +388,7 @@ def test_every_algorithm_trains_every_ev_view_it_supports(tmp_path, ray_local, a
 
     from evgrid.cluster.runtime import train
 
-    out = train("experiments/quickstart.yaml",
+    out = train("quickstart",
                 ["n_steps=24", "start_hour=16.0", "fleet.n_ev=100", "stations.ports=40", f"train.algorithm={algorithm}",
                  f"agents.ev_view={view}", "train.iterations=2", "train.num_env_runners=0",
                  f"train.envs_per_runner={k}", f"train.train_batch_size={48 * k}", "train.minibatch_size=24",
@@ -330,23 +404,19 @@ def test_envs_of_a_runner_share_one_actor_call_per_step(ray_local):
     """powerflow: actor with 3 environments per runner: every request to the actor carries all 3 scenarios."""
     import ray
 
-    from evgrid.agents.rllib.algos import algo_config
-    from evgrid.cluster import powerflow as pf
-    from evgrid.cluster.runtime import _register_env, load_run_config
+    from evgrid.agents.rllib.algos import load_run_config
+    from evgrid.agents.rllib.experiment import Experiment
+    from evgrid.cluster.runtime import powerflow_factory, start_powerflow_actors
 
-    env_cfg, train_cfg = load_run_config("experiments/quickstart.yaml", [
+    env_cfg, train_cfg = load_run_config("quickstart", [
         "n_steps=24", "start_hour=16.0", "fleet.n_ev=100", "stations.ports=40", "train.powerflow=actor",
         "train.num_env_runners=0", "train.envs_per_runner=3", "train.train_batch_size=72", "train.minibatch_size=24",
         "train.rollout_fragment_length=24", "train.num_epochs=1"])
-    _register_env()
-    handle = pf.get_or_create_actor(env_cfg)[0]
+    handle = start_powerflow_actors(env_cfg, train_cfg)[0]
     try:
-        algo = algo_config(env_cfg, train_cfg).build_algo()
-        try:
-            algo.train()
+        with Experiment(env_cfg, train_cfg, grid_factory=powerflow_factory(train_cfg)) as exp:
+            exp.step()
             stats = ray.get(handle.stats.remote())
-        finally:
-            algo.stop()
     finally:
         ray.kill(handle, no_restart=True)
     assert stats["requests"] >= 24
@@ -357,10 +427,10 @@ def test_dqn_and_appo_are_refused_where_they_cannot_run():
     from evgrid.agents.rllib.algos import TrainConfig, algo_config
     from evgrid.envs.config import load_config
 
-    with pytest.raises(ValueError, match="algorithm: APPO's checkpoints hang"):
+    with pytest.raises(ValueError, match="algorithm: APPO's checkpoints hang.*expected one of PPO, IMPALA, DQN"):
         TrainConfig(algorithm="APPO")
     with pytest.raises(ValueError, match="DQN needs discrete actions"):
-        algo_config(load_config("experiments/quickstart.yaml"), TrainConfig(algorithm="DQN"))
+        algo_config(load_config("quickstart"), TrainConfig(algorithm="DQN"))
 
 
 @pytest.mark.parametrize("overrides,address,match", [
@@ -378,8 +448,7 @@ def test_bad_runs_fail_before_ray_starts(tmp_path, monkeypatch, overrides, addre
 
     monkeypatch.setattr(runtime, "connect", lambda *a, **k: pytest.fail("Ray was started for a run that cannot work"))
     with pytest.raises((ConfigError, ConnectionError), match=match):
-        runtime.train("experiments/quickstart.yaml", overrides, address=address, run_dir=tmp_path / "run",
-                      progress=False)
+        runtime.train("quickstart", overrides, address=address, run_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 
@@ -387,7 +456,7 @@ def test_per_level_widths_reach_their_modules():
     from evgrid.agents.rllib.algos import TrainConfig, algo_config
     from evgrid.envs.config import load_config
 
-    env = load_config("experiments/quickstart.yaml", {"fleet": {"n_ev": 50}})
+    env = load_config("quickstart", {"fleet": {"n_ev": 50}})
     cfg = algo_config(env, TrainConfig(hidden=(32, 32), hidden_per_level={"ev": (16,)}))
     specs = cfg.rl_module_spec.rl_module_specs
     assert specs["ev"].model_config["hidden"] == [16]
@@ -398,29 +467,28 @@ def test_training_survives_the_power_flow_actor_being_killed(tmp_path, ray_local
     """powerflow: actor; the actor is killed between iterations (Ray restarts it) and training continues."""
     import ray
 
-    from evgrid.agents.rllib.algos import algo_config
+    from evgrid.agents.rllib.algos import load_run_config
+    from evgrid.agents.rllib.experiment import Experiment
     from evgrid.cluster import powerflow as pf
-    from evgrid.cluster.runtime import _register_env, load_run_config
+    from evgrid.cluster.runtime import powerflow_factory
 
-    env_cfg, train_cfg = load_run_config("experiments/quickstart.yaml", [
+    env_cfg, train_cfg = load_run_config("quickstart", [
         "n_steps=24", "start_hour=16.0", "fleet.n_ev=100", "stations.ports=40", "train.powerflow=actor",
         "train.num_env_runners=1", "train.train_batch_size=48", "train.minibatch_size=24",
         "train.rollout_fragment_length=24", "train.num_epochs=1"])
-    _register_env()
     handle = pf.get_or_create_actor(env_cfg, max_restarts=2)[0]
-    algo = algo_config(env_cfg, train_cfg).build_algo()
     try:
-        algo.train()
-        before = ray.get(handle.stats.remote())
-        assert before["requests"] > 0, "the env runner did not use the shared actor"
-        ray.kill(handle, no_restart=False)
-        r = algo.train()  # the clients retry through the restart
-        assert r["env_runners"]["num_env_steps_sampled_lifetime"] >= 96
-        after = ray.get(handle.stats.remote())
-        # a new process, whose counters only know the iteration after the kill
-        assert after["pid"] != before["pid"] and after["requests"] > 0
+        with Experiment(env_cfg, train_cfg, grid_factory=powerflow_factory(train_cfg)) as exp:
+            exp.step()
+            before = ray.get(handle.stats.remote())
+            assert before["requests"] > 0, "the env runner did not use the shared actor"
+            ray.kill(handle, no_restart=False)
+            s = exp.step()  # the clients retry through the restart
+            assert s.env_steps >= 96
+            after = ray.get(handle.stats.remote())
+            # a new process, whose counters only know the iteration after the kill
+            assert after["pid"] != before["pid"] and after["requests"] > 0
     finally:
-        algo.stop()
         for h in pf.get_or_create_actor(env_cfg):
             ray.kill(h, no_restart=True)
 
@@ -432,7 +500,7 @@ def test_sweep_grid_times_seeds_lands_in_one_table(tmp_path, ray_local):
 
     grid = parse_grid(["train.lr=0.0003,0.001"])
     assert grid == {"train.lr": [0.0003, 0.001]}
-    out = sweep("experiments/quickstart.yaml", grid, seeds=2, out_dir=tmp_path, overrides=[
+    out = sweep("quickstart", grid, seeds=2, out_dir=tmp_path, overrides=[
         "n_steps=24", "start_hour=16.0", "fleet.n_ev=80", "stations.ports=40", "train.iterations=1",
         "train.num_env_runners=0", "train.train_batch_size=24", "train.minibatch_size=24",
         "train.rollout_fragment_length=24", "train.num_epochs=1", "agents.ev_view=grouped"])
@@ -440,12 +508,16 @@ def test_sweep_grid_times_seeds_lands_in_one_table(tmp_path, ray_local):
     assert len(t.trial.unique()) == 4
     assert sorted(t.groupby(["train.lr", "seed"]).size().index.tolist()) == [(0.0003, 0), (0.0003, 1), (0.001, 0),
                                                                             (0.001, 1)]
-    assert {"return_ev", "env_steps", "iteration"} <= set(t.columns)
+    assert {"return_ev", "agent_steps_ev", "env_steps", "elapsed_s", "iteration"} <= set(t.columns)
+    assert (tmp_path / "logs" / "ray.log").is_file()
 
 
-def test_training_and_actor_benchmarks_report_their_fields(ray_local):
-    """`evgrid bench train` and `bench actor` (tiny budgets): the JSON fields the targets are read from."""
+def test_training_and_actor_benchmarks_report_their_fields(ray_local, tmp_path, monkeypatch):
+    """`evgrid bench train` and `bench actor` (tiny budgets, from any directory): the JSON fields the targets
+    are read from."""
     from evgrid.bench import bench_actor, bench_actor_sampling, bench_train
+
+    monkeypatch.chdir(tmp_path)
 
     rows = bench_train(("grouped", "individual"), n_ev=40, envs_per_runner=2, iterations=1)
     g, i = rows

@@ -6,13 +6,10 @@ joins a running cluster and ships the ``evgrid`` package to its workers via
 ``runtime_env.py_modules``.  Every worker runs one thread
 (``OMP_NUM_THREADS=1``): on small machines more threads stall RLlib.
 
-``train()`` writes a run directory::
-
-    <run_dir>/config.yaml        the resolved config (env sections + train:)
-    <run_dir>/checkpoints/iter_000005/ ...
-    <run_dir>/metrics.parquet    one row per iteration and module (elapsed_s: seconds since train() began)
-    <run_dir>/learning_curves.png
-    <run_dir>/summary.md
+``train()`` connects, starts the shared power-flow actors for ``train.powerflow: actor``, and drives an
+:class:`evgrid.agents.rllib.experiment.Experiment`, which writes the run directory (``config.yaml``,
+``checkpoints/``, ``metrics.parquet``, ``learning_curves.png``, ``summary.md``); Ray's and RLlib's own
+messages go to ``<run_dir>/logs/ray.log`` (:func:`ray_output_to`).
 """
 
 from __future__ import annotations
@@ -20,14 +17,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from evgrid.config import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
+from evgrid.agents.rllib.algos import TrainConfig, check_run, load_run_config
+from evgrid.agents.rllib.experiment import Experiment, ExperimentCallback, IterationSummary
+from evgrid.config import ConfigError
 from evgrid.envs.config import EnvConfig
 
 log = logging.getLogger(__name__)
@@ -113,111 +112,178 @@ def keep_loopback_addresses() -> None:
     services.resolve_ip_for_localhost = lambda host: host
 
 
-def load_run_config(source: Any, overrides: Iterable[str] | dict = ()) -> tuple[EnvConfig, Any]:
-    """(EnvConfig, TrainConfig) from an experiment YAML whose optional ``train:`` section holds the training
-    settings; ``train.iterations=5`` style overrides go to that section."""
-    from evgrid.agents.rllib.algos import TrainConfig
+@contextlib.contextmanager
+def ray_output_to(log_file: str | os.PathLike[str] | None) -> Iterator[None]:
+    """For the block, Ray's and RLlib's own messages go to ``log_file`` (appended), not the terminal: the
+    ``ray`` loggers (RLlib's and Tune's included), Python warnings, and what Ray's C++ core writes straight
+    to this process's stderr (file descriptor 2, which no Python setting reaches; the Ray processes started
+    meanwhile inherit it).  ``sys.stderr`` keeps the terminal, so progress bars and this package's own log
+    messages still show.  None: everything stays where it is."""
+    if log_file is None:
+        yield
+        return
+    import ray  # noqa: F401  (ray, and RLlib imported with this module, install the terminal handlers replaced here)
 
-    data = dict(read_yaml(source)) if isinstance(source, str | os.PathLike) else dict(source or {})
-    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    data = merge(data, extra)
-    train = from_dict(TrainConfig, data.pop("train", None), "train.")
-    env = from_dict(EnvConfig, data)
-    return env, train
+    path = Path(log_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # "ray" and every "ray.*" logger with handlers of its own (ray.rllib does not propagate), Python warnings
+    loggers = [logging.getLogger("ray"), logging.getLogger("py.warnings")] + [
+        lg for name, lg in logging.root.manager.loggerDict.items()
+        if name.startswith("ray.") and isinstance(lg, logging.Logger) and lg.handlers]
+    saved = [(lg.handlers, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [handler], False
+    logging.captureWarnings(True)
+    try:
+        with _stderr_fd_to(path):
+            yield
+    finally:
+        logging.captureWarnings(False)
+        for lg, (handlers, propagate) in zip(loggers, saved):
+            lg.handlers, lg.propagate = handlers, propagate
+        handler.close()
 
 
-def _register_env() -> None:
-    from ray.tune.registry import register_env
+@contextlib.contextmanager
+def _stderr_fd_to(path: Path) -> Iterator[None]:
+    """File descriptor 2 appends to ``path``; ``sys.stderr``, when it writes to descriptor 2, moves to a copy
+    of the terminal's descriptor."""
+    sys.stderr.flush()
+    terminal_fd = os.dup(2)
+    try:
+        writes_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # replaced (a notebook, pytest's capture): not descriptor 2
+        writes_fd2 = False
+    stderr = sys.stderr
+    if writes_fd2:
+        sys.stderr = os.fdopen(os.dup(terminal_fd), "w", buffering=1, encoding=stderr.encoding,
+                               errors="backslashreplace")
+    with open(path, "ab") as fh:
+        os.dup2(fh.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal_fd, 2)
+        os.close(terminal_fd)
+        if writes_fd2:
+            sys.stderr.close()
+            sys.stderr = stderr
 
-    from evgrid.agents.rllib.env import RLlibEVGrid
 
-    register_env("evgrid", lambda c: RLlibEVGrid(c))
-
-
-def _latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("iter_*"))
-    if not ckpts:
+def powerflow_factory(train: TrainConfig) -> Callable[..., Any] | None:
+    """What each env runner calls for its environments' power-flow service (``Experiment(grid_factory=...)``):
+    None, in-process, for ``train.powerflow: local``; for ``actor``, a client of the job's shared actors
+    (:func:`start_powerflow_actors`), in-process where they are missing."""
+    if train.powerflow != "actor":
         return None
-    return ckpts[-1], int(ckpts[-1].name.split("_")[1])
+    from evgrid.cluster import powerflow
+
+    return powerflow.ActorGridFactory(powerflow.DEFAULT_NAME, powerflow.DEFAULT_NAMESPACE)
+
+
+def start_powerflow_actors(env: EnvConfig, train: TrainConfig) -> list:
+    """The shared power-flow actors of a ``powerflow: actor`` run (none otherwise), started or found before
+    any env runner so each finds them by name.  Hold the handles for the whole run: Ray collects a named,
+    non-detached actor once no handle to it is left."""
+    if train.powerflow != "actor":
+        return []
+    from evgrid.cluster.powerflow import get_or_create_actor
+
+    return get_or_create_actor(env, num_actors=train.num_powerflow_actors)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A training run that passed every check :func:`plan_run` makes."""
+
+    env: EnvConfig
+    train: TrainConfig
+    run_dir: Path
+    resume: bool
+    """True: continue ``run_dir`` from its last checkpoint (from iteration 0 when it has none)."""
+
+
+def plan_run(config: Any = None, overrides: Iterable[str] = (), *, resume: str | os.PathLike[str] | None = None,
+             run_dir: str | os.PathLike[str] | None = None, address: str | None = None) -> RunPlan:
+    """Check everything a training run needs before anything starts: the config and its overrides, the
+    levels against the algorithm, the run directory (a new one, or one to resume) and the cluster address.
+    Creates nothing; a ConfigError (ConnectionError for an address where no cluster answers) names the field."""
+    if resume is not None:
+        out = Path(resume)
+        if config is not None or run_dir is not None:
+            raise ConfigError("resume: a resumed run keeps its own directory and config.yaml; give overrides only, "
+                              "not a config or a run directory")
+        if not (out / "config.yaml").is_file():
+            raise ConfigError(f"resume: expected a run directory (holding config.yaml), got {os.fspath(out)!r}")
+        env_cfg, train_cfg = load_run_config(out / "config.yaml", overrides)
+    else:
+        if config is None:
+            raise ConfigError("config: give an experiment YAML (e.g. quickstart) or a run directory to resume")
+        env_cfg, train_cfg = load_run_config(config, overrides)
+        out = Path(run_dir) if run_dir is not None else \
+            Path("runs") / f"{env_cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        _check_new_dir("run_dir", out)
+    check_run(env_cfg, train_cfg)
+    if address is not None:
+        check_reachable(address)
+    return RunPlan(env_cfg, train_cfg, out, resume is not None)
+
+
+def _check_new_dir(name: str, path: Path) -> None:
+    if path.exists():
+        raise ConfigError(f"{name}: {os.fspath(path)!r} exists; expected a new directory (continue a run with "
+                          f"resume)")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name}: cannot create {os.fspath(path)!r} ({os.fspath(parent)!r} is not a writable "
+                          f"directory)")
 
 
 def train(config: Any = None, overrides: Iterable[str] = (), *, address: str | None = None,
           resume: str | os.PathLike[str] | None = None, run_dir: str | os.PathLike[str] | None = None,
-          progress: bool = True) -> Path:
-    """Train the config's learned levels; returns the run directory."""
-    t_start = time.perf_counter()
-    import pandas as pd
-    from tqdm import tqdm
-
-    from evgrid.agents.rllib.algos import algo_config, check_run, summary_of
-
-    if resume is not None:
-        out = Path(resume)
-        if not (out / "config.yaml").is_file():
-            raise ConfigError(f"resume: {os.fspath(out)!r} is not a run directory (no config.yaml)")
-        env_cfg, train_cfg = load_run_config(out / "config.yaml", overrides)
-    else:
-        if config is None:
-            raise ConfigError("config: give an experiment YAML (e.g. experiments/quickstart.yaml)")
-        env_cfg, train_cfg = load_run_config(config, overrides)
-        out = Path(run_dir) if run_dir is not None else Path("runs") / f"{env_cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_run(env_cfg, train_cfg)  # a bad combination fails here, before Ray or any worker starts
+          progress: bool = True, ray_log: bool = True) -> Path:
+    """Train the config's learned levels, or continue ``resume``'s run from its last checkpoint (overrides such
+    as ``train.iterations=N`` apply to it); returns the run directory.  ``progress``: a progress bar on
+    stderr; ``ray_log``: Ray's and RLlib's own messages go to ``<run_dir>/logs/ray.log``, not the terminal."""
+    plan = plan_run(config, overrides, resume=resume, run_dir=run_dir, address=address)
     if os.environ.get("PYTHONHASHSEED", "random") == "random":
         log.warning("PYTHONHASHSEED is not set in this process: two runs with train.seed=%d will differ (RLlib "
-                    "orders agents by string hash); the evgrid CLI sets it", train_cfg.seed)
-    if address is not None:
-        check_reachable(address)  # (connect checks too) before a run directory exists for a run that cannot start
-    if resume is None:
-        out.mkdir(parents=True, exist_ok=False)
-    (out / "config.yaml").write_text(yaml.safe_dump({**to_dict(env_cfg), "train": to_dict(train_cfg)},
-                                                    sort_keys=False), encoding="utf-8")
-    metrics_path = out / "metrics.parquet"
-    rows: list[dict] = []
-    start = 0
-    with connect(address):
-        _register_env()
-        shards: list = []
-        if train_cfg.powerflow == "actor":
-            from evgrid.cluster.powerflow import get_or_create_actor
-
-            # before the env runners start, so each finds the shards by name; the handles are held for the
-            # whole run: Ray collects a named, non-detached actor once no handle to it is left
-            shards = get_or_create_actor(env_cfg, num_actors=train_cfg.num_powerflow_actors)
-        algo = algo_config(env_cfg, train_cfg).build_algo()
-        try:
-            found = _latest_checkpoint(out) if resume is not None else None
-            if found is not None:
-                algo.restore_from_path(str(found[0].resolve()))
-                start = found[1]
-                if metrics_path.is_file():
-                    old = pd.read_parquet(metrics_path)
-                    rows = old[old.iteration <= start].to_dict("records")
-                log.info("resumed %s at iteration %d", out, start)
-            bar = tqdm(total=train_cfg.iterations, initial=start, desc="train", unit="it", disable=not progress)
-            for it in range(start + 1, train_cfg.iterations + 1):
-                t0 = time.perf_counter()
-                result = algo.train()
-                s = summary_of(result)
-                base = {k: v for k, v in s.items() if not k.startswith(("return_", "agent_steps_"))}
-                modules = sorted({k.split("_", 1)[1] for k in s if k.startswith("return_")} |
-                                 {k.split("_", 2)[2] for k in s if k.startswith("agent_steps_")})
-                for mid in modules:
-                    rows.append({"iteration": it, "module": mid, "wall_s": time.perf_counter() - t0,
-                                 "elapsed_s": time.perf_counter() - t_start, **base,
-                                 "return_mean": s.get(f"return_{mid}", float("nan")),
-                                 "agent_steps": s.get(f"agent_steps_{mid}", float("nan"))})
-                pd.DataFrame(rows).to_parquet(metrics_path, index=False)
-                bar.update(1)
-                bar.set_postfix({m: f"{s[f'return_{m}']:.1f}" for m in modules if f"return_{m}" in s})
-                if it % train_cfg.checkpoint_every == 0 or it == train_cfg.iterations:
-                    algo.save_to_path(str((out / "checkpoints" / f"iter_{it:06d}").resolve()))
-            bar.close()
+                    "orders agents by string hash); the evgrid CLI sets it", plan.train.seed)
+    plan.run_dir.mkdir(parents=True, exist_ok=plan.resume)
+    exp = Experiment(plan.env, plan.train, plan.run_dir, grid_factory=powerflow_factory(plan.train),
+                     callbacks=[ProgressBar(plan.train.iterations)] if progress else [])
+    with ray_output_to(plan.run_dir / "logs" / "ray.log" if ray_log else None), connect(address):
+        shards = start_powerflow_actors(plan.env, plan.train)
+        with exp:
+            if plan.resume and any((plan.run_dir / "checkpoints").glob("iter_*")):
+                exp.restore(plan.run_dir)
+            exp.run()
             if shards:
-                _save_powerflow_stats(shards, out)
-        finally:
-            algo.stop()
-    _report(out, rows)
-    return out
+                _save_powerflow_stats(shards, plan.run_dir)
+    return plan.run_dir
+
+
+class ProgressBar(ExperimentCallback):
+    """A progress bar (stderr) over a run's iterations, with each module's last mean return."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar: Any = None
+
+    def on_setup(self, experiment: Experiment) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, desc="train", unit="it")
+
+    def on_iteration(self, experiment: Experiment, summary: IterationSummary) -> None:
+        self.bar.update(summary.iteration - self.bar.n)  # (a restored run starts past 0)
+        self.bar.set_postfix({m: f"{r:.1f}" for m, r in summary.returns.items()})
+
+    def on_close(self, experiment: Experiment) -> None:
+        self.bar.close()
 
 
 def _save_powerflow_stats(shards: list, out: Path) -> None:
@@ -228,31 +294,3 @@ def _save_powerflow_stats(shards: list, out: Path) -> None:
 
     stats = ray.get([h.stats.remote() for h in shards])
     (out / "powerflow_stats.json").write_text(json.dumps(stats, indent=1, default=str), encoding="utf-8")
-
-
-def _report(out: Path, rows: list[dict]) -> None:
-    """learning_curves.png (return per level) and summary.md."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    if not rows:
-        return
-    df = pd.DataFrame(rows)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for mid, g in df.groupby("module"):
-        ax.plot(g.iteration, g.return_mean, label=mid)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("mean episode return")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=100)
-    plt.close(fig)
-    last = df[df.iteration == df.iteration.max()]
-    lines = [f"# {out.name}", "", f"iterations: {int(df.iteration.max())}", "",
-             "| module | return (last iteration) | agent steps |", "|---|---|---|"]
-    lines += [f"| {r.module} | {r.return_mean:.3f} | {r.agent_steps:.0f} |" for r in last.itertuples()]
-    (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

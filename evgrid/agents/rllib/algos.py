@@ -9,18 +9,27 @@ case — ``algorithm: PPO``, ``num_epochs: 1``, ``clip_param: 1e6``, ``kl_coeff:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
 from evgrid.agents.rllib.modules import LEVELS
-from evgrid.config import ConfigError
-from evgrid.validate import check_choice, check_int, check_real
+from evgrid.config import ConfigError, from_dict, merge, parse_overrides, read_yaml
 from evgrid.envs.config import EnvConfig
+from evgrid.validate import check_choice, check_int, check_real
 
-ALGORITHMS = ("PPO", "APPO", "IMPALA", "DQN")
+ALGORITHMS = ("PPO", "IMPALA", "DQN")
+
+# algorithms people ask for that this package does not run, and what to use instead
+_REFUSED = {
+    "A2C": "RLlib 2.60 has no A2C; use its special case, PPO with num_epochs: 1, clip_param: 1e6, kl_coeff: 0",
+    # APPO trains, but saving its learner state (every checkpoint) never returns in RLlib 2.60: the learner
+    # group waits on a learner actor that its learner thread keeps busy (cf. ray-project/ray#53468)
+    "APPO": "APPO's checkpoints hang in RLlib 2.60; use IMPALA (the same asynchronous architecture) or PPO",
+}
 
 
 @dataclass(frozen=True)
@@ -28,7 +37,7 @@ class TrainConfig:
     """How ``evgrid train`` trains the learned levels."""
 
     algorithm: str = "PPO"
-    """PPO, IMPALA or DQN (discrete levels only; double-Q); APPO is refused (its checkpoints hang in RLlib 2.60)."""
+    """PPO, IMPALA or DQN (discrete levels only; double-Q)."""
     iterations: int = 20
     """Training iterations, 1..1,000,000."""
     checkpoint_every: int = 5
@@ -72,16 +81,9 @@ class TrainConfig:
     """Seed of the algorithm (network init, sampling)."""
 
     def __post_init__(self) -> None:
-        if self.algorithm == "A2C":
-            raise ValueError("algorithm: RLlib 2.60 has no A2C; use its special case, PPO with num_epochs: 1, "
-                             "clip_param: 1e6, kl_coeff: 0")
+        if isinstance(self.algorithm, str) and self.algorithm in _REFUSED:
+            raise ValueError(f"algorithm: {_REFUSED[self.algorithm]} (expected one of {', '.join(ALGORITHMS)})")
         check_choice("algorithm", self.algorithm, ALGORITHMS)
-        if self.algorithm == "APPO":
-            # measured: APPO trains here, but saving its state (every checkpoint) never returns: the learner
-            # group's get_state waits on a learner actor that its learner thread keeps busy (cf.
-            # ray-project/ray#53468); refuse rather than hang at the first checkpoint
-            raise ValueError("algorithm: APPO's checkpoints hang in RLlib 2.60 (saving its learner state never "
-                             "returns); use IMPALA (the same asynchronous architecture) or PPO")
         check_int("iterations", self.iterations, 1, 1_000_000)
         check_int("checkpoint_every", self.checkpoint_every, 1, 1_000_000)
         check_int("num_env_runners", self.num_env_runners, 0, 4096)
@@ -95,20 +97,14 @@ class TrainConfig:
         check_real("clip_param", self.clip_param, 0.0, 1e9, lo_open=True)
         check_real("kl_coeff", self.kl_coeff, 0.0, 1e6)
         check_real("entropy_coeff", self.entropy_coeff, 0.0, 10.0)
-        if not self.hidden:
-            raise ValueError("hidden: expected at least one layer width")
-        for h in self.hidden:
-            check_int("hidden", h, 1, 65536)
+        _check_widths("hidden", self.hidden)
         if self.hidden_per_level is not None:
             if not isinstance(self.hidden_per_level, dict):
                 raise ValueError(f"hidden_per_level: expected a mapping of level to layer widths, got "
                                  f"{self.hidden_per_level!r}")
             for level, widths in self.hidden_per_level.items():
                 check_choice("hidden_per_level", level, LEVELS)
-                if not isinstance(widths, list | tuple) or not widths:
-                    raise ValueError(f"hidden_per_level.{level}: expected a list of layer widths, got {widths!r}")
-                for h in widths:
-                    check_int(f"hidden_per_level.{level}", h, 1, 65536)
+                _check_widths(f"hidden_per_level.{level}", widths)
         check_choice("powerflow", self.powerflow, ("local", "actor"))
         if self.env_runner_resources is not None:
             if not isinstance(self.env_runner_resources, dict):
@@ -118,6 +114,25 @@ class TrainConfig:
                 check_real(f"env_runner_resources.{k}", v, 0.0, 1e6, lo_open=True)
         check_int("num_powerflow_actors", self.num_powerflow_actors, 1, 256)
         check_int("seed", self.seed, 0, 2**31 - 1)
+
+
+def _check_widths(name: str, widths: Any) -> None:
+    if not isinstance(widths, list | tuple) or not widths:
+        raise ValueError(f"{name}: expected a list of layer widths (integers in [1, 65536]), got {widths!r}")
+    for h in widths:
+        check_int(name, h, 1, 65536)
+
+
+def load_run_config(source: Any, overrides: Iterable[str] | Mapping[str, Any] = ()) -> tuple[EnvConfig, TrainConfig]:
+    """(EnvConfig, TrainConfig) from an experiment YAML (a path, or a shipped name such as ``quickstart``) or a
+    mapping, whose optional ``train:`` section holds the training settings; ``train.iterations=5`` style
+    overrides go to that section."""
+    data = dict(read_yaml(source)) if isinstance(source, str | os.PathLike) else dict(source or {})
+    extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    data = merge(data, extra)
+    train = from_dict(TrainConfig, data.pop("train", None), "train.")
+    env = from_dict(EnvConfig, data)
+    return env, train
 
 
 def learned_levels(env: EnvConfig) -> list[str]:
@@ -140,16 +155,21 @@ def check_run(env: EnvConfig, train: TrainConfig) -> None:
             raise ConfigError(f"train.hidden_per_level.{level}: the {level} level runs its rule ({setting}), so it "
                               f"has no module; learned levels: {', '.join(learned)}")
     if train.algorithm == "DQN":
-        continuous = [lv for lv in learned if lv == "ev" or (lv == "operator" and env.agents.operator_action != "level")]
+        continuous = [lv for lv in learned
+                      if lv == "ev" or (lv == "operator" and env.agents.operator_action != "level")]
         if continuous:
             raise ConfigError(f"train.algorithm: DQN needs discrete actions for every learned level; "
                               f"{continuous[0]!r} is not (set agents.operator_action: level and agents.ev_view: "
                               f"rule, or use PPO)")
 
 
-def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid") -> Any:
-    """The RLlib ``AlgorithmConfig`` for ``env`` (registered as ``env_name``) trained per ``train``."""
-    from ray.rllib.algorithms.appo import APPOConfig
+def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid",
+                grid_factory: Callable[..., Any] | None = None) -> Any:
+    """The RLlib ``AlgorithmConfig`` for ``env`` (registered as ``env_name``) trained per ``train``.
+
+    ``grid_factory``: called in each env runner with the config's ``GridConfig`` for the power-flow service
+    its environments share (picklable; e.g. a client of the shared actor); None solves in-process.
+    """
     from ray.rllib.algorithms.dqn import DQNConfig
     from ray.rllib.algorithms.impala import IMPALAConfig
     from ray.rllib.algorithms.ppo import PPOConfig
@@ -159,12 +179,12 @@ def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid") ->
     from evgrid.config import to_dict
 
     check_run(env, train)
-    env_config = {"config": to_dict(env), "powerflow": train.powerflow}
+    env_config = {"config": to_dict(env), "grid_factory": grid_factory}
     probe = RLlibEVGrid({"config": env_config["config"]})  # spaces only: no solver service needed
     specs = module_specs(probe, {"hidden": list(train.hidden), "fcnet_hiddens": list(train.hidden)})
     for level, widths in (train.hidden_per_level or {}).items():
         specs.rl_module_specs[level].model_config = {"hidden": list(widths), "fcnet_hiddens": list(widths)}
-    cls = {"PPO": PPOConfig, "APPO": APPOConfig, "IMPALA": IMPALAConfig, "DQN": DQNConfig}[train.algorithm]
+    cls = {"PPO": PPOConfig, "IMPALA": IMPALAConfig, "DQN": DQNConfig}[train.algorithm]
     cfg = (cls()
            .environment(env_name, env_config=env_config, normalize_actions=False, clip_actions=False)
            .env_runners(env_runner_cls=EVGridEnvRunner, num_env_runners=train.num_env_runners,
@@ -179,7 +199,7 @@ def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid") ->
     if train.algorithm == "PPO":
         common.update(minibatch_size=train.minibatch_size, num_epochs=train.num_epochs, clip_param=train.clip_param,
                       kl_coeff=train.kl_coeff, entropy_coeff=train.entropy_coeff)
-    elif train.algorithm in ("APPO", "IMPALA"):
+    elif train.algorithm == "IMPALA":
         common.update(entropy_coeff=train.entropy_coeff)
     else:
         # the default single-agent episode buffer breaks on multi-agent episodes (RLlib 2.60)
@@ -198,19 +218,3 @@ class EVDecisionCounter(RLlibCallback):
         view = env.unwrapped.envs[env_index]  # an RLlibEVGridVector's environment
         metrics_logger.log_value("ev_decisions", view.last_ev_decisions, reduce="sum")
         metrics_logger.log_value("env_step_s", view.last_step_s, reduce="sum")
-
-
-def summary_of(result: dict) -> dict[str, float]:
-    """Flat per-iteration numbers from an RLlib result dict (NaN where RLlib did not report)."""
-    er = result.get("env_runners", {})
-    out = {"env_steps": float(er.get("num_env_steps_sampled_lifetime", np.nan)),
-           "episodes": float(er.get("num_episodes_lifetime", np.nan)),
-           "ev_decisions": float(er.get("ev_decisions", np.nan)),
-           "env_step_s": float(er.get("env_step_s", np.nan)),
-           "sample_s": float(result.get("timers", {}).get("env_runner_sampling_timer", np.nan)),
-           "learn_s": float(result.get("timers", {}).get("learner_update_timer", np.nan))}
-    for mid, ret in (er.get("module_episode_returns_mean") or {}).items():
-        out[f"return_{mid}"] = float(ret)
-    for mid, n in (er.get("num_module_steps_sampled") or {}).items():
-        out[f"agent_steps_{mid}"] = float(n)
-    return out

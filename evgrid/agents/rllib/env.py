@@ -40,26 +40,35 @@ from ray.rllib.env.multi_agent_env import MultiAgentEnv
 from ray.rllib.env.multi_agent_env_runner import MultiAgentEnvRunner
 from ray.rllib.env.vector.vector_multi_agent_env import VectorMultiAgentEnv
 
+from evgrid.config import keyword_overrides
+from evgrid.envs.config import EnvConfig, load_config
 from evgrid.envs.ev_grid import EVGridEnv, EVGridVectorEnv
 
-_ENV_CONFIG_KEYS = ("config", "overrides", "state_in_infos", "powerflow")
+_ENV_CONFIG_KEYS = ("config", "overrides", "state_in_infos", "grid_factory")
+ENV_NAME = "evgrid"
 
 
-def _parse_env_config(env_config: dict[str, Any] | None) -> tuple[Any, dict[str, Any], Any, bool]:
-    """(config, keyword overrides, power-flow service or None, state_in_infos) from an RLlib ``env_config``."""
+def register_env(name: str = ENV_NAME) -> None:
+    """Register :class:`RLlibEVGrid` with Ray Tune's registry under ``name`` (what ``algo_config`` names).
+    :class:`EVGridEnvRunner` builds the vector env itself; the registered creator serves RLlib's own checks."""
+    from ray.tune.registry import register_env as tune_register_env
+
+    tune_register_env(name, RLlibEVGrid)
+
+
+def _parse_env_config(env_config: dict[str, Any] | None) -> tuple[EnvConfig, Any, bool]:
+    """(config with its overrides, power-flow service or None, state_in_infos) from an RLlib ``env_config``."""
     env_config = dict(env_config or {})
     unknown = set(env_config) - set(_ENV_CONFIG_KEYS)
     if unknown:
         raise ValueError(f"env_config: unknown key {sorted(unknown)[0]!r}; expected {', '.join(_ENV_CONFIG_KEYS)}")
-    overrides = dict(env_config.get("overrides") or {})
-    service = None
-    if env_config.get("powerflow", "local") == "actor":
-        from evgrid.cluster.powerflow import make_grid
-        from evgrid.envs.config import load_config
-        from evgrid.config import keyword_overrides
-
-        service = make_grid(load_config(env_config.get("config"), keyword_overrides(overrides)), "actor")
-    return env_config.get("config"), overrides, service, bool(env_config.get("state_in_infos", False))
+    cfg = load_config(env_config.get("config"), keyword_overrides(dict(env_config.get("overrides") or {})))
+    factory = env_config.get("grid_factory")
+    if factory is not None and not callable(factory):
+        raise ValueError(f"env_config.grid_factory: expected a callable taking a GridConfig and returning a "
+                         f"power-flow service, or None, got {factory!r}")
+    service = factory(cfg.grid) if factory is not None else None
+    return cfg, service, bool(env_config.get("state_in_infos", False))
 
 
 def clip_action(a: Any, space: gym.Space) -> Any:
@@ -79,13 +88,14 @@ def _all_flags(term: dict, trunc: dict, live: list[str]) -> None:
 
 class RLlibEVGrid(MultiAgentEnv):
     """``env_config``: ``{"config": <EnvConfig | YAML path | mapping>, "overrides": {...},
-    "state_in_infos": False, "powerflow": "local" | "actor"}``; overrides as for ``evgrid.make``.
-    ``actor``: solve through the shared power-flow actor of this job (in-process if there is none)."""
+    "state_in_infos": False, "grid_factory": None}``; overrides as for ``evgrid.make``.  ``grid_factory``:
+    a picklable callable, called with the config's ``GridConfig`` in the process that builds the env, returning
+    the power-flow service (e.g. a client of the shared actor); None solves in-process."""
 
     def __init__(self, env_config: dict[str, Any] | None = None) -> None:
         super().__init__()
-        config, overrides, service, self.state_in_infos = _parse_env_config(env_config)
-        self.env = EVGridEnv(config, powerflow=service, **overrides)
+        config, service, self.state_in_infos = _parse_env_config(env_config)
+        self.env = EVGridEnv(config, powerflow=service)
         self.possible_agents = list(self.env.possible_agents)
         self.observation_spaces = {a: self.env.observation_space(a) for a in self.possible_agents}
         self.action_spaces = {a: self.env.action_space(a) for a in self.possible_agents}
@@ -153,8 +163,8 @@ class RLlibEVGridVector(VectorMultiAgentEnv):
 
     def __init__(self, env_config: dict[str, Any] | None = None, num_envs: int = 1) -> None:
         super().__init__()
-        config, overrides, service, self.state_in_infos = _parse_env_config(env_config)
-        self.vec = EVGridVectorEnv(config, num_envs, powerflow=service, **overrides)
+        config, service, self.state_in_infos = _parse_env_config(env_config)
+        self.vec = EVGridVectorEnv(config, num_envs, powerflow=service)
         self.num_envs = self.vec.n_env
         self._stride = int(getattr(env_config, "num_workers", 0) or 0) + 1
         possible = self.vec.possible_agents

@@ -1,4 +1,4 @@
-"""Trained policies from a checkpoint, acting on an EVGridEnv (greedy: the distributions' modes)."""
+"""Trained policies acting on an EVGridEnv, greedily: from a checkpoint, or from a live experiment's modules."""
 
 from __future__ import annotations
 
@@ -13,28 +13,41 @@ from ray.rllib.core.rl_module.multi_rl_module import MultiRLModule
 
 from evgrid.agents.rllib.env import clip_action
 from evgrid.agents.rllib.modules import module_of
+from evgrid.config import ConfigError
 
 
 def checkpoint_dir(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint directory, or a run directory (its last checkpoint)."""
+    """A checkpoint directory, or a run directory (its last checkpoint); a ConfigError naming ``checkpoint``
+    otherwise."""
     p = Path(path)
     if (p / "checkpoints").is_dir():
         ckpts = sorted((p / "checkpoints").glob("iter_*"))
         if not ckpts:
-            raise FileNotFoundError(f"checkpoint: run directory {os.fspath(p)!r} holds no checkpoint yet")
+            raise ConfigError(f"checkpoint: run directory {os.fspath(p)!r} holds no checkpoint yet")
         p = ckpts[-1]
     if not (p / "learner_group" / "learner" / "rl_module").is_dir():
-        raise FileNotFoundError(f"checkpoint: {os.fspath(p)!r} is not an RLlib algorithm checkpoint")
+        raise ConfigError(f"checkpoint: expected an RLlib algorithm checkpoint or a run directory holding one, "
+                          f"got {os.fspath(path)!r}")
     return p
 
 
-class TrainedPolicy:
-    """Acts for every learned agent with the modules of a checkpoint."""
+def load_modules(checkpoint: str | os.PathLike[str]) -> MultiRLModule:
+    """The trained modules of a checkpoint (or of a run directory's last one)."""
+    path = checkpoint_dir(checkpoint) / "learner_group" / "learner" / "rl_module"
+    return MultiRLModule.from_checkpoint(str(path.resolve()))
 
-    def __init__(self, checkpoint: str | os.PathLike[str], env: Any) -> None:
-        path = checkpoint_dir(checkpoint) / "learner_group" / "learner" / "rl_module"
-        self.modules: MultiRLModule = MultiRLModule.from_checkpoint(str(path.resolve()))
+
+class TrainedPolicy:
+    """Acts for every learned agent of ``env`` with ``modules``, greedily (the distributions' modes; DQN: the
+    best Q-value)."""
+
+    def __init__(self, modules: MultiRLModule, env: Any) -> None:
+        self.modules = modules
         self.env = env
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike[str], env: Any) -> TrainedPolicy:
+        return cls(load_modules(checkpoint), env)
 
     @torch.no_grad()
     def act(self, obs: dict[str, Any]) -> dict[str, Any]:
@@ -44,14 +57,19 @@ class TrainedPolicy:
                 by_module.setdefault(module_of(agent), []).append(agent)
         out: dict[str, Any] = {}
         for mid, agents in by_module.items():
-            module = self.modules[mid]
-            batch = _stack([obs[a] for a in agents])
-            fwd = module.forward_inference({Columns.OBS: batch})
-            dist = module.get_inference_action_dist_cls().from_logits(fwd[Columns.ACTION_DIST_INPUTS])
-            actions = _to_numpy(dist.to_deterministic().sample())
+            actions = _to_numpy(_greedy(self.modules[mid], _stack([obs[a] for a in agents])))
             for i, a in enumerate(agents):
                 out[a] = clip_action(_index(actions, i), self.env.action_space(a))
         return out
+
+
+def _greedy(module: Any, batch: Any) -> Any:
+    """The module's greedy actions for a batch of observations."""
+    fwd = module.forward_inference({Columns.OBS: batch})
+    if Columns.ACTIONS in fwd:  # value-based modules (DQN) pick their actions in forward_inference
+        return fwd[Columns.ACTIONS]
+    dist = module.get_inference_action_dist_cls().from_logits(fwd[Columns.ACTION_DIST_INPUTS])
+    return dist.to_deterministic().sample()
 
 
 def _stack(items: list[Any]) -> Any:
