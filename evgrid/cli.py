@@ -385,17 +385,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 _TRAINING = ("train", "sweep", "demo")
 
 
-def _fix_hash_seed() -> None:
-    """Re-run a training command with a fixed string-hash seed unless it has one.
+def _pin_training_process() -> None:
+    """Re-run a training command with the settings that make it reproducible, unless it has them.
 
     RLlib orders agents by iterating sets of their ids, so a run is reproducible from ``train.seed`` only when
-    every process, the driver included, hashes strings the same way (Ray's workers get the seed from
-    ``runtime.WORKER_ENV``).  Python reads PYTHONHASHSEED only at start-up, hence the exec, done before
-    anything heavy is imported.
+    every process, the driver included, hashes strings the same way; and the numeric libraries must take the
+    same code paths on every CPU (:mod:`evgrid.cluster.environment`; Ray's workers get both through their
+    ``runtime_env``).  Python reads PYTHONHASHSEED, and the libraries their settings, only at start-up, hence
+    the exec, done before anything heavy is imported.
     """
+    from evgrid.cluster.environment import missing
+
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
-    if command in _TRAINING and os.environ.get("PYTHONHASHSEED", "random") == "random":
-        os.environ["PYTHONHASHSEED"] = "0"
+    unset = missing(os.environ) if command in _TRAINING else {}
+    if unset:
+        os.environ.update(unset)
         os.execv(sys.executable, [sys.executable, "-m", "evgrid.cli", *sys.argv[1:]])
 
 
@@ -413,7 +417,7 @@ class _Terminal(logging.StreamHandler):
 
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # a program run, not a call from Python: the process is ours to replace
-        _fix_hash_seed()
+        _pin_training_process()
         argv = sys.argv[1:]
     try:
         args = parse_args(argv)

@@ -170,3 +170,50 @@ def test_train_shows_progress_and_results_only(tmp_path):
         assert noise not in terminal, terminal
     assert "train: 100%" in done.stderr and "run directory" in done.stdout
     assert "Started a local Ray instance" in (run / "logs" / "ray.log").read_text()
+
+
+
+def test_training_commands_reexecute_with_the_reproducibility_pins(monkeypatch):
+    """A training command's driver re-executes itself with the pinned numeric code paths and hash seed; a value
+    the user set stands; other commands run as they are."""
+    import os
+    import sys
+
+    from evgrid import cli
+    from evgrid.cluster.environment import REPRODUCIBLE_ENV
+
+    seen: dict = {}
+    monkeypatch.setattr(os, "execv", lambda exe, argv: seen.update(argv=argv, env=dict(os.environ)))
+    for command, pinned in (("evaluate", False), ("train", True)):
+        for k in REPRODUCIBLE_ENV:
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+        monkeypatch.setenv("MKL_CBWR", "AUTO")
+        monkeypatch.setattr(sys, "argv", ["evgrid", command, "quickstart"])
+        seen.clear()
+        cli._pin_training_process()
+        assert bool(seen) == pinned
+    assert seen["argv"][1:] == ["-m", "evgrid.cli", "train", "quickstart"]
+    env = seen["env"]
+    assert env["MKL_CBWR"] == "AUTO" and env["PYTHONHASHSEED"] == "0"
+    assert all(env[k] == v for k, v in REPRODUCIBLE_ENV.items() if k != "MKL_CBWR")
+
+
+def test_pinned_ray_workers_get_the_reproducibility_settings():
+    """Through runtime_env, as on a cluster's workers (a fresh process: its own embedded Ray)."""
+    script = """
+import json, os, ray
+from evgrid.cluster.environment import REPRODUCIBLE_ENV
+from evgrid.cluster.runtime import connect
+
+@ray.remote(num_cpus=0)
+def settings():
+    return {k: os.environ.get(k) for k in REPRODUCIBLE_ENV}
+
+with connect(pinned=True):
+    print(json.dumps(ray.get(settings.remote()) == REPRODUCIBLE_ENV))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "NUMBA_CPU_NAME", "ATEN_CPU_CAPABILITY")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "true"

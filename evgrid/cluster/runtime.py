@@ -27,19 +27,17 @@ from typing import Any
 from evgrid.agents.rllib.algos import TrainConfig, check_run, load_run_config
 from evgrid.agents.rllib.experiment import Experiment, ExperimentCallback, IterationSummary
 from evgrid.config import ConfigError
+from evgrid.cluster.environment import missing, worker_env
 from evgrid.envs.config import EnvConfig
 
 log = logging.getLogger(__name__)
 
-# PYTHONHASHSEED: RLlib 2.60's MultiAgentEpisode walks *sets* of agent ids, so which agent gets which row of a
-# module's batch (and of its sampled actions) follows each process's string-hash seed; fixed, a seed reproduces
-# a run (the CLI fixes the driver's own: evgrid.cli)
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", "PYTHONHASHSEED": "0"}
 
 
 @contextlib.contextmanager
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[None]:
-    """Ray for the duration of the block; shuts down only what it started."""
+def connect(address: str | None = None, *, num_cpus: int | None = None, pinned: bool = False) -> Iterator[None]:
+    """Ray for the duration of the block; shuts down only what it started.  ``pinned``: the workers run with
+    :data:`evgrid.cluster.environment.REPRODUCIBLE_ENV` (training runs)."""
     import ray
 
     if ray.is_initialized():
@@ -49,7 +47,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Itera
         loopback_only()
         # address="local": a new embedded instance, never a cluster that /tmp/ray/ray_current_cluster names
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+                 runtime_env={"env_vars": worker_env(pinned)}, log_to_driver=False)
     else:
         import evgrid
 
@@ -62,7 +60,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Itera
             # announce 127.0.0.1 too, or Ray 2.60 swaps in the interface address and finds no local node
             keep_loopback_addresses()
             kwargs["_node_ip_address"] = "127.0.0.1"
-        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV, "py_modules": [pkg]}, log_to_driver=False,
+        ray.init(address=address, runtime_env={"env_vars": worker_env(pinned), "py_modules": [pkg]},
+                 log_to_driver=False,
                  **kwargs)
     try:
         yield
@@ -249,13 +248,15 @@ def train(config: Any = None, overrides: Iterable[str] = (), *, address: str | N
     as ``train.iterations=N`` apply to it); returns the run directory.  ``progress``: a progress bar on
     stderr; ``ray_log``: Ray's and RLlib's own messages go to ``<run_dir>/logs/ray.log``, not the terminal."""
     plan = plan_run(config, overrides, resume=resume, run_dir=run_dir, address=address)
-    if os.environ.get("PYTHONHASHSEED", "random") == "random":
-        log.warning("PYTHONHASHSEED is not set in this process: two runs with train.seed=%d will differ (RLlib "
-                    "orders agents by string hash); the evgrid CLI sets it", plan.train.seed)
+    unset = missing(os.environ)
+    if unset:
+        log.warning("%s not set in this process: two runs with train.seed=%d may differ (RLlib orders agents by "
+                    "string hash; numeric libraries pick code paths by CPU); the evgrid CLI sets them",
+                    ", ".join(sorted(unset)), plan.train.seed)
     plan.run_dir.mkdir(parents=True, exist_ok=plan.resume)
     exp = Experiment(plan.env, plan.train, plan.run_dir, grid_factory=powerflow_factory(plan.train),
                      callbacks=[ProgressBar(plan.train.iterations)] if progress else [])
-    with ray_output_to(plan.run_dir / "logs" / "ray.log" if ray_log else None), connect(address):
+    with ray_output_to(plan.run_dir / "logs" / "ray.log" if ray_log else None), connect(address, pinned=True):
         shards = start_powerflow_actors(plan.env, plan.train)
         with exp:
             if plan.resume and any((plan.run_dir / "checkpoints").glob("iter_*")):

@@ -87,7 +87,7 @@ def sweep(config: str | os.PathLike[str], grid: dict[str, list[Any]], *, seeds: 
     out = output_dir("out_dir", out_dir if out_dir is not None else
                      Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     cpus = 1 + max(t["train"].num_env_runners for t in trials)
-    with ray_output_to(out / "logs" / "ray.log" if ray_log else None), connect(address):
+    with ray_output_to(out / "logs" / "ray.log" if ray_log else None), connect(address, pinned=True):
         # the trial index selects its settings: grid values stay plain columns, not nested search spaces
         tuner = tune.Tuner(
             tune.with_resources(lambda p: _trial(trials[p["trial"]]), {"cpu": cpus}),
