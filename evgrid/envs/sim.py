@@ -331,11 +331,13 @@ def solve_and_enforce(grid: GridService, layout: Layout, inj: Injections) -> Gri
     """Phase 4: one request per feeder for all environments, every request sent before any answer is awaited
     (shards of a remote service then work in parallel)."""
     n_env, n_feeder = inj.p_kw.shape[0], len(layout.feeders)
+    has_res = layout.der_bus["pv"].size + layout.der_bus["wind"].size > 0
+    renewable = inj.renewable_kw if has_res else None  # None: no generation for enforcement to look at
     pending = []
     for f in range(n_feeder):
         sl = layout.feeder_slice(f)
         pending.append(grid.submit(f, inj.p_kw[:, sl], inj.q_kvar[:, sl], inj.flex_charge_kw[:, sl],
-                                   inj.flex_v2g_kw[:, sl], inj.renewable_kw[:, sl]))
+                                   inj.flex_v2g_kw[:, sl], renewable[:, sl] if renewable is not None else None))
     bus_fields = [np.empty_like(inj.p_kw) for _ in range(5)]  # vm, vm_dispatch, curtail, v2g, res_curtail
     loss = np.zeros(n_env)
     feeder_load = np.empty((n_env, n_feeder))

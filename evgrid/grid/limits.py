@@ -133,7 +133,9 @@ class LimitEnforcer:
         q = as_batch("q_kvar", q_kvar, f.n_bus)
         cap_c = _as_flex("flex_charge_kw", flex_charge_kw, p.shape)
         cap_v = np.zeros_like(p) if flex_v2g_kw is None else _as_flex("flex_v2g_kw", flex_v2g_kw, p.shape)
-        cap_g = np.zeros_like(p) if flex_gen_kw is None else _as_flex("flex_gen_kw", flex_gen_kw, p.shape)
+        cap_g = None if flex_gen_kw is None else _as_flex("flex_gen_kw", flex_gen_kw, p.shape)
+        if cap_g is not None and not cap_g.any():
+            cap_g = None  # nothing to curtail: the generation lever stays out of the loop
         if flow is None:
             flow = self.backend.solve(p, q)
         elif flow.batch != p.shape[0]:
@@ -143,7 +145,8 @@ class LimitEnforcer:
         gen_cut = np.zeros_like(p)
         rounds = np.zeros(p.shape[0], dtype=np.int64)
         for _ in range(self.max_rounds):
-            frac, frac_g = self._fractions(flow, p, q, cap_c - curtail + cap_v - v2g, cap_g - gen_cut)
+            frac, frac_g = self._fractions(flow, p, q, cap_c - curtail + cap_v - v2g,
+                                           None if cap_g is None else cap_g - gen_cut)
             todo = frac.max(axis=1) > 0.0
             if frac_g is not None:
                 todo |= frac_g.max(axis=1) > 0.0
@@ -178,7 +181,8 @@ class LimitEnforcer:
 
     def _fractions(self, flow: FlowResult, p, q, cap, cap_g) -> tuple[np.ndarray, np.ndarray | None]:
         """Share of each bus's remaining controllable load (``cap``) and, where some is left, of its
-        curtailable generation (``cap_g``) to give up, (B, n_bus) each (None: no generation to curtail)."""
+        curtailable generation (``cap_g``, None: none) to give up, (B, n_bus) each (None: no generation to
+        curtail)."""
         frac = np.zeros_like(p)
         # non-converged: likely past voltage collapse; halve the controllable load and retry
         bad = ~flow.converged
@@ -191,7 +195,7 @@ class LimitEnforcer:
         target = self.loading_max * (1.0 - self.margin_pu)
         over = ok[:, None] & (loading > target)
         frac_g = None
-        if (cap_g > 0.0).any():
+        if cap_g is not None and (cap_g > 0.0).any():
             frac_g = np.zeros_like(p)
             excess = np.where(ok[:, None], flow.vm_pu - (self.feeder.v_max_pu - self.margin_pu), 0.0)
             self._voltage_fractions(frac_g, excess, cap_g)

@@ -251,12 +251,13 @@ class LocalGrid:
               flex_v2g_kw: npt.ArrayLike, flex_gen_kw: npt.ArrayLike | None = None) -> GridSolution:
         """Solve feeder ``f`` for a batch (B, n_bus) and enforce its limits (``flex_gen_kw`` None: no
         curtailable generation)."""
-        f = check_int("f", f, 0, len(self.solvers) - 1)
+        if not isinstance(f, int | np.integer) or not 0 <= f < len(self.solvers):
+            check_int("f", f, 0, len(self.solvers) - 1)  # raises, naming the range
         solver = self.solvers[f]
-        # one request, so no batch to keep it apart from: the backend and the enforcer check what they read,
-        # which is every array (the flexibilities are checked in ``enforce`` when enforcement is off)
-        p = as_batch("p_kw", p_kw, solver.feeder.n_bus)
-        flow = solver.backend.solve(p, q_kvar, init=self.warm.get(f, p.shape[0]))
-        sol = solver.enforce(p, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw, flow)
+        # the backend and the enforcer check what they read, which is every array (the flexibilities are
+        # checked in ``enforce`` when enforcement is off)
+        batch = np.shape(p_kw)[0] if np.ndim(p_kw) == 2 else 0  # a bad shape: cold, and the backend says why
+        flow = solver.backend.solve(p_kw, q_kvar, init=self.warm.get(f, batch))
+        sol = solver.enforce(p_kw, q_kvar, flex_charge_kw, flex_v2g_kw, flex_gen_kw, flow)
         self.warm.put(f, sol.flow)
-        return sol.take(slice(None))
+        return sol
