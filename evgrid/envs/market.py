@@ -572,7 +572,9 @@ def operating_cost(*, purchase_kwh: npt.ArrayLike, diesel_kw: npt.ArrayLike, cur
     parts = dict(purchase_cost=c_purchase, diesel_cost=c_diesel, carbon_cost=c_carbon, curtailment_cost=c_curtail,
                  total=total, emission_kg=emission_kg, quota_kg=quota_kg, excess_t=excess_t,
                  cum_excess_t=cum_before_t + excess_t)
-    return OperatingCost(**{k: np.broadcast_to(v, shape).astype(np.float64, copy=True) for k, v in parts.items()})
+    # every part is a fresh array (no input is returned as it is): only those of a smaller shape need a copy
+    return OperatingCost(**{k: v if np.shape(v) == shape else np.broadcast_to(v, shape).astype(np.float64)
+                            for k, v in parts.items()})
 
 
 __all__ = [
