@@ -21,3 +21,17 @@ def feeder(name: str, der: bool = False):
 @pytest.fixture(params=FEEDERS)
 def any_feeder(request):
     return feeder(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _process_settings_stay_put():
+    """No test leaves the numeric pins or the hash seed changed: Ray workers started later in the session
+    inherit this process's environment, and a worker compiled for another target disagrees in the last bits
+    with the in-process references the power-flow tests compare it to."""
+    from evgrid.cluster.environment import worker_env
+
+    keys = set(worker_env(True))
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    after = {k: os.environ.get(k) for k in keys}
+    assert after == before, f"the test changed process settings: {before} -> {after}"

@@ -183,12 +183,15 @@ def test_training_commands_reexecute_with_the_reproducibility_pins(monkeypatch):
     from evgrid.cluster.environment import REPRODUCIBLE_ENV
 
     seen: dict = {}
+    # a copy: the pins must not reach this process's later tests (a Ray worker started by one would inherit
+    # NUMBA_CPU_NAME=generic and disagree in the last bits with the in-process reference)
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     monkeypatch.setattr(os, "execv", lambda exe, argv: seen.update(argv=argv, env=dict(os.environ)))
     for command, pinned in (("evaluate", False), ("train", True)):
         for k in REPRODUCIBLE_ENV:
-            monkeypatch.delenv(k, raising=False)
-        monkeypatch.delenv("PYTHONHASHSEED", raising=False)
-        monkeypatch.setenv("MKL_CBWR", "AUTO")
+            os.environ.pop(k, None)
+        os.environ.pop("PYTHONHASHSEED", None)
+        os.environ["MKL_CBWR"] = "AUTO"
         monkeypatch.setattr(sys, "argv", ["evgrid", command, "quickstart"])
         seen.clear()
         cli._pin_training_process()
