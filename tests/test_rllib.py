@@ -7,6 +7,7 @@ import os
 
 import gymnasium as gym
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from ray.rllib.core.columns import Columns
@@ -464,7 +465,8 @@ def test_per_level_widths_reach_their_modules():
 
 
 def test_training_survives_the_power_flow_actor_being_killed(tmp_path, ray_local):
-    """powerflow: actor; the actor is killed between iterations (Ray restarts it) and training continues."""
+    """powerflow: actor; the actor is killed between iterations (Ray restarts it) and training continues.
+    With ``log_dir``, the env runner logs its episodes to a directory of its own."""
     import ray
 
     from evgrid.agents.rllib.algos import load_run_config
@@ -475,7 +477,7 @@ def test_training_survives_the_power_flow_actor_being_killed(tmp_path, ray_local
     env_cfg, train_cfg = load_run_config("quickstart", [
         "n_steps=24", "start_hour=16.0", "fleet.n_ev=100", "stations.ports=40", "train.powerflow=actor",
         "train.num_env_runners=1", "train.train_batch_size=48", "train.minibatch_size=24",
-        "train.rollout_fragment_length=24", "train.num_epochs=1"])
+        "train.rollout_fragment_length=24", "train.num_epochs=1", f"log_dir={tmp_path / 'logs'}"])
     handle = pf.get_or_create_actor(env_cfg, max_restarts=2)[0]
     try:
         with Experiment(env_cfg, train_cfg, grid_factory=powerflow_factory(train_cfg)) as exp:
@@ -488,6 +490,9 @@ def test_training_survives_the_power_flow_actor_being_killed(tmp_path, ray_local
             after = ray.get(handle.stats.remote())
             # a new process, whose counters only know the iteration after the kill
             assert after["pid"] != before["pid"] and after["requests"] > 0
+        assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["runner-1"]
+        steps = pq.read_table(tmp_path / "logs" / "runner-1" / "steps.parquet")
+        assert set(steps.column("t").to_pylist()) == set(range(24)), "a whole episode"
     finally:
         for h in pf.get_or_create_actor(env_cfg):
             ray.kill(h, no_restart=True)

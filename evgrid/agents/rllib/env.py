@@ -29,6 +29,7 @@ still rejects what lies outside.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -58,11 +59,16 @@ def register_env(name: str = ENV_NAME) -> None:
 
 def _parse_env_config(env_config: dict[str, Any] | None) -> tuple[EnvConfig, Any, bool]:
     """(config with its overrides, power-flow service or None, state_in_infos) from an RLlib ``env_config``."""
+    worker = getattr(env_config, "worker_index", None)  # set where RLlib builds the env (an EnvContext)
     env_config = dict(env_config or {})
     unknown = set(env_config) - set(_ENV_CONFIG_KEYS)
     if unknown:
         raise ValueError(f"env_config: unknown key {sorted(unknown)[0]!r}; expected {', '.join(_ENV_CONFIG_KEYS)}")
     cfg = load_config(env_config.get("config"), keyword_overrides(dict(env_config.get("overrides") or {})))
+    if cfg.log_dir is not None and worker is not None:
+        # every env runner of a training run has this config: each logs to its own directory, or their
+        # writers would replace one another's files
+        cfg = load_config(cfg, {"log_dir": os.path.join(cfg.log_dir, f"runner-{worker}")})
     factory = env_config.get("grid_factory")
     if factory is not None and not callable(factory):
         raise ValueError(f"env_config.grid_factory: expected a callable taking a GridConfig and returning a "
