@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/evgrid bench env --feeder ieee33 --evs 2000 --views individual --json
 	$(BIN)/evgrid bench actor --clients 1 2 4 8 --scenarios-per-call 1 8 --json
 	$(BIN)/evgrid bench train --json
+	$(BIN)/evgrid bench opf --feeder ieee33 feeder14 cigre_mv --json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

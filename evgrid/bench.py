@@ -506,3 +506,122 @@ def bench_train(views: Iterable[str] = ("grouped", "individual"), n_ev: int = 10
         g, i = by_view["grouped"], by_view["individual"]
         g["ev_decisions_vs_individual"] = round(g["ev_decisions_per_s"] / i["ev_decisions_per_s"], 2)
     return rows
+
+
+# ------------------------------------------------------------------------------------------------- opf
+
+
+def opf_case(feeder, n_step: int, n_ev: int, seed: int = 0, load_scale: float = 0.5, ev_share: float = 0.2):
+    """A day on ``feeder``: residential load at ``load_scale`` x nominal, and ``n_ev`` sessions (arrivals
+    spread over the day, 7 kW chargers, 30 % with V2G) whose energy is ``ev_share`` of the day's load."""
+    from evgrid.grid import opf
+    from evgrid.grid.profiles import load_shape, pv_profile
+
+    rng = np.random.default_rng(seed)
+    dt_h = 24.0 / n_step
+    dt_min = int(round(dt_h * 60))
+    shape = load_shape("residential", dt_min=dt_min, rng=rng)[:n_step] * load_scale
+    kinds = np.array(feeder.der_kind)
+    # PV follows the sun, wind a steady 30 %, diesel may run at its rating
+    der = np.where(kinds == "pv", pv_profile(dt_min=dt_min, rng=rng)[:n_step, None],
+                   np.where(kinds == "wind", 0.3, 1.0)) * feeder.der_p_max_kw
+    hz = opf.Horizon(dt_h, shape[:, None] * feeder.base_p_kw, shape[:, None] * feeder.base_q_kvar,
+                     np.broadcast_to(der, (n_step, kinds.size)).copy())
+    loads = np.flatnonzero(feeder.base_p_kw > 0)
+    start = rng.integers(0, n_step * 3 // 4, n_ev)
+    end = np.minimum(start + rng.integers(n_step // 6, n_step // 2, n_ev), n_step)
+    p_max = np.full(n_ev, 7.0)
+    reach = 0.9 * p_max * (end - start) * dt_h
+    need = np.minimum(rng.uniform(0.5, 1.5, n_ev) * ev_share * hz.load_p_kw.sum() * dt_h / n_ev, 0.6 * reach)
+    cap = np.full(n_ev, 60.0)
+    e0 = cap * rng.uniform(0.15, 0.3, n_ev)
+    ss = opf.Sessions(bus=rng.choice(loads, n_ev), start=start, end=end, p_ch_max_kw=p_max,
+                      p_dis_max_kw=np.where(rng.random(n_ev) < 0.3, 7.0, 0.0), cap_kwh=cap, e0_kwh=e0,
+                      e_target_kwh=np.minimum(e0 + need, cap), e_min_kwh=0.1 * cap, eta_ch=np.full(n_ev, 0.9),
+                      eta_dis=np.full(n_ev, 0.9), station=np.full(n_ev, -1, dtype=np.int64))
+    return hz, ss
+
+
+def bench_opf(feeders: Iterable[str] = ("ieee33",), horizons: Iterable[int] = (24, 96),
+              evs: Iterable[int] = (300, 3000), formulations: Iterable[str] = ("lindistflow",), seed: int = 0,
+              single_period: bool = True) -> Iterable[dict]:
+    """Build + solve time of the multi-period OPF, with its AC check, per problem, feeder, horizon, fleet and
+    formulation; and a single-period OPF beside pandapower's ``runopp`` on the same problem."""
+    from evgrid.grid import opf
+
+    for name in feeders:
+        f = build_feeder(name, der=name != "feeder14")
+        net = opf.Network.of(f)
+        for T in horizons:
+            for n_ev in evs:
+                hz, ss = opf_case(f, T, n_ev, seed)
+                tou = np.where((np.arange(T) * hz.dt_h % 24 >= 8) & (np.arange(T) * hz.dt_h % 24 < 22), 1.0, 0.3)
+                ev_kwh = float(((ss.e_target_kwh - ss.e0_kwh) / ss.eta_ch).sum())
+                objectives = {"min_cost": opf.Objective(energy_price_per_kwh=tou, curtail_cost_per_kwh=0.1,
+                                                        diesel_cost=(1e-4, 0.8)),
+                              "seed001_stage1": opf.Objective(tie_target_kw=opf.flat_target_kw(
+                                  hz.load_p_kw.sum(1) - hz.der_avail_kw.sum(1), ev_kwh, hz.dt_h))}
+                for problem, objective in objectives.items():
+                    for form in formulations:
+                        t0 = time.perf_counter()
+                        r = opf.solve_opf(net, hz, ss, objective, opf.OPFOptions(formulation=form))
+                        yield {"bench": "opf", "problem": problem, "feeder": name, "horizon": T, "n_ev": n_ev,
+                               "formulation": form, "solver": r.solver, "build_s": r.build_s,
+                               "solve_s": r.solve_s, "total_s": time.perf_counter() - t0,
+                               "objective": r.objective, "max_dv_pu_vs_ac": r.ac.max_dv_pu,
+                               "max_loss_error_kw": r.ac.max_loss_error_kw, "cone_gap": r.ac.cone_gap}
+        if single_period:
+            yield _single_period_row(f, net, seed)
+
+
+def _single_period_row(f, net, seed: int) -> dict:
+    """One step: EV loads at every loaded bus (0..p_max) bring the purchase to a target,
+    min (P_purchase - target)² in MW², under voltage and line limits: our model (LinDistFlow with two AC
+    correction rounds) beside pandapower's AC ``runopp`` (PIPS) on a copy of the feeder."""
+    import copy
+
+    import pandapower as pp
+
+    from evgrid.grid import opf
+
+    rng = np.random.default_rng(seed)
+    loads = np.flatnonzero(f.base_p_kw > 0)
+    p_max = rng.uniform(50.0, 150.0, loads.size)
+    base_p, base_q = f.base_p_kw * 0.5, f.base_q_kvar * 0.5
+    target_kw = base_p.sum() + 0.6 * p_max.sum()
+    hz = opf.Horizon(1.0, base_p[None, :], base_q[None, :], np.zeros((1, len(f.der_kind))))
+    n = loads.size
+    ss = opf.Sessions(bus=loads, start=np.zeros(n, np.int64), end=np.ones(n, np.int64), p_ch_max_kw=p_max,
+                      p_dis_max_kw=np.zeros(n), cap_kwh=np.full(n, 1e3), e0_kwh=np.zeros(n), e_target_kwh=np.zeros(n),
+                      e_min_kwh=np.zeros(n), eta_ch=np.ones(n), eta_dis=np.ones(n), station=np.full(n, -1, np.int64))
+    t0 = time.perf_counter()
+    ours = opf.solve_opf(net, hz, ss, opf.Objective(tie_target_kw=np.array([target_kw])), opf.OPFOptions(ac_rounds=2))
+    ours_s = time.perf_counter() - t0
+    # the same problem in pandapower: fixed loads, a controllable EV load per bus, the purchase's cost
+    pn = copy.deepcopy(f.net)
+    pn.load["p_mw"] *= 0.5
+    pn.load["q_mvar"] *= 0.5
+    pn.load["controllable"] = False
+    pn.sgen.drop(pn.sgen.index, inplace=True)
+    pn.gen.drop(pn.gen.index, inplace=True)
+    for k, b in enumerate(loads):
+        pp.create_load(pn, int(f.bus_ids[b]), p_mw=0.0, controllable=True, min_p_mw=0.0, max_p_mw=p_max[k] / 1e3,
+                       min_q_mvar=0.0, max_q_mvar=0.0)
+    pn.bus["min_vm_pu"], pn.bus["max_vm_pu"] = f.v_min_pu, f.v_max_pu
+    pn.line["max_loading_percent"] = 100.0
+    pn.ext_grid["min_p_mw"], pn.ext_grid["max_p_mw"] = -1e3, 1e3
+    pn.ext_grid["min_q_mvar"], pn.ext_grid["max_q_mvar"] = -1e3, 1e3
+    pn.poly_cost.drop(pn.poly_cost.index, inplace=True)
+    tgt = target_kw / 1e3
+    pp.create_poly_cost(pn, int(pn.ext_grid.index[0]), "ext_grid", cp1_eur_per_mw=-2 * tgt, cp0_eur=tgt ** 2,
+                        cp2_eur_per_mw2=1.0)
+    t0 = time.perf_counter()
+    pp.runopp(pn, verbose=False)
+    runopp_s = time.perf_counter() - t0
+    runopp_obj = float((pn.res_ext_grid.p_mw.iloc[0] - tgt) ** 2)
+    ours_ac = float(((base_p.sum() + ours.p_ch_kw.sum() + ours.ac.loss_kw[0]) / 1e3 - tgt) ** 2)
+    return {"bench": "opf", "problem": "single_period", "feeder": f.name, "horizon": 1, "n_ev": int(n),
+            "formulation": "lindistflow", "solver": ours.solver, "build_s": ours.build_s, "solve_s": ours.solve_s,
+            "total_s": ours_s, "objective": ours_ac, "max_dv_pu_vs_ac": ours.ac.max_dv_pu,
+            "runopp_s": runopp_s, "runopp_objective": runopp_obj, "speedup_vs_runopp": runopp_s / ours_s,
+            "objective_vs_runopp": (ours_ac - runopp_obj) / max(abs(runopp_obj), 1e-12)}

@@ -228,11 +228,22 @@ def _run_bench(args: argparse.Namespace) -> int:
         for r in rows:
             print(json.dumps(r), flush=True)
         return 0
+    if args.what == "opf":
+        from evgrid.bench import bench_opf
+
+        for r in bench_opf(args.feeder, args.horizons, args.evs or (300, 3000), args.formulations, seed=args.seed):
+            print(json.dumps(r) if args.json else
+                  f"{r['problem']:<15}{r['feeder']:<10}{r['horizon']:>4} steps{r['n_ev']:>7} EVs {r['formulation']:<12}"
+                  f"{r['solver']:<9}{r['build_s']:>7.2f} s build{r['solve_s']:>8.2f} s solve  "
+                  f"max|dV| vs AC {r['max_dv_pu_vs_ac']:.1e}"
+                  + (f"  runopp x{r['speedup_vs_runopp']:.1f}" if "runopp_s" in r else ""), flush=True)
+        return 0
     if args.what == "env":
         from evgrid.bench import bench_env
 
         for feeder in args.feeder:
-            for r in bench_env(feeder, args.evs, steps=args.steps, seed=args.seed, views=args.views):
+            for r in bench_env(feeder, args.evs or (1000, 10000, 100000), steps=args.steps, seed=args.seed,
+                               views=args.views):
                 print(json.dumps(r) if args.json else
                       f"{r['view']:<11}{r['n_ev']:>8} EVs {r['plugged_at_end']:>7} plugged "
                       f"{r['ms_per_step']:>10.3f} ms/step {r['bytes_per_ev']:>9.1f} B/EV", flush=True)
@@ -286,7 +297,7 @@ def _add_bench(sub: Any) -> None:
     from evgrid.grid.feeders import FEEDERS
 
     b = _subparser(sub, "bench", "benchmarks with JSON output", _check_bench, _run_bench)
-    b.add_argument("what", choices=["powerflow", "env", "actor", "train"], help="what to measure")
+    b.add_argument("what", choices=["powerflow", "env", "actor", "train", "opf"], help="what to measure")
     b.add_argument("--feeder", nargs="+", default=["ieee33"], choices=FEEDERS, help="feeders")
     b.add_argument("--batch", nargs="+", type=_int_in(1, 1 << 20), default=[1, 64, 1024, 8192],
                    help="batch sizes (scenarios)")
@@ -296,8 +307,12 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("--no-external", action="store_true", help="skip lightsim2grid and power-grid-model")
     b.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0, help="scenario generator seed")
     b.add_argument("--min-time", type=_positive_real, default=0.3, help="seconds of timing per measurement")
-    b.add_argument("--evs", nargs="+", type=_int_in(1, 10_000_000), default=[1000, 10000, 100000],
-                   help="env: EV sessions per day")
+    b.add_argument("--evs", nargs="+", type=_int_in(1, 10_000_000), default=None,
+                   help="env: EV sessions per day (default 1000 10000 100000); opf: sessions (default 300 3000)")
+    b.add_argument("--horizons", nargs="+", type=_int_in(2, 1440), default=[24, 96],
+                   help="opf: steps of the day-ahead horizon")
+    b.add_argument("--formulations", nargs="+", default=["lindistflow"], choices=["lindistflow", "socp"],
+                   help="opf: network models")
     b.add_argument("--steps", type=_int_in(1, 10_000), default=24, help="env: timed steps (from 17:00)")
     b.add_argument("--views", nargs="+", default=["rule", "grouped"], choices=["rule", "grouped", "individual"],
                    help="env: simulator with rules, and/or the PettingZoo step with this EV view")

@@ -104,6 +104,18 @@ class RadialTree:
     def n_node(self) -> int:
         return int(self.parent.shape[0])
 
+    def paths(self) -> npt.NDArray[np.float64]:
+        """(n_node, n_node): ``[i, k] = 1`` where the branch into node k lies on the path slack -> node i
+        (so column k marks the subtree that branch feeds).  The LinDistFlow sensitivities are built on it."""
+        n = self.n_node
+        anc = np.zeros((n, n))
+        for i in range(1, n):
+            k = i
+            while k > 0:
+                anc[i, k] = 1.0
+                k = self.parent[k]
+        return anc
+
 
 @dataclass(frozen=True, eq=False)
 class Feeder:

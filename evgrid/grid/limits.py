@@ -88,14 +88,7 @@ class LimitEnforcer:
         self.backend = backend
         self.feeder = f
         t = f.tree
-        n = t.n_node
-        # anc[i, k]: branch into node k lies on the path slack -> node i
-        anc = np.zeros((n, n))
-        for i in range(1, n):
-            k = i
-            while k > 0:
-                anc[i, k] = 1.0
-                k = t.parent[k]
+        anc = t.paths()
         nob = t.node_of_bus
         kw_per_pu = t.base_mva * 1e3
         r_node = (anc * t.r_pu) @ anc.T / kw_per_pu  # (n_node, n_node) p.u. voltage per kW

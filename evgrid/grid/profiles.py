@@ -227,7 +227,8 @@ def wind_power_curve(speed_m_per_s: npt.ArrayLike, *, cut_in_m_per_s: float = 3.
     v = np.asarray(speed_m_per_s, dtype=np.float64)
     if not np.all(np.isfinite(v)) or np.any(v < 0.0):
         raise ValueError("speed_m_per_s: expected finite speeds >= 0")
-    ramp = (v**3 - cut_in**3) / (rated**3 - cut_in**3)
+    # clipped: at v == cut_in numpy's vectorised cube and Python's may differ in the last bit (-1.6e-16)
+    ramp = np.clip((v**3 - cut_in**3) / (rated**3 - cut_in**3), 0.0, 1.0)
     return np.where(v < cut_in, 0.0, np.where(v < rated, ramp, np.where(v <= cut_out, 1.0, 0.0)))
 
 
