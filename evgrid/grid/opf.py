@@ -320,7 +320,6 @@ class OPFOptions:
     soft: bool = False
     socp_loss_weight: float = 1e-4
 
-
     def __post_init__(self) -> None:
         check_choice("formulation", self.formulation, FORMULATIONS)
         check_choice("solver", self.solver, SOLVERS)
@@ -360,10 +359,12 @@ class _Model:
         eye = sp.identity(T, format="csr")
         cons, self.slacks = [], {}
 
-        def slack(name: str, n: int):
+        def new_slack(name: str, n: int):
             v = cp.Variable(n, nonneg=True, name=name)
             self.slacks[name] = v
             return v
+
+        slack = new_slack if opt.soft else None  # the pieces add a slack to each limit only when soft
 
         # EV sessions: charging at every plugged step, discharge where the session allows V2G
         sid, tt, first = _entries(ss)
@@ -375,7 +376,7 @@ class _Model:
         cons += [self.xc <= ss.p_ch_max_kw[sid], self.xd <= ss.p_dis_max_kw[sid[self.idx_d]]]
         g_bus = sp.csr_matrix((np.ones(n_ent), (tt * nb + ss.bus[sid], np.arange(n_ent))), shape=(T * nb, n_ent))
         p_ev = g_bus @ self.xc - g_bus[:, self.idx_d] @ self.xd
-        cons += self._energy(cp, sid, first, dt, slack if opt.soft else None)
+        cons += self._energy(cp, sid, first, dt, slack)
 
         # DER: output up to what is available; the rest of PV/wind is curtailed
         kinds = np.array(f.der_kind)
@@ -388,11 +389,10 @@ class _Model:
 
         self.p = hz.load_p_kw.reshape(-1) + p_ev - _at_buses(T, nb, f.der_bus) @ self.der  # (T n_bus,) net load, kW
         self.q = hz.load_q_kvar.reshape(-1) - _at_buses(T, nb, caps.bus) @ self.qc
-        soft = opt.soft
-        tie, loss = self._network(cp, eye, cons, slack if soft else None, opt.formulation == "socp")
+        tie, loss = self._network(cp, eye, cons, slack, opt.formulation == "socp")
         self.tie, self.loss = tie, loss
         if opt.station_ramp_kw is not None and (ss.station >= 0).any():
-            cons += self._ramp(slack if soft else None)
+            cons += self._ramp(slack)
 
         terms = self._objective(cp, obj, kinds, avail, tie, loss, dt, cons)
         self.terms = terms
@@ -729,8 +729,6 @@ def _read(m: _Model, build_s: float, solve_s: float) -> OPFResult:
     p_ch[m.sid, m.tt] = xc
     if m.idx_d.size:
         p_dis[m.sid[m.idx_d], m.tt[m.idx_d]] = np.maximum(np.asarray(m.xd.value, dtype=float), 0.0)
-    plugged = np.zeros((ss.n, T), dtype=bool)
-    plugged[m.sid, m.tt] = True
     step = hz.dt_h * (ss.eta_ch[:, None] * p_ch - p_dis / ss.eta_dis[:, None])
     e = np.concatenate([ss.e0_kwh[:, None], ss.e0_kwh[:, None] + np.cumsum(step, axis=1)], axis=1)
     v2 = np.asarray(m.v2.value, dtype=float).reshape(T, f.n_bus)
@@ -757,4 +755,4 @@ def _with_ac(result: OPFResult, m: _Model, backend) -> OPFResult:
                  max_dv_pu=float(np.nanmax(np.abs(result.vm_pu - flow.vm_pu))),
                  max_loss_error_kw=float(np.nanmax(np.abs(result.loss_kw - flow.loss_kw))), cone_gap=gap,
                  converged=bool(flow.converged.all()))
-    return OPFResult(**{**{k: getattr(result, k) for k in result.__dataclass_fields__}, "ac": ac})
+    return dataclasses.replace(result, ac=ac)
