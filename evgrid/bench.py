@@ -10,6 +10,7 @@ seeds the solver, as consecutive environment steps do.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -544,7 +545,7 @@ def opf_case(feeder, n_step: int, n_ev: int, seed: int = 0, load_scale: float = 
 
 def bench_opf(feeders: Iterable[str] = ("ieee33",), horizons: Iterable[int] = (24, 96),
               evs: Iterable[int] = (300, 3000), formulations: Iterable[str] = ("lindistflow",), seed: int = 0,
-              single_period: bool = True) -> Iterable[dict]:
+              single_period: bool = True, ev_models: Iterable[str] = ("sessions",)) -> Iterable[dict]:
     """Build + solve time of the multi-period OPF, with its AC check, per problem, feeder, horizon, fleet and
     formulation; and a single-period OPF beside pandapower's ``runopp`` on the same problem."""
     from evgrid.grid import opf
@@ -562,11 +563,11 @@ def bench_opf(feeders: Iterable[str] = ("ieee33",), horizons: Iterable[int] = (2
                               "seed001_stage1": opf.Objective(tie_target_kw=opf.flat_target_kw(
                                   hz.load_p_kw.sum(1) - hz.der_avail_kw.sum(1), ev_kwh, hz.dt_h))}
                 for problem, objective in objectives.items():
-                    for form in formulations:
+                    for form, ev_model in itertools.product(formulations, ev_models):
                         t0 = time.perf_counter()
-                        r = opf.solve_opf(net, hz, ss, objective, opf.OPFOptions(formulation=form))
+                        r = opf.solve_opf(net, hz, ss, objective, opf.OPFOptions(formulation=form, ev_model=ev_model))
                         yield {"bench": "opf", "problem": problem, "feeder": name, "horizon": T, "n_ev": n_ev,
-                               "formulation": form, "solver": r.solver, "build_s": r.build_s,
+                               "formulation": form, "ev_model": ev_model, "solver": r.solver, "build_s": r.build_s,
                                "solve_s": r.solve_s, "total_s": time.perf_counter() - t0,
                                "objective": r.objective, "max_dv_pu_vs_ac": r.ac.max_dv_pu,
                                "max_loss_error_kw": r.ac.max_loss_error_kw, "cone_gap": r.ac.cone_gap}

@@ -231,9 +231,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.what == "opf":
         from evgrid.bench import bench_opf
 
-        for r in bench_opf(args.feeder, args.horizons, args.evs or (300, 3000), args.formulations, seed=args.seed):
+        for r in bench_opf(args.feeder, args.horizons, args.evs or (300, 3000), args.formulations, seed=args.seed,
+                           ev_models=args.ev_models):
             print(json.dumps(r) if args.json else
                   f"{r['problem']:<15}{r['feeder']:<10}{r['horizon']:>4} steps{r['n_ev']:>7} EVs {r['formulation']:<12}"
+                  f"{r.get('ev_model', ''):<10}"
                   f"{r['solver']:<9}{r['build_s']:>7.2f} s build{r['solve_s']:>8.2f} s solve  "
                   f"max|dV| vs AC {r['max_dv_pu_vs_ac']:.1e}"
                   + (f"  runopp x{r['speedup_vs_runopp']:.1f}" if "runopp_s" in r else ""), flush=True)
@@ -313,6 +315,8 @@ def _add_bench(sub: Any) -> None:
                    help="opf: steps of the day-ahead horizon")
     b.add_argument("--formulations", nargs="+", default=["lindistflow"], choices=["lindistflow", "socp"],
                    help="opf: network models")
+    b.add_argument("--ev-models", nargs="+", default=["sessions"], choices=["sessions", "aggregate"],
+                   help="opf: EVs one variable per session and step, or aggregated per bus and station")
     b.add_argument("--steps", type=_int_in(1, 10_000), default=24, help="env: timed steps (from 17:00)")
     b.add_argument("--views", nargs="+", default=["rule", "grouped"], choices=["rule", "grouped", "individual"],
                    help="env: simulator with rules, and/or the PettingZoo step with this EV view")
@@ -357,12 +361,13 @@ def _add_training(sub: Any) -> None:
 
 
 def _add_evaluate(sub: Any) -> None:
-    from evgrid.agents.baselines import POLICIES
+    from evgrid.agents.baselines import EVALUATE_POLICIES
 
-    e = _subparser(sub, "evaluate", "run baselines (and trained policies) on a config; writes metrics.parquet and "
-                   "summary.md", _check_evaluate, _run_evaluate)
+    e = _subparser(sub, "evaluate", "run baselines, the oracle (and trained policies) on a config; writes "
+                   "metrics.parquet and summary.md", _check_evaluate, _run_evaluate)
     e.add_argument("config", help="experiment YAML or shipped name, e.g. quickstart")
-    e.add_argument("--policy", nargs="+", default=["uncontrolled", "tou"], choices=POLICIES)
+    e.add_argument("--policy", nargs="+", default=["uncontrolled", "tou"], choices=EVALUATE_POLICIES,
+                   help="rule baselines, or oracle: the perfect-foresight optimal schedule replayed in the simulator")
     e.add_argument("--episodes", type=_int_in(1, 1_000_000), default=3, help="episodes per policy")
     e.add_argument("--seed", type=_int_in(0, 2**62), default=None, help="seed of episode 0 (default: the config's)")
     e.add_argument("--out", default=None, help="output directory (default runs/evaluate-<config>)")

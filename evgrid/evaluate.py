@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from evgrid.agents.baselines import EVALUATE_POLICIES
 from evgrid.config import ConfigError
 from evgrid.envs.config import EnvConfig, load_config
 from evgrid.envs.sim import DEPARTED, TURNED_AWAY, Sim, StepRecord
@@ -172,11 +173,10 @@ def check_evaluation(config: Any, policies: Sequence[str], episodes: int, *, see
                      overrides: Any = (), checkpoint: str | os.PathLike[str] | None = None) -> tuple[EnvConfig, range]:
     """(config, seeds of the episodes) after checking every input of :func:`evaluate_baselines`; a ConfigError
     names the first that cannot work."""
-    from evgrid.agents.baselines import POLICIES
-
-    bad = [p for p in policies if p not in POLICIES]
+    bad = [p for p in policies if p not in EVALUATE_POLICIES]
     if bad or not (policies or checkpoint is not None):
-        raise ConfigError(f"policy: expected one or more of {', '.join(POLICIES)}, got {bad[0] if bad else 'none'!r}")
+        raise ConfigError(f"policy: expected one or more of {', '.join(EVALUATE_POLICIES)}, got "
+                          f"{bad[0] if bad else 'none'!r}")
     base = load_config(config, overrides)
     seeds = episode_seeds(episodes, base.seed if seed is None else seed)
     if checkpoint is not None:
@@ -189,7 +189,7 @@ def check_evaluation(config: Any, policies: Sequence[str], episodes: int, *, see
 def evaluate_baselines(config: Any, policies: Sequence[str], episodes: int, *,
                        out_dir: str | os.PathLike[str] | None, seed: int | None = None, overrides: Any = (),
                        progress: bool = True, checkpoint: str | os.PathLike[str] | None = None) -> list[dict]:
-    """Run each baseline (and, with ``checkpoint``, the trained policies as ``trained``) for ``episodes``
+    """Run each baseline or the oracle (and, with ``checkpoint``, the trained policies as ``trained``) for ``episodes``
     episodes on seeds ``seed``, ``seed + 1``, ...; write ``metrics.parquet`` and ``summary.md`` to ``out_dir``
     after every episode.  With the config's ``log_dir`` set, each policy's ``steps.parquet`` and
     ``sessions.parquet`` go to ``<log_dir>/<policy>/``.  Every input is checked before the first episode."""
@@ -211,6 +211,11 @@ def evaluate_baselines(config: Any, policies: Sequence[str], episodes: int, *,
         runs.append(("trained", lambda: policy_episodes(base, lambda env: TrainedPolicy(modules, env), seeds,
                                                         log_dir("trained"))))
     for policy in policies:
+        if policy == "oracle":
+            from evgrid.agents.oracle import oracle_episodes
+
+            runs.append((policy, lambda: (row for row, _ in oracle_episodes(base, seeds, log_dir("oracle")))))
+            continue
         cfg = load_config(base, rule_overrides(policy, routed=base.routing is not None))
         runs.append((policy, lambda cfg=cfg, policy=policy: rule_episodes(cfg, seeds, log_dir(policy))))
     rows: list[dict] = []

@@ -259,3 +259,50 @@ def test_bench_opf_reports_its_fields_on_every_feeder():
         assert r["runopp_s"] > 0 and r["speedup_vs_runopp"] > 0
         # our LinDistFlow (two AC rounds) against pandapower's AC optimum, both scored on AC power flow
         assert r["objective_vs_runopp"] < 0.01, r
+
+
+# ------------------------------------------------------------------------------------------ aggregate EV model
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_aggregate_model_bounds_the_sessions_optimum_and_its_shares_keep_every_session_feasible(seed):
+    """The aggregate is a relaxation (all sessions here share their efficiencies, so exactly one): its optimum is
+    at most the session-by-session one; its disaggregated schedule keeps each session's power, energy and SOC
+    bounds, and tracks the groups' profiles."""
+    rng = np.random.default_rng(seed)
+    f, hz, ss = random_case(rng, T=24, n=40)
+    price = rng.uniform(0.2, 1.0, 24)
+    obj = opf.Objective(energy_price_per_kwh=price)
+    exact = opf.solve_opf(f, hz, ss, obj, opf.OPFOptions(station_p_max_kw=40.0))
+    agg = opf.solve_opf(f, hz, ss, obj, opf.OPFOptions(station_p_max_kw=40.0, ev_model="aggregate"))
+    assert agg.objective <= exact.objective * (1 + 1e-7) + 1e-7
+    T = hz.n_step
+    k = np.arange(T)[None, :]
+    plugged = (k >= ss.start[:, None]) & (k < ss.end[:, None])
+    assert np.all(agg.p_ch_kw <= ss.p_ch_max_kw[:, None] * plugged + 1e-7)
+    assert np.all(agg.p_dis_kw <= ss.p_dis_max_kw[:, None] * plugged + 1e-7)
+    assert np.all(agg.e_kwh[:, -1] >= ss.e_target_kwh - 1e-6)
+    assert np.all(agg.e_kwh <= ss.cap_kwh[:, None] + 1e-6)
+    v2g = ss.p_dis_max_kw > 0
+    assert np.all(agg.e_kwh[v2g] >= ss.e_min_kwh[v2g, None] - 1e-6)
+    station_kw = np.zeros((3, T))
+    np.add.at(station_kw, ss.station, agg.p_ch_kw)
+    assert station_kw.max() <= 40.0 + 1e-6
+    assert agg.ac.max_dv_pu < 0.01
+
+
+def test_disaggregation_reproduces_a_profile_the_sessions_can_follow():
+    """A profile the sessions' own schedule makes is shared out exactly (zero tracking error)."""
+    rng = np.random.default_rng(7)
+    f, hz, ss = random_case(rng, T=24, n=30)
+    exact = opf.solve_opf(f, hz, ss, opf.Objective(energy_price_per_kwh=rng.uniform(0.2, 1.0, 24)))
+    group = ss.station * f.n_bus + ss.bus
+    _, group = np.unique(group, return_inverse=True)
+    G = group.max() + 1
+    pc, pd = np.zeros((G, 24)), np.zeros((G, 24))
+    np.add.at(pc, group, exact.p_ch_kw)
+    np.add.at(pd, group, exact.p_dis_kw)
+    p_ch, p_dis = opf.disaggregate(ss, DT, group, pc, pd)
+    net = np.zeros((G, 24))
+    np.add.at(net, group, p_ch - p_dis)
+    np.testing.assert_allclose(net, pc - pd, atol=1e-5)

@@ -27,6 +27,8 @@ import numpy as np
 from evgrid.envs.views.features import EV
 
 POLICIES = ("uncontrolled", "tou", "llf", "lbms", "random")
+# what ``evgrid evaluate`` runs: these rules and the perfect-foresight oracle (evgrid.agents.oracle)
+EVALUATE_POLICIES = (*POLICIES, "oracle")
 
 
 def rule_overrides(policy: str, routed: bool) -> dict[str, Any]:

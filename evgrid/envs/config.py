@@ -19,12 +19,14 @@ from evgrid.envs.market import MarketConfig
 from evgrid.envs.routing import RoutingConfig
 from evgrid.envs.stations import StationConfig
 from evgrid.grid.config import FEEDER_BUS_NUMBERS, GridConfig
+from evgrid.grid.opf import EV_MODELS, FORMULATIONS, SOFT_PENALTY, SOLVERS
 
 LEVEL_MODES = ("learned", "rule")
 EV_VIEWS = ("individual", "grouped", "rule")
 EV_RULES = ("uncontrolled", "tou", "random")
 OPERATOR_RULES = ("tou",)
 OPERATOR_ACTIONS = ("multiplier", "level")
+ORACLE_OBJECTIVES = ("operator_cost", "peak_valley")
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,52 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class OracleConfig:
+    """How the oracle policy (``evgrid evaluate --policy oracle``, :mod:`evgrid.agents.oracle`) plans an episode."""
+
+    objective: str = "operator_cost"
+    """``operator_cost``: purchase and carbon cost as the market settles them per zone, plus PV / wind
+    curtailment; ``peak_valley``: the spread between each feeder's highest and lowest load."""
+    formulation: str = "lindistflow"
+    """Network model of the plan: ``lindistflow`` (with AC offsets) or ``socp``."""
+    solver: str = "auto"
+    """``auto`` (HiGHS for linear programs, Clarabel otherwise), ``CLARABEL``, ``HIGHS`` or ``SCS``."""
+    ev_model: str = "sessions"
+    """``sessions``: a variable per session and step (exact; the problem grows with the fleet), or ``aggregate``:
+    the sessions of each station as one flexible load, shared out afterwards (a relaxation whose size does not
+    grow with the fleet; see ``evgrid.grid.opf.OPFOptions``)."""
+    ac_rounds: int = 0
+    """``lindistflow``: re-solves with the AC flow's residuals at the previous solution, 0..10 (each brings the
+    plan's voltages closer to AC, ~2e-3 to ~2e-4 p.u., at the price of a solve)."""
+    v_margin_pu: float = 0.003
+    """The plan keeps this far inside the voltage limits, p.u., 0..0.05: the linear model's error against AC
+    (up to ~2e-3 p.u. without ``ac_rounds``) plus the limit enforcement's own margin (5e-4 p.u.), so the replay
+    needs no curtailment."""
+    soft: tuple[str, ...] = ("target_kwh",)
+    """Limits the plan may give at a named penalty (``evgrid.grid.opf.SOFT_PENALTY``) rather than fail:
+    ``target_kwh`` (energy a session cannot get within the network's and the station's limits is left unmet, as
+    the simulator lets it be), ``voltage_pu``, ``voltage_high_pu``, ``loading_kw``, ``ramp_kw``.  What gives is
+    logged.  Any other limit that cannot be held is an error naming it."""
+    rounds: int = 3
+    """Plans per episode, 1..10: where routing depends on the load (LBMS), the replay may send EVs elsewhere than
+    the plan assumed; the oracle then plans again on the sessions as they came."""
+
+    def __post_init__(self) -> None:
+        check_choice("objective", self.objective, ORACLE_OBJECTIVES)
+        check_choice("formulation", self.formulation, FORMULATIONS)
+        check_choice("solver", self.solver, SOLVERS)
+        check_choice("ev_model", self.ev_model, EV_MODELS)
+        check_int("ac_rounds", self.ac_rounds, 0, 10)
+        check_real("v_margin_pu", self.v_margin_pu, 0.0, 0.05)
+        bad = [k for k in self.soft if k not in SOFT_PENALTY] if isinstance(self.soft, tuple) else [self.soft]
+        if bad:
+            raise ValueError(f"soft: expected a list of {', '.join(SOFT_PENALTY)}, got {bad[0]!r}")
+        check_int("rounds", self.rounds, 1, 10)
+
+
+@dataclass(frozen=True)
 class EnvConfig:
-    """One EVGrid environment: time, grid, stations, fleet, market, routing, agents, rewards."""
+    """One EVGrid environment: time, grid, stations, fleet, market, routing, agents, rewards, oracle."""
 
     name: str = "quickstart"
     """A label for runs and logs."""
@@ -109,6 +155,7 @@ class EnvConfig:
     """Station selection (seed 002); None: sessions come with their station."""
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    oracle: OracleConfig = field(default_factory=OracleConfig)
     log_dir: str | None = None
     """Directory for ``steps.parquet`` and ``sessions.parquet``; None: no files."""
 

@@ -122,6 +122,17 @@ class CarbonConfig:
         """Price of each excess interval, currency per tonne: ``c (1 + i k)``, i = 0 .. n_tiers - 1."""
         return self.base_price_per_t * (1.0 + self.growth * np.arange(self.n_tiers, dtype=np.float64))
 
+    def cost_lines(self) -> tuple[tuple[float, float], ...]:
+        """The stepped cost as the maximum of lines ``slope * excess_t + intercept`` (currency per tonne, currency):
+        the sell line below the quota, then one per priced interval.  Exact because the cost is convex (the sell
+        price is at most the first interval's), which lets an optimiser price it with linear rows."""
+        prices = self.tier_prices_per_t()
+        start = self.step_t * np.arange(self.n_tiers)
+        # cost reached at each interval's start
+        at_start = np.concatenate([[0.0], np.cumsum(prices[:-1] * self.step_t)])
+        return ((float(self.sell_price_per_t), 0.0),
+                *((float(p), float(c - p * x)) for p, c, x in zip(prices, at_start, start)))
+
 
 def _finite(name: str, value: npt.ArrayLike) -> FloatArray:
     return as_array(name, value)

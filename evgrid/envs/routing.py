@@ -176,6 +176,16 @@ def distance_km(pos_km: npt.ArrayLike, station_xy_km: npt.ArrayLike,
     return _dist(pos, xy, metric)
 
 
+def trip(pos_km: npt.ArrayLike, to_xy_km: npt.ArrayLike, cfg: RoutingConfig) -> tuple[npt.NDArray[np.float64], ...]:
+    """Travel time (h) and battery energy (kWh) of each request's trip to its own station ``to_xy_km`` (n, 2)."""
+    pos = _check_xy("pos_km", pos_km, "n")
+    to = _check_xy("to_xy_km", to_xy_km, "n")
+    if to.shape != pos.shape:
+        raise ValueError(f"to_xy_km: expected one station position per request, shape {pos.shape}, got {to.shape}")
+    d = np.abs(pos - to).sum(axis=1) if cfg.metric == "manhattan" else np.hypot(*(pos - to).T)
+    return d / cfg.speed_kmh, d * cfg.consumption_kwh_per_km
+
+
 def range_km(soc: npt.ArrayLike, cap_kwh: npt.ArrayLike, cfg: RoutingConfig) -> npt.NDArray[np.float64]:
     """Remaining driving range, km, shape ``(n,)``: ``max(soc - reserve_soc, 0) * cap_kwh / consumption``.
 

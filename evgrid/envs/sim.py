@@ -73,12 +73,20 @@ class Sim:
 
     # ------------------------------------------------------------------ episode
 
-    def reset(self, seed: int | None = None) -> None:
-        """New episode in every environment; ``seed`` seeds environment e with ``(seed, e)``."""
+    def reset(self, seed: int | None = None, stations: IntArray | None = None) -> None:
+        """New episode in every environment; ``seed`` seeds environment e with ``(seed, e)``.  ``stations``: (S,)
+        a global station per session chosen in advance (-1: routing chooses), e.g. by the oracle's plan; routing
+        then only makes the trip."""
         seed = self.cfg.seed if seed is None else seed
         self.episode += 1
         self.day = draw_day(self.cfg, self.layout, self.n_env, seed)
         self.fleet = FleetState.start(self.day, self.n_env, self.layout.n_zone, self.layout.n_station)
+        if stations is not None:
+            n_st = self.n_env * self.layout.n_station
+            if np.shape(stations) != (self.day.sessions.n,) or np.any((stations < -1) | (stations >= n_st)):
+                raise ValueError(f"stations: expected {self.day.sessions.n} global station numbers in [-1, "
+                                 f"{n_st - 1}] (one per session), got shape {np.shape(stations)}")
+            self.fleet.station = np.where(stations >= 0, stations, self.fleet.station)
         self.prices.reset()
         self.grid.reset()
         self.t = 0
@@ -508,9 +516,15 @@ def _route(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int, 
     stations = np.empty(idx.size, dtype=np.int64)
     travel = np.empty(idx.size)
     e_travel = np.empty(idx.size)
+    # a station chosen before the episode (the oracle's plan, Sim.reset(stations=...)) only costs the trip
+    chosen = fleet.station[idx] >= 0
+    if chosen.any():
+        stations[chosen] = fleet.station[idx[chosen]] % layout.n_station
+        travel[chosen], e_travel[chosen] = rt.trip(s.pos_km[idx[chosen]], layout.station_xy_km[stations[chosen]],
+                                                   cfg.routing)
     # one call per environment keeps each environment's participation draws on its own stream
-    for e in np.unique(env):
-        sel = env == e
+    for e in np.unique(env[~chosen]):
+        sel = (env == e) & ~chosen
         r = rt.route(s.pos_km[idx[sel]], fleet.soc[idx[sel]], s.cap_kwh[idx[sel]], layout.station_xy_km, load[sel],
                      cfg.routing, day.rng_route[e])
         stations[sel], travel[sel], e_travel[sel] = r.station, r.travel_h, r.e_travel_kwh

@@ -15,6 +15,7 @@ FEEDERS = ("ieee33", "feeder14", "cigre_mv", "city")
 # each single feeder's bus numbers in its source's own numbering, first and last (Feeder.numbers), for checks
 # that run before a feeder is built: stations.buses, and n_zones (a zone holds at least one bus)
 FEEDER_BUS_NUMBERS = {"ieee33": (1, 33), "feeder14": (1, 14), "cigre_mv": (0, 14)}
+ZONINGS = ("equal_load", "modularity")  # evgrid.grid.zoning.METHODS: the config imports no pandapower
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,14 @@ class GridConfig:
     der: bool = False
     """Place seed 003's PV, wind and diesel units (IEEE 33 only)."""
     n_zones: int | None = None
-    """Operator zones per feeder (None: the feeder's default partition; ``city``: one zone per network)."""
+    """Operator zones per feeder (None: the feeder's default partition; ``city``: one zone per network); with
+    ``zoning: modularity`` leave it unset."""
+    zoning: str = "equal_load"
+    """How a single feeder is split into operator zones: ``equal_load`` (connected zones of similar nominal load:
+    the feeder's default partition, or ``n_zones`` of them) or ``modularity`` (seed 003's index of electrical-
+    distance modularity, EV dispatchable potential and power balance, :mod:`evgrid.grid.zoning`, on the day's
+    default profiles from ``load_kind``, ``base_load_scale`` and ``diesel_output``; it picks the number of zones
+    itself, so ``n_zones`` must be unset)."""
     city_networks: int = 3
     """Networks in a ``city``, 1..64."""
     city_base: str = "ieee33"
@@ -65,6 +73,14 @@ class GridConfig:
             # a zone holds at least one bus
             first, last = FEEDER_BUS_NUMBERS[self.city_base if self.feeder == "city" else self.feeder]
             check_int("n_zones", self.n_zones, 1, last - first + 1)
+        check_choice("zoning", self.zoning, ZONINGS)
+        if self.zoning == "modularity":
+            if self.feeder == "city":
+                raise ValueError("zoning: 'modularity' zones a single feeder; a 'city' has one zone per network, "
+                                 "so use zoning 'equal_load'")
+            if self.n_zones is not None:
+                raise ValueError(f"n_zones: expected none with zoning 'modularity', which picks the number of zones "
+                                 f"itself, got {self.n_zones}")
         check_int("city_networks", self.city_networks, 1, 64)
         check_choice("load_kind", self.load_kind, LOAD_KINDS)
         check_real("base_load_scale", self.base_load_scale, 0.0, 3.0)

@@ -49,6 +49,7 @@ from evgrid.validate import check_choice, check_int, check_real
 log = logging.getLogger(__name__)
 
 FORMULATIONS = ("lindistflow", "socp")
+EV_MODELS = ("sessions", "aggregate")
 SOLVERS = ("auto", "CLARABEL", "HIGHS", "SCS")
 _POLYGON_SIDES = 16
 # Clarabel's default (faer, multithreaded) factorises these KKT systems ~10x slower than QDLDL on 2 cores
@@ -201,6 +202,42 @@ class Objective:
     diesel_kg_per_kwh: float = 0.0
     loss_price_per_kwh: float = 0.0
     peak_valley_weight: float = 0.0
+    accounts: Accounts | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Accounts:
+    """Zone accounts settled the simulator's way (:func:`evgrid.envs.market.operating_cost`): each zone's net load
+    (its buses' loads + EVs - DER; losses are not a zone's) is bought at ``price_per_kwh`` (export earns it),
+    and each zone's emission excess over the horizon, ``kg_per_kwh`` of every kWh its net load draws (the
+    positive part) plus the fixed ``excess_t`` (e.g. diesel emissions minus quota), costs the convex
+    piecewise-linear ``max(slope * excess + intercept)`` over ``carbon_lines`` (currency per tonne, currency)."""
+
+    zone_of_bus: npt.NDArray[np.int64]  # (n_bus,) zones 0..Z-1
+    price_per_kwh: npt.NDArray[np.float64]  # (T,)
+    kg_per_kwh: float = 0.0
+    excess_t: npt.NDArray[np.float64] | None = None  # (T, Z)
+    carbon_lines: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def n_zone(self) -> int:
+        return int(self.zone_of_bus.max()) + 1
+
+    def check(self, n_bus: int, T: int) -> None:
+        z = self.zone_of_bus
+        if not isinstance(z, np.ndarray) or z.shape != (n_bus,) or z.min() < 0:
+            raise ValueError(f"accounts.zone_of_bus: expected {n_bus} zone numbers >= 0 (one per bus)")
+        _series("accounts.price_per_kwh", self.price_per_kwh, T)
+        check_real("accounts.kg_per_kwh", self.kg_per_kwh, 0.0, 1e3)
+        if self.excess_t is not None and (np.shape(self.excess_t) != (T, self.n_zone)
+                                          or not np.isfinite(self.excess_t).all()):
+            raise ValueError(f"accounts.excess_t: expected finite numbers of shape ({T}, {self.n_zone}) (steps, "
+                             f"zones), got {np.shape(self.excess_t)}")
+        slopes = [a for a, _ in self.carbon_lines]
+        if any(not math.isfinite(a) or not math.isfinite(b) for a, b in self.carbon_lines):
+            raise ValueError("accounts.carbon_lines: expected finite (slope, intercept) pairs")
+        if slopes and min(slopes) < 0 and max(slopes) <= 0:
+            raise ValueError("accounts.carbon_lines: expected a cost that rises with emissions (a positive slope)")
 
 
 def flat_target_kw(base_kw: npt.ArrayLike, energy_kwh: float, dt_h: float) -> npt.NDArray[np.float64]:
@@ -305,8 +342,13 @@ class Capacitors:
 class OPFOptions:
     """How to solve: ``formulation`` (:data:`FORMULATIONS`), ``solver`` (:data:`SOLVERS`; ``auto``: HiGHS for
     linear programs, Clarabel for quadratic and conic ones, the faster of each here), AC correction
-    rounds (``lindistflow``), ramp limit of each charging station's net power between steps (kW, None: no
-    limit), and ``soft``: limits become penalised slacks (:data:`SOFT_PENALTY`) instead of hard constraints.
+    rounds (``lindistflow``), ramp limit of each charging station's net power between steps and each station's
+    charging limit (kW, None: no limit), and ``soft``: limits become penalised slacks (:data:`SOFT_PENALTY`) instead of
+    hard constraints, all of them (True) or the kinds named (e.g. ``("target_kwh",)``: energy a session cannot
+    get within the limits is left unmet at the penalty).  ``ev_model``: ``sessions`` (a variable per session and
+    step: exact, the problem grows with the fleet) or ``aggregate`` (the sessions at each bus and station as
+    one flexible load, the problem the size of the network; :func:`disaggregate` then shares each group's
+    profile out among its sessions).
     ``socp_loss_weight``: per MWh of losses, added to the ``socp`` objective where it prices no losses itself:
     an objective that does not grow with losses leaves the cone slack (the relaxation inexact); this small
     weight makes it tight at a negligible change of the optimum.  ``ac_offsets`` (``lindistflow``): start from
@@ -317,16 +359,28 @@ class OPFOptions:
     ac_rounds: int = 0
     ac_offsets: bool = True
     station_ramp_kw: float | None = None
-    soft: bool = False
+    station_p_max_kw: float | None = None
+    soft: bool | tuple[str, ...] = False
+    ev_model: str = "sessions"
     socp_loss_weight: float = 1e-4
 
     def __post_init__(self) -> None:
         check_choice("formulation", self.formulation, FORMULATIONS)
         check_choice("solver", self.solver, SOLVERS)
+        check_choice("ev_model", self.ev_model, EV_MODELS)
         check_int("ac_rounds", self.ac_rounds, 0, 10)
         check_real("socp_loss_weight", self.socp_loss_weight, 0.0, 1e6)
-        if self.station_ramp_kw is not None:
-            check_real("station_ramp_kw", self.station_ramp_kw, 0.0, math.inf)
+        if not isinstance(self.soft, bool):
+            bad = [k for k in self.soft if k not in SOFT_PENALTY]
+            if bad or not isinstance(self.soft, tuple):
+                raise ValueError(f"soft: expected true, false or a tuple of {', '.join(SOFT_PENALTY)}, got "
+                                 f"{self.soft!r}")
+        for name in ("station_ramp_kw", "station_p_max_kw"):
+            if getattr(self, name) is not None:
+                check_real(name, getattr(self, name), 0.0, math.inf)
+
+    def softens(self, kind: str) -> bool:
+        return self.soft if isinstance(self.soft, bool) else kind in self.soft
 
 
 def _entries(sessions: Sessions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -345,6 +399,182 @@ def _unreachable(sessions: Sessions, dt_h: float) -> np.ndarray:
     return np.flatnonzero(sessions.e_target_kwh > best + 1e-9)
 
 
+def _sum_into(rows: np.ndarray, n_rows: int) -> sp.csr_matrix:
+    """(n_rows, n): sums n variables into the rows ``rows`` (one per variable)."""
+    return sp.csr_matrix((np.ones(rows.size), (rows, np.arange(rows.size))), shape=(n_rows, rows.size))
+
+
+class _SessionVars:
+    """EV sessions one by one: charging at every plugged step, discharge where the session allows V2G.
+    ``xc``/``xd``: the variables; ``c_t``, ``c_bus``, ``c_station`` (and ``d_*``): each variable's step, bus and
+    station (-1: none); ``cons``: each session's power bounds, energy target and capacity (V2G sessions, which
+    also discharge, at every step within [e_min_kwh, cap_kwh])."""
+
+    def __init__(self, cp, ss: Sessions, T: int, dt: float, slack) -> None:
+        sid, tt, first = _entries(ss)
+        self.sid, self.tt = sid, tt
+        n_ent = sid.size
+        d = self.idx_d = np.flatnonzero(ss.p_dis_max_kw[sid] > 0)
+        self.xc = cp.Variable(n_ent, nonneg=True, name="p_ch_kw")
+        self.xd = cp.Variable(d.size, nonneg=True, name="p_dis_kw")
+        self.c_t, self.c_bus, self.c_station = tt, ss.bus[sid], ss.station[sid]
+        self.d_t, self.d_bus, self.d_station = tt[d], ss.bus[sid[d]], ss.station[sid[d]]
+        cons = [self.xc <= ss.p_ch_max_kw[sid], self.xd <= ss.p_dis_max_kw[sid[d]]]
+        short = slack("target_kwh", ss.n)
+        gain = ss.eta_ch[sid] * dt
+        loss_d = dt / ss.eta_dis[sid[d]]
+        s_c = sp.csr_matrix((gain, (sid, np.arange(n_ent))), shape=(ss.n, n_ent))
+        s_d = sp.csr_matrix((loss_d, (sid[d], np.arange(d.size))), shape=(ss.n, d.size))
+        e_end = ss.e0_kwh + s_c @ self.xc - s_d @ self.xd
+        cons += [e_end + short >= ss.e_target_kwh, e_end <= ss.cap_kwh]
+        if d.size:
+            e = cp.Variable(d.size, name="e_kwh")
+            prev = sp.eye(d.size, k=-1, format="csr").multiply((~first[d])[:, None]).tocsr()
+            delta = cp.multiply(gain[d], self.xc[d]) - cp.multiply(loss_d, self.xd)
+            cons += [e - prev @ e == delta + np.where(first[d], ss.e0_kwh[sid[d]], 0.0),
+                     e >= ss.e_min_kwh[sid[d]], e <= ss.cap_kwh[sid[d]]]
+        self.cons = cons
+
+    def powers(self, ss: Sessions, T: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each session's charging and discharging power (n_session, T) at the solution."""
+        p_ch, p_dis = np.zeros((ss.n, T)), np.zeros((ss.n, T))
+        if self.sid.size:
+            p_ch[self.sid, self.tt] = np.maximum(np.asarray(self.xc.value, dtype=float).reshape(-1), 0.0)
+        if self.idx_d.size:
+            p_dis[self.sid[self.idx_d], self.tt[self.idx_d]] = np.maximum(np.asarray(self.xd.value, dtype=float), 0.0)
+        return p_ch, p_dis
+
+
+class _AggregateVars:
+    """The sessions at each bus and station as one flexible load per step: charging up to the sum of the
+    plugged sessions' limits, discharge likewise, and the group's cumulative stored energy between the sums of
+    the sessions' own earliest and latest trajectories.  A relaxation (each session's bounds hold only in sum);
+    :func:`disaggregate` shares the result out session by session.  Its size does not grow with the fleet."""
+
+    def __init__(self, cp, ss: Sessions, T: int, dt: float, slack) -> None:
+        key = np.stack([ss.bus, ss.station], axis=1)
+        groups, self.group = np.unique(key, axis=0, return_inverse=True)
+        self.group = self.group.reshape(-1)
+        self.group_bus = groups[:, 0]
+        G = groups.shape[0]
+        self.G = G
+        k = np.arange(T)[None, :]
+        start, end = ss.start[:, None], ss.end[:, None]
+        on = (k >= start) & (k < end)
+        v2g = ss.p_dis_max_kw > 0
+        per_c = (ss.eta_ch * ss.p_ch_max_kw * dt)[:, None]
+        per_d = np.where(v2g, ss.p_dis_max_kw / ss.eta_dis * dt, 0.0)[:, None]
+        steps_in = np.clip(k - start + 1, 0, end - start)  # plugged steps up to and including step k
+        steps_left = np.clip(end - 1 - k, 0, None) * (k >= start)  # plugged steps after step k
+        need = (ss.e_target_kwh - ss.e0_kwh)[:, None]
+        room = (ss.cap_kwh - ss.e0_kwh)[:, None]
+        floor = np.where(v2g, ss.e_min_kwh - ss.e0_kwh, 0.0)[:, None]
+        # energy each session has taken by the end of step k (battery side): its latest and earliest paths
+        hi = np.minimum(room, per_c * steps_in)
+        lo = np.where(k >= start, np.maximum(np.maximum(need - per_c * steps_left, floor), -per_d * steps_in), 0.0)
+        lo = np.minimum(lo, hi)
+
+        def by_group(x):  # (n, T) -> (G, T)
+            out = np.zeros((G, T))
+            np.add.at(out, self.group, x)
+            return out
+
+        cap_c = by_group(on * ss.p_ch_max_kw[:, None])
+        cap_d = by_group(on * np.where(v2g, ss.p_dis_max_kw, 0.0)[:, None])
+        # the group's efficiencies: its sessions' own, weighted by their power limits
+        p_d = np.where(v2g, ss.p_dis_max_kw, 0.0)
+        eta_c = np.bincount(self.group, ss.eta_ch * ss.p_ch_max_kw, G) / np.maximum(
+            np.bincount(self.group, ss.p_ch_max_kw, G), 1e-12)
+        inv_eta_d = np.bincount(self.group, p_d / ss.eta_dis, G) / np.maximum(np.bincount(self.group, p_d, G), 1e-12)
+        self.lo, self.hi, self.cap_c, self.cap_d = by_group(lo), by_group(hi), cap_c, cap_d
+        c_idx = np.flatnonzero(cap_c.reshape(-1) > 0)  # (g, t) cells with a plugged session
+        d_idx = np.flatnonzero(cap_d.reshape(-1) > 0)
+        self.c_idx, self.d_idx = c_idx, d_idx
+        self.xc = cp.Variable(c_idx.size, nonneg=True, name="p_ch_kw")
+        self.xd = cp.Variable(d_idx.size, nonneg=True, name="p_dis_kw")
+        gc, gd = c_idx // T, d_idx // T
+        self.c_t, self.c_bus, self.c_station = c_idx % T, groups[gc, 0], groups[gc, 1]
+        self.d_t, self.d_bus, self.d_station = d_idx % T, groups[gd, 0], groups[gd, 1]
+        # cumulative battery-side energy of each group by the end of each step: a lower-triangular sum per group
+        tri = sp.csr_matrix(np.tril(np.ones((T, T))))
+        cum = sp.kron(sp.identity(G), tri, format="csr")  # (G T, G T)
+        e_c = cum[:, c_idx] @ sp.diags(eta_c[gc] * dt)
+        e_d = cum[:, d_idx] @ sp.diags(dt * inv_eta_d[gd])
+        energy = e_c @ self.xc - e_d @ self.xd
+        short = slack("target_kwh", G * T)
+        self.cons = [self.xc <= cap_c.reshape(-1)[c_idx], self.xd <= cap_d.reshape(-1)[d_idx],
+                     energy + short >= self.lo.reshape(-1), energy <= self.hi.reshape(-1)]
+
+    def profiles(self, T: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each group's charging and discharging power (G, T) at the solution."""
+        pc, pd = np.zeros(self.G * T), np.zeros(self.G * T)
+        if self.c_idx.size:
+            pc[self.c_idx] = np.maximum(np.asarray(self.xc.value, dtype=float), 0.0)
+        if self.d_idx.size:
+            pd[self.d_idx] = np.maximum(np.asarray(self.xd.value, dtype=float), 0.0)
+        return pc.reshape(self.G, T), pd.reshape(self.G, T)
+
+
+def disaggregate(ss: Sessions, dt_h: float, group: np.ndarray, p_ch_kw: np.ndarray, p_dis_kw: np.ndarray,
+                 options: OPFOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Share each group's planned profile (``p_ch_kw``, ``p_dis_kw``: (G, T)) out among its sessions
+    (``group``: (n,) the group of each session) so that every session keeps its own bounds: a linear program
+    with no network in it, tracking each group's net power at every step (the least absolute deviation) and
+    each station's charging limit.  Where a group's aggregate asked for more than its sessions can give (the
+    aggregate is a relaxation) the deviation is logged.  Returns each session's charging and discharging power
+    (n, T)."""
+    import cvxpy as cp
+
+    opt = options if options is not None else OPFOptions()
+    G, T = p_ch_kw.shape
+    penalties = {}
+
+    def slack(name: str, n: int):
+        if not opt.softens(name):
+            return 0
+        v = penalties[name] = cp.Variable(n, nonneg=True, name=name)
+        return v
+
+    ev = _SessionVars(cp, ss, T, dt_h, slack)
+    grp_c, grp_d = group[ev.sid], group[ev.sid[ev.idx_d]]
+    net = _sum_into(grp_c * T + ev.c_t, G * T) @ ev.xc - _sum_into(grp_d * T + ev.d_t, G * T) @ ev.xd
+    dev = cp.Variable(G * T, name="tracking_kw")
+    cons = [*ev.cons, dev >= net - (p_ch_kw - p_dis_kw).reshape(-1), dev >= (p_ch_kw - p_dis_kw).reshape(-1) - net]
+    if opt.station_p_max_kw is not None and (ss.station >= 0).any():
+        cons += _station_limits(ev, int(ss.station.max()) + 1, T, dataclasses.replace(opt, station_ramp_kw=None),
+                                slack)
+    problem = cp.Problem(cp.Minimize(cp.sum(dev) + sum(SOFT_PENALTY[k] * cp.sum(v) for k, v in penalties.items())),
+                         cons)
+    with _quiet_stdout():
+        problem.solve(solver="HIGHS", **_SOLVER_SETTINGS["HIGHS"])
+    if problem.status not in ("optimal", "optimal_inaccurate"):
+        raise InfeasibleError(f"disaggregation: the sessions' own bounds are {problem.status} (solver HIGHS)")
+    off = float(np.max(np.asarray(dev.value))) if dev.size else 0.0
+    if off > 1e-3:
+        log.info("disaggregation: the sessions follow their groups' profiles within %.4g kW (%.4g kWh in all)",
+                 off, float(np.sum(dev.value)) * dt_h)
+    return ev.powers(ss, T)
+
+
+def _station_limits(ev, n_st: int, T: int, opt: OPFOptions, slack) -> list:
+    """Each charging station's charging power at most ``station_p_max_kw`` (discharge passes the station's limit,
+    as the simulator's dispatch does), and its net power moving by at most ``station_ramp_kw`` between steps."""
+    at_c, at_d = ev.c_station >= 0, ev.d_station >= 0
+    g_c = sp.csr_matrix((np.ones(int(at_c.sum())), (ev.c_t[at_c] * n_st + ev.c_station[at_c], np.flatnonzero(at_c))),
+                        shape=(T * n_st, ev.c_t.size))
+    g_d = sp.csr_matrix((np.ones(int(at_d.sum())), (ev.d_t[at_d] * n_st + ev.d_station[at_d], np.flatnonzero(at_d))),
+                        shape=(T * n_st, ev.d_t.size))
+    cons = []
+    if opt.station_p_max_kw is not None:
+        cons.append(g_c @ ev.xc <= opt.station_p_max_kw)
+    if opt.station_ramp_kw is not None:
+        diff = (sp.eye(T * n_st, k=n_st, format="csr") - sp.eye(T * n_st, format="csr"))[: (T - 1) * n_st]
+        ramp = diff @ (g_c @ ev.xc - g_d @ ev.xd)
+        lim = opt.station_ramp_kw + slack("ramp_kw", (T - 1) * n_st)
+        cons += [ramp <= lim, -ramp <= lim]
+    return cons
+
+
 class _Model:
     """One cvxpy problem; :func:`solve_opf` builds it, solves it and reads it back."""
 
@@ -359,24 +589,19 @@ class _Model:
         eye = sp.identity(T, format="csr")
         cons, self.slacks = [], {}
 
-        def new_slack(name: str, n: int):
+        def slack(name: str, n: int):
+            """A penalised slack on the limits of kind ``name`` where the options soften them, else 0."""
+            if not opt.softens(name):
+                return 0
             v = cp.Variable(n, nonneg=True, name=name)
             self.slacks[name] = v
             return v
 
-        slack = new_slack if opt.soft else None  # the pieces add a slack to each limit only when soft
-
-        # EV sessions: charging at every plugged step, discharge where the session allows V2G
-        sid, tt, first = _entries(ss)
-        self.sid, self.tt = sid, tt
-        n_ent = sid.size
-        self.idx_d = np.flatnonzero(ss.p_dis_max_kw[sid] > 0)
-        self.xc = cp.Variable(n_ent, nonneg=True, name="p_ch_kw")
-        self.xd = cp.Variable(self.idx_d.size, nonneg=True, name="p_dis_kw")
-        cons += [self.xc <= ss.p_ch_max_kw[sid], self.xd <= ss.p_dis_max_kw[sid[self.idx_d]]]
-        g_bus = sp.csr_matrix((np.ones(n_ent), (tt * nb + ss.bus[sid], np.arange(n_ent))), shape=(T * nb, n_ent))
-        p_ev = g_bus @ self.xc - g_bus[:, self.idx_d] @ self.xd
-        cons += self._energy(cp, sid, first, dt, slack)
+        # EV sessions, one variable per session and plugged step, or their aggregate per bus / station
+        ev = (_SessionVars if opt.ev_model == "sessions" else _AggregateVars)(cp, ss, T, dt, slack)
+        self.ev = ev
+        cons += ev.cons
+        p_ev = _sum_into(ev.c_t * nb + ev.c_bus, T * nb) @ ev.xc - _sum_into(ev.d_t * nb + ev.d_bus, T * nb) @ ev.xd
 
         # DER: output up to what is available; the rest of PV/wind is curtailed
         kinds = np.array(f.der_kind)
@@ -391,8 +616,8 @@ class _Model:
         self.q = hz.load_q_kvar.reshape(-1) - _at_buses(T, nb, caps.bus) @ self.qc
         tie, loss = self._network(cp, eye, cons, slack, opt.formulation == "socp")
         self.tie, self.loss = tie, loss
-        if opt.station_ramp_kw is not None and (ss.station >= 0).any():
-            cons += self._ramp(slack)
+        if (opt.station_ramp_kw is not None or opt.station_p_max_kw is not None) and (ss.station >= 0).any():
+            cons += _station_limits(ev, int(ss.station.max()) + 1, T, opt, slack)
 
         terms = self._objective(cp, obj, kinds, avail, tie, loss, dt, cons)
         self.terms = terms
@@ -400,39 +625,6 @@ class _Model:
         self.problem = cp.Problem(cp.Minimize(sum(terms.values()) + penalty), cons)
 
     # ------------------------------------------------------------------------------------------ pieces
-
-    def _ramp(self, slack) -> list:
-        """Each station's net power moves by at most ``station_ramp_kw`` between steps."""
-        ss, sid, tt, T = self.ss, self.sid, self.tt, self.T
-        n_st = int(ss.station.max()) + 1
-        at = ss.station[sid] >= 0
-        g_st = sp.csr_matrix((np.ones(int(at.sum())), (tt[at] * n_st + ss.station[sid][at], np.flatnonzero(at))),
-                             shape=(T * n_st, sid.size))
-        p_st = g_st @ self.xc - g_st[:, self.idx_d] @ self.xd
-        diff = (sp.eye(T * n_st, k=n_st, format="csr") - sp.eye(T * n_st, format="csr"))[: (T - 1) * n_st]
-        ramp = diff @ p_st
-        lim = self.opt.station_ramp_kw + (slack("ramp_kw", (T - 1) * n_st) if slack else 0)
-        return [ramp <= lim, -ramp <= lim]
-
-    def _energy(self, cp, sid, first, dt, slack) -> list:
-        """Each session ends at or above its target and never holds more than its capacity (V2G sessions, which
-        also discharge, at every step within [e_min_kwh, cap_kwh])."""
-        ss, n_ent = self.ss, sid.size
-        short = slack("target_kwh", ss.n) if slack else 0
-        gain = ss.eta_ch[sid] * dt
-        loss_d = dt / ss.eta_dis[sid[self.idx_d]]
-        s_c = sp.csr_matrix((gain, (sid, np.arange(n_ent))), shape=(ss.n, n_ent))
-        s_d = sp.csr_matrix((loss_d, (sid[self.idx_d], np.arange(self.idx_d.size))), shape=(ss.n, self.idx_d.size))
-        e_end = ss.e0_kwh + s_c @ self.xc - s_d @ self.xd
-        cons = [e_end + short >= ss.e_target_kwh, e_end <= ss.cap_kwh]
-        if self.idx_d.size:
-            d = self.idx_d
-            e = cp.Variable(d.size, name="e_kwh")
-            prev = sp.eye(d.size, k=-1, format="csr").multiply((~first[d])[:, None]).tocsr()
-            delta = cp.multiply(gain[d], self.xc[d]) - cp.multiply(loss_d, self.xd)
-            cons += [e - prev @ e == delta + np.where(first[d], ss.e0_kwh[sid[d]], 0.0),
-                     e >= ss.e_min_kwh[sid[d]], e <= ss.cap_kwh[sid[d]]]
-        return cons
 
     def _network(self, cp, eye, cons, slack, relaxed: bool):
         """Branch-flow variables per step and node: P, Q into the node through its branch, squared voltage v
@@ -476,22 +668,22 @@ class _Model:
         self.P, self.Q, self.v2_node = P, Q, v
         vb = to_node.T @ v  # (T n_bus,) each bus's node
         vmin, vmax = np.tile(f.v_min_pu ** 2, T), np.tile(f.v_max_pu ** 2, T)
-        lo = slack("voltage_pu", T * f.n_bus) if slack else 0
-        hi = slack("voltage_high_pu", T * f.n_bus) if slack else 0
+        lo = slack("voltage_pu", T * f.n_bus)
+        hi = slack("voltage_high_pu", T * f.n_bus)
         cons += [vb + lo >= vmin, vb - hi <= vmax]
         self.v2 = vb
         if t.elem_node.size:
             rows = (np.arange(T)[:, None] * n + t.elem_node[None, :]).reshape(-1)
             if relaxed:
                 i_max = (t.elem_rating_ka / t.elem_ibase_ka).min(axis=1)
-                over = slack("loading_kw", rows.size) if slack else 0
+                over = slack("loading_kw", rows.size)
                 cons.append(ell[rows] <= np.tile(i_max ** 2, T) + over / kw)
             else:
                 # ampacity as apparent power at the lowest allowed voltage, a polygon inside the circle (cvxpy
                 # compiles 3,000 small cones ~20x slower than these rows, and Clarabel solves them no faster)
                 ang = np.pi * (2 * np.arange(_POLYGON_SIDES) + 1) / _POLYGON_SIDES
                 lim = np.tile(net.s_max_kva * np.cos(np.pi / _POLYGON_SIDES), T) / kw
-                over = slack("loading_kw", lim.size) / kw if slack else 0
+                over = slack("loading_kw", lim.size) / kw
                 cons += [np.cos(a) * P[rows] + np.sin(a) * Q[rows] <= lim + over for a in ang]
         return P[root] * kw + (0 if relaxed else self.loss_par), loss
 
@@ -557,7 +749,8 @@ class _Model:
             terms["curtailment"] = obj.curtail_cost_per_kwh * dt * cp.sum(avail[renew] - self.der[renew])
         a, b = obj.diesel_cost
         if (a or b) and diesel.size:
-            terms["diesel"] = (a * cp.sum_squares(self.der[diesel]) + b * cp.sum(self.der[diesel])) * dt
+            quad = a * cp.sum_squares(self.der[diesel]) if a else 0  # a = 0 keeps a linear program linear
+            terms["diesel"] = (quad + b * cp.sum(self.der[diesel])) * dt
         if obj.carbon is not None:
             emis_t = (obj.grid_kg_per_kwh * cp.sum(buy) + obj.diesel_kg_per_kwh * cp.sum(self.der[diesel])) * dt / 1e3
             c = cp.Variable(name="carbon")
@@ -567,10 +760,35 @@ class _Model:
             terms["losses"] = obj.loss_price_per_kwh * dt * cp.sum(loss)
         elif self.opt.formulation == "socp" and self.opt.socp_loss_weight:
             terms["loss_regulariser"] = self.opt.socp_loss_weight * dt * cp.sum(loss) / 1e3
+        if obj.accounts is not None:
+            terms.update(self._accounts(cp, obj.accounts, dt, cons))
         if obj.peak_valley_weight:
             terms["peak_valley"] = obj.peak_valley_weight * (cp.max(tie) - cp.min(tie))
         if not terms:
             terms["zero"] = cp.Constant(0.0)
+        return terms
+
+
+    def _accounts(self, cp, acc: Accounts, dt: float, cons: list) -> dict:
+        T, nb = self.T, self.net.feeder.n_bus
+        acc.check(nb, T)
+        nz = acc.n_zone
+        # (T Z, T n_bus): each zone's net load per step
+        rows = (np.arange(T)[:, None] * nz + acc.zone_of_bus[None, :]).reshape(-1)
+        g = sp.csr_matrix((np.ones(T * nb), (rows, np.arange(T * nb))), shape=(T * nz, T * nb))
+        load = g @ self.p
+        terms = {"zone_purchase": dt * cp.sum(cp.multiply(np.repeat(acc.price_per_kwh, nz), load))}
+        if acc.carbon_lines:
+            fixed = np.zeros(nz) if acc.excess_t is None else np.asarray(acc.excess_t, dtype=float).sum(axis=0)
+            excess = fixed
+            if acc.kg_per_kwh:
+                drawn = cp.Variable(T * nz, nonneg=True, name="zone_drawn_kw")
+                cons.append(drawn >= load)
+                per_zone = sp.kron(np.ones((1, T)), sp.identity(nz), format="csr")
+                excess = fixed + (acc.kg_per_kwh * dt / 1e3) * (per_zone @ drawn)
+            c = cp.Variable(nz, name="zone_carbon")
+            cons += [c >= a * excess + b for a, b in acc.carbon_lines]
+            terms["zone_carbon"] = cp.sum(c)
         return terms
 
 
@@ -605,7 +823,7 @@ def solve_opf(feeder: Feeder | Network, horizon: Horizon, sessions: Sessions | N
     horizon.check(f)
     ss.check(f, horizon.n_step)
     bad = _unreachable(ss, horizon.dt_h)
-    if bad.size and not opt.soft:
+    if bad.size and not opt.softens("target_kwh"):
         raise InfeasibleError(f"sessions {_first(bad)}: energy target out of reach even charging at full power "
                               f"while plugged in ({bad.size} of {ss.n} sessions)")
     t0 = time.perf_counter()
@@ -627,7 +845,7 @@ def solve_opf(feeder: Feeder | Network, horizon: Horizon, sessions: Sessions | N
         _solve(model, opt.solver)
         solve_s += time.perf_counter() - t1
         if model.problem.status not in ("optimal", "optimal_inaccurate"):
-            if opt.soft:
+            if opt.soft is True:
                 raise InfeasibleError(f"the softened problem is {model.problem.status} (solver {model.solver})")
             raise InfeasibleError(_diagnose(net, horizon, ss, obj, caps, opt, model.problem.status))
         if k == rounds:
@@ -723,12 +941,17 @@ def _diagnose(net, hz, ss, obj, caps, opt, status) -> str:
 
 def _read(m: _Model, build_s: float, solve_s: float) -> OPFResult:
     hz, ss, f, T = m.hz, m.ss, m.net.feeder, m.T
-    p_ch = np.zeros((ss.n, T))
-    p_dis = np.zeros((ss.n, T))
-    xc = np.maximum(np.asarray(m.xc.value, dtype=float).reshape(-1), 0.0) if m.sid.size else np.zeros(0)
-    p_ch[m.sid, m.tt] = xc
-    if m.idx_d.size:
-        p_dis[m.sid[m.idx_d], m.tt[m.idx_d]] = np.maximum(np.asarray(m.xd.value, dtype=float), 0.0)
+    p_bus = _value(m.p, hz)
+    if isinstance(m.ev, _SessionVars):
+        p_ch, p_dis = m.ev.powers(ss, T)
+    else:
+        pc, pd = m.ev.profiles(T)
+        p_ch, p_dis = disaggregate(ss, hz.dt_h, m.ev.group, pc, pd, m.opt)
+        # the buses see what the sessions do, which the AC check then judges
+        shift = np.zeros((T, f.n_bus))
+        np.add.at(shift.T, ss.bus, (p_ch - p_dis))
+        np.subtract.at(shift.T, m.ev.group_bus, pc - pd)
+        p_bus = p_bus + shift
     step = hz.dt_h * (ss.eta_ch[:, None] * p_ch - p_dis / ss.eta_dis[:, None])
     e = np.concatenate([ss.e0_kwh[:, None], ss.e0_kwh[:, None] + np.cumsum(step, axis=1)], axis=1)
     v2 = np.asarray(m.v2.value, dtype=float).reshape(T, f.n_bus)
@@ -741,7 +964,7 @@ def _read(m: _Model, build_s: float, solve_s: float) -> OPFResult:
         p_ch_kw=p_ch, p_dis_kw=p_dis, e_kwh=e,
         der_kw=np.asarray(m.der.value, dtype=float).reshape(T, n_der) if n_der else np.zeros((T, 0)),
         q_cap_kvar=np.asarray(m.qc.value, dtype=float).reshape(T, n_cap) if n_cap else np.zeros((T, 0)),
-        p_bus_kw=_value(m.p, hz), q_bus_kvar=_value(m.q, hz), tie_kw=np.asarray(m.tie.value, dtype=float),
+        p_bus_kw=p_bus, q_bus_kvar=_value(m.q, hz), tie_kw=np.asarray(m.tie.value, dtype=float),
         vm_pu=np.sqrt(np.maximum(v2, 0.0)), loss_kw=np.asarray(m.loss.value, dtype=float).reshape(T),
         slack=slack)
 

@@ -19,6 +19,8 @@ for its single requests too.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import logging
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -29,7 +31,10 @@ from evgrid.grid.config import GridConfig
 from evgrid.grid.feeders import Feeder, build_city, build_feeder
 from evgrid.grid.flow import FlowResult, PowerFlowBackend, make_backend
 from evgrid.grid.limits import LimitEnforcer
+from evgrid.grid.zoning import default_profiles, zoning
 from evgrid.validate import as_array, as_batch, check_int
+
+log = logging.getLogger(__name__)
 
 
 class FeederSet(NamedTuple):
@@ -41,13 +46,20 @@ class FeederSet(NamedTuple):
 
 
 def build_feeders(grid: GridConfig) -> FeederSet:
-    """The feeders of ``grid``: one, or a city's networks (one zone each)."""
+    """The feeders of ``grid``: one, or a city's networks (one zone each).  A single feeder's zones follow
+    ``grid.zoning``: its own partition (``equal_load``) or seed 003's index (``modularity``)."""
     if grid.feeder == "city":
         city = build_city(grid.city_networks, base=grid.city_base, v_min_pu=grid.v_min_pu, v_max_pu=grid.v_max_pu)
         feeders = list(city.feeders)
         return FeederSet(feeders, list(city.load_kinds), [np.zeros(f.n_bus, dtype=np.int64) for f in feeders])
     f0 = build_feeder(grid.feeder, der=grid.der, n_zones=grid.n_zones, v_min_pu=grid.v_min_pu,
                       v_max_pu=grid.v_max_pu)
+    if grid.zoning == "modularity":
+        profiles = default_profiles(f0, load_kind=grid.load_kind, base_load_scale=grid.base_load_scale,
+                                    diesel_output=grid.diesel_output)
+        z = zoning(f0, "modularity", **profiles._asdict())
+        log.info("feeder %s zones (%s): %s", f0.name, f0.numbering, z.zones())
+        f0 = dataclasses.replace(f0, zone_of_bus=z.zone_of_bus)
     return FeederSet([f0], [grid.load_kind], [f0.zone_of_bus])
 
 

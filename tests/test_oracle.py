@@ -1,0 +1,165 @@
+"""The oracle: perfect-foresight plans replayed through the simulator (evgrid.agents.oracle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from evgrid.agents import oracle as orc
+from evgrid.agents.baselines import rule_overrides
+from evgrid.config import ConfigError
+from evgrid.envs import routing as rt
+from evgrid.envs.config import load_config
+from evgrid.envs.market import CarbonConfig, stepped_carbon_cost
+from evgrid.envs.sim import Sim
+from evgrid.evaluate import evaluate_baselines, rule_episodes
+
+# a small day on IEEE 33: two zones, four stations, 80 EVs (half with V2G)
+SMALL = {"fleet": {"n_ev": 80}, "stations": {"n_station": 4, "ports": 40, "p_max_kw": 150.0},
+         "grid": {"n_zones": 2}}
+
+
+def _cfg(name: str = "quickstart", **over):
+    return load_config(name, _merge(SMALL, over))
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in a.items()}
+    for k, v in b.items():
+        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
+    return out
+
+
+def _plan(cfg, seed: int = 0):
+    sim = Sim(orc.oracle_config(cfg), 1)
+    sim.reset(seed)
+    life = orc._first_pass(sim, seed)
+    return sim, life, orc.plan_episode(sim, life)
+
+
+def test_replay_settles_at_the_planned_cost_and_beats_every_rule():
+    """The plan's objective prices zone purchases and the stepped carbon cost as the market settles them, so the
+    replay's operator cost equals it; and no rule baseline runs the same day cheaper or with less unmet energy."""
+    cfg = _cfg()
+    row, plan = next(orc.oracle_episodes(cfg, [3]))
+    assert row["operator_cost"] == pytest.approx(plan.objective, rel=2e-3)
+    assert row["voltage_violations"] == 0 and row["curtailed_kwh"] == pytest.approx(0.0, abs=1e-6)
+    for policy in ("uncontrolled", "tou", "llf"):
+        rule = next(rule_episodes(load_config(cfg, rule_overrides(policy, routed=False)), [3]))
+        assert row["operator_cost"] <= rule["operator_cost"] + 1e-6, policy
+        assert row["unmet_kwh"] <= rule["unmet_kwh"] + 1e-6, policy
+
+
+def test_peak_valley_objective_flattens_the_load_below_every_rule():
+    cfg = _cfg(oracle={"objective": "peak_valley"})
+    row, _ = next(orc.oracle_episodes(cfg, [1]))
+    for policy in ("uncontrolled", "tou"):
+        rule = next(rule_episodes(load_config(cfg, rule_overrides(policy, routed=False)), [1]))
+        assert row["peak_valley_kw"] <= rule["peak_valley_kw"] + 1e-6, policy
+
+
+def test_the_replay_keeps_every_session_and_station_within_its_bounds(tmp_path):
+    cfg = _cfg(fleet={"v2g_share": 0.5})
+    sim, life, plan = _plan(cfg, seed=2)
+    s = sim.day.sessions
+    sim.reset(2)
+    station_kw = np.zeros((sim.n_steps, sim.layout.n_station))
+    while sim.t < sim.n_steps:
+        rec = sim.step(orc.actions(plan, sim))
+        i = rec.plugged
+        assert np.all(rec.p_ev_kw <= s.p_ch_max_kw[i] + 1e-6)
+        assert np.all(-rec.p_ev_kw <= np.where(s.v2g[i], s.p_dis_max_kw[i], 0.0) + 1e-6)
+        np.add.at(station_kw[rec.t], rec.ev_station, np.maximum(rec.p_ev_kw, 0.0))
+        assert rec.cut_ev_kw.sum() == pytest.approx(0.0, abs=1e-6)  # enforcement never had to step in
+    assert station_kw.max() <= cfg.stations.p_max_kw + 1e-6
+    # sessions.parquet of the replay: SOC inside [v2g floor or 0, 1]; each EV got what the plan promised
+    next(orc.oracle_episodes(cfg, [2], log_dir=tmp_path))
+    t = pq.read_table(tmp_path / "sessions.parquet").to_pandas()
+    plugged = t[t.plug_step >= 0]
+    assert (plugged.soc_final <= 1 + 1e-9).all() and (plugged.soc_final >= -1e-9).all()
+    v2g = plugged[plugged.v2g & (plugged.e_v2g_kwh > 0)]
+    assert (v2g.soc_final >= np.minimum(cfg.fleet.v2g_soc_min, v2g.soc_arrive) - 1e-6).all()
+    # an EV short of its target when it left could not have got more in the time it was plugged in
+    gone = plugged[(plugged.status == "departed") & (plugged.unmet_kwh > 1e-6)]
+    i = gone.session.to_numpy()
+    reach = (gone.soc_arrive * gone.cap_kwh + s.eta_ch[i] * s.p_ch_max_kw[i] * sim.dt_h
+             * (gone.depart_step - gone.plug_step))
+    assert (gone.soc_final * gone.cap_kwh >= reach - 1e-6).all()
+
+
+def test_uninterruptible_sessions_charge_in_one_block_from_their_chosen_start():
+    cfg = load_config("seed001", {"fleet": {"n_ev": 90, "station_counts": [30, 30, 30]}})
+    sim, life, plan = _plan(cfg)
+    for i in np.flatnonzero(plan.start_step >= 0):
+        on = np.flatnonzero(plan.p_kw[i] > 1e-9)
+        assert on[0] == plan.start_step[i] and np.all(np.diff(on) == 1)
+        assert life.plug_step[i] <= on[0] and on[-1] < max(life.dep_step[i], on[0] + 1) + 1
+        assert np.all(plan.p_kw[i, on[:-1]] == pytest.approx(sim.day.sessions.p_ch_max_kw[i]))
+    row, _ = next(orc.oracle_episodes(cfg, [0]))
+    uncontrolled = next(rule_episodes(load_config(cfg, rule_overrides("uncontrolled", routed=False)), [0]))
+    assert row["operator_cost"] < uncontrolled["operator_cost"]
+
+
+def test_load_dependent_routing_keeps_the_plans_stations():
+    cfg = load_config("seed002", {"fleet": {"n_ev": 120}, "grid": {"city_networks": 2},
+                                  "stations": {"n_station": 2}})
+    sim, life, plan = _plan(cfg)
+    sim.reset(0, stations=np.where(plan.planned, life.station, -1))
+    while sim.t < sim.n_steps:
+        sim.step(orc.actions(plan, sim))
+    came = orc.Lifecycle.of(sim)
+    assert not came.differs(life).any()
+
+
+def test_evaluate_runs_the_oracle_beside_the_rules(tmp_path):
+    rows = evaluate_baselines(_cfg(), ["oracle", "uncontrolled"], 1, out_dir=tmp_path, progress=False)
+    assert [r["policy"] for r in rows] == ["oracle", "uncontrolled"]
+    assert (tmp_path / "metrics.parquet").exists()
+    assert rows[0]["operator_cost"] < rows[1]["operator_cost"]
+    with pytest.raises(ConfigError, match="policy: expected one or more of .*oracle"):
+        evaluate_baselines(_cfg(), ["optimal"], 1, out_dir=None, progress=False)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"oracle": {"objective": "profit"}}, "oracle.objective"),
+    ({"oracle": {"soft": ["targets"]}}, "oracle.soft"),
+    ({"oracle": {"v_margin_pu": 0.2}}, "oracle.v_margin_pu"),
+    ({"oracle": {"rounds": 0}}, "oracle.rounds"),
+    ({"oracle": {"solver": "GUROBI"}}, "oracle.solver"),
+])
+def test_bad_oracle_settings_name_the_field(over, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("quickstart", over)
+
+
+def test_presetting_stations_checks_them():
+    sim = Sim(load_config("seed002", {"fleet": {"n_ev": 20}}), 1)
+    with pytest.raises(ValueError, match="stations: expected 20 global station numbers"):
+        sim.reset(0, stations=np.full(5, -1))
+    with pytest.raises(ValueError, match="stations: expected"):
+        sim.reset(0, stations=np.full(20, 99))
+
+
+def test_stepped_carbon_cost_is_the_maximum_of_its_lines():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        base = rng.uniform(1, 500)
+        c = CarbonConfig(base_price_per_t=base, sell_price_per_t=rng.uniform(0, base), step_t=rng.uniform(1, 100),
+                         growth=rng.uniform(0, 2), n_tiers=int(rng.integers(1, 8)))
+        x = rng.uniform(-300, 1000, 200)
+        lines = np.max([a * x + b for a, b in c.cost_lines()], axis=0)
+        np.testing.assert_allclose(lines, stepped_carbon_cost(x, c), rtol=1e-12, atol=1e-7)
+
+
+def test_trip_is_the_distance_to_each_requests_own_station():
+    rng = np.random.default_rng(1)
+    pos, xy = rng.uniform(0, 10, (50, 2)), rng.uniform(0, 10, (50, 2))
+    for metric in ("euclidean", "manhattan"):
+        cfg = rt.RoutingConfig(metric=metric, speed_kmh=40.0, consumption_kwh_per_km=0.2)
+        travel_h, e_kwh = rt.trip(pos, xy, cfg)
+        d = np.diagonal(rt.distance_km(pos, xy, metric))
+        np.testing.assert_allclose(travel_h, d / 40.0)
+        np.testing.assert_allclose(e_kwh, d * 0.2)
+    with pytest.raises(ValueError, match="to_xy_km"):
+        rt.trip(pos, xy[:3], rt.RoutingConfig())
