@@ -570,7 +570,8 @@ def bench_opf(feeders: Iterable[str] = ("ieee33",), horizons: Iterable[int] = (2
                                "formulation": form, "ev_model": ev_model, "solver": r.solver, "build_s": r.build_s,
                                "solve_s": r.solve_s, "total_s": time.perf_counter() - t0,
                                "objective": r.objective, "max_dv_pu_vs_ac": r.ac.max_dv_pu,
-                               "max_loss_error_kw": r.ac.max_loss_error_kw, "cone_gap": r.ac.cone_gap}
+                               "max_loss_error_kw": r.ac.max_loss_error_kw, "cone_gap": r.ac.cone_gap,
+                               "tracking_kwh": r.tracking_kwh}
         if single_period:
             yield _single_period_row(f, net, seed)
 

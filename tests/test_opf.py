@@ -302,7 +302,41 @@ def test_disaggregation_reproduces_a_profile_the_sessions_can_follow():
     pc, pd = np.zeros((G, 24)), np.zeros((G, 24))
     np.add.at(pc, group, exact.p_ch_kw)
     np.add.at(pd, group, exact.p_dis_kw)
-    p_ch, p_dis = opf.disaggregate(ss, DT, group, pc, pd)
+    p_ch, p_dis, off_kwh = opf.disaggregate(ss, DT, group, pc, pd)
+    assert off_kwh == pytest.approx(0.0, abs=1e-5)
     net = np.zeros((G, 24))
     np.add.at(net, group, p_ch - p_dis)
     np.testing.assert_allclose(net, pc - pd, atol=1e-5)
+
+
+def test_capacitor_steps_are_whole_and_cost_no_less_than_their_relaxation():
+    """Integer capacitor steps (a MILP for HiGHS): every bank's output a whole number of steps, and the optimum
+    no better than with continuous banks; the quadratic or conic problems refuse them by name."""
+    f = feeder("ieee33")
+    T = 6
+    hz = horizon(f, np.full(T, 0.58), T)  # the far buses just inside v_min with the base load alone
+    ss = sessions([17, 32, 17], [0, 1, 2], [6, 6, 6], [6.0, 5.0, 4.0])
+    far = np.array([17, 32])  # the far ends of the two long laterals
+    obj = opf.Objective(energy_price_per_kwh=np.linspace(1.0, 0.2, T), peak_valley_weight=0.01)
+    relaxed = opf.solve_opf(f, hz, ss, obj, capacitors=opf.Capacitors(far, np.array([400.0, 400.0])))
+    whole = opf.solve_opf(f, hz, ss, obj, capacitors=opf.Capacitors(far, np.array([400.0, 400.0]),
+                                                                    np.array([150.0, 100.0])))
+    assert whole.solver == "HIGHS"
+    steps = whole.q_cap_kvar / np.array([150.0, 100.0])
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-6)
+    assert (whole.q_cap_kvar <= 400.0 + 1e-6).all() and (np.round(steps)[:, 0] <= 2).all()
+    assert whole.objective >= relaxed.objective - 1e-6
+    with pytest.raises(ValueError, match="capacitors.step_kvar: integer capacitor steps need a linear problem"):
+        opf.solve_opf(f, hz, ss, opf.Objective(tie_target_kw=np.zeros(T)),
+                      capacitors=opf.Capacitors(far, np.array([400.0, 400.0]), np.array([150.0, 100.0])))
+    with pytest.raises(ValueError, match="capacitors.step_kvar: expected 2 step sizes > 0"):
+        opf.solve_opf(f, hz, ss, obj, capacitors=opf.Capacitors(far, np.array([400.0, 400.0]), np.array([0.0, 1.0])))
+
+
+def test_aggregate_model_without_sessions_is_the_network_alone():
+    f = feeder("ieee33")
+    hz = horizon(f, np.full(6, 0.5), 6)
+    obj = opf.Objective(energy_price_per_kwh=np.ones(6))
+    agg = opf.solve_opf(f, hz, opf.Sessions.empty(), obj, opf.OPFOptions(ev_model="aggregate"))
+    alone = opf.solve_opf(f, hz, opf.Sessions.empty(), obj)
+    assert agg.p_ch_kw.shape == (0, 6) and agg.objective == pytest.approx(alone.objective, rel=1e-9)

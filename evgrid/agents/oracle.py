@@ -15,7 +15,8 @@ and the oracle plans again on the sessions as they came, up to ``oracle.rounds``
 Uninterruptible sessions (seed 001: once started, an EV charges at full power until its target) cannot follow
 an arbitrary profile.  There the OPF's station profiles are the targets and each EV's start step is chosen to
 track them (least flexible EVs first, each at the start that brings its station's schedule closest to the
-target, charging above it weighted more): a heuristic for the start-time problem, whose exact form is an integer program.
+target, charging above it weighted more): a heuristic for the start-time problem, whose exact form is an
+integer program.
 
 Sessions whose target is out of reach (too little time plugged in) are planned to charge all they can; an EV
 still plugged in when the episode ends must by then hold what it could not charge between the end and its
@@ -114,8 +115,8 @@ def plan_episode(sim: Sim, life: Lifecycle) -> Plan:
         objective, fixed_f = _objective(cfg, sim, f)
         fixed += fixed_f
         res = opf.solve_opf(planned, _horizon(cfg, sim, f), ss, objective,
-                            opf.OPFOptions(formulation=cfg.oracle.formulation, solver=cfg.oracle.solver, ac_rounds=cfg.oracle.ac_rounds,
-                                           ev_model=cfg.oracle.ev_model,
+                            opf.OPFOptions(formulation=cfg.oracle.formulation, solver=cfg.oracle.solver,
+                                           ac_rounds=cfg.oracle.ac_rounds, ev_model=cfg.oracle.ev_model,
                                            station_p_max_kw=cfg.stations.p_max_kw, soft=cfg.oracle.soft))
         if not res.ac.converged:
             log.warning("oracle: the AC check of feeder %d's plan did not converge", f)

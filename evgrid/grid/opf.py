@@ -314,6 +314,7 @@ class OPFResult:
     e_kwh: npt.NDArray[np.float64]  # (n_session, T + 1) stored energy at the start of each step (and the end)
     der_kw: npt.NDArray[np.float64]  # (T, n_der) output of each DER site
     q_cap_kvar: npt.NDArray[np.float64]  # (T, n_cap)
+    tracking_kwh: float  # aggregate EV model: energy by which the sessions' shares miss their groups' profiles
     p_bus_kw: npt.NDArray[np.float64]  # (T, n_bus) net load per bus (loads + EVs - DER)
     q_bus_kvar: npt.NDArray[np.float64]  # (T, n_bus)
     tie_kw: npt.NDArray[np.float64]  # (T,) power drawn from upstream, model's
@@ -328,10 +329,22 @@ class OPFResult:
 
 @dataclass(frozen=True)
 class Capacitors:
-    """Capacitor banks: ``bus`` positions and the largest reactive injection of each (kvar)."""
+    """Capacitor banks: ``bus`` positions and the largest reactive injection of each (kvar); with ``step_kvar``
+    each bank switches in whole steps of that size (integer variables: a mixed-integer program, which HiGHS
+    solves; Clarabel and SCS cannot), else its output is continuous (the relaxation)."""
 
     bus: npt.NDArray[np.int64]
     q_max_kvar: npt.NDArray[np.float64]
+    step_kvar: npt.NDArray[np.float64] | None = None
+
+    def check(self, n_bus: int) -> None:
+        n = self.bus.shape[0]
+        bad_bus = ((self.bus < 0) | (self.bus >= n_bus)).any()
+        if self.q_max_kvar.shape != (n,) or (self.q_max_kvar < 0).any() or bad_bus:
+            raise ValueError(f"capacitors: expected {n} buses in [0, {n_bus - 1}] and as many q_max_kvar >= 0")
+        step = self.step_kvar
+        if step is not None and (np.shape(step) != (n,) or not (np.asarray(step) > 0).all()):
+            raise ValueError(f"capacitors.step_kvar: expected {n} step sizes > 0 (one per bank), kvar")
 
     @staticmethod
     def none() -> Capacitors:
@@ -495,14 +508,15 @@ class _AggregateVars:
         gc, gd = c_idx // T, d_idx // T
         self.c_t, self.c_bus, self.c_station = c_idx % T, groups[gc, 0], groups[gc, 1]
         self.d_t, self.d_bus, self.d_station = d_idx % T, groups[gd, 0], groups[gd, 1]
-        # cumulative battery-side energy of each group by the end of each step: a lower-triangular sum per group
-        tri = sp.csr_matrix(np.tril(np.ones((T, T))))
-        cum = sp.kron(sp.identity(G), tri, format="csr")  # (G T, G T)
-        e_c = cum[:, c_idx] @ sp.diags(eta_c[gc] * dt)
-        e_d = cum[:, d_idx] @ sp.diags(dt * inv_eta_d[gd])
-        energy = e_c @ self.xc - e_d @ self.xd
+        # battery-side energy each group has taken by the end of each step, as a state with a one-step recursion
+        # (a cumulative sum written out would put a dense triangle per group into the KKT system)
+        step = sp.kron(sp.identity(G), sp.identity(T) - sp.eye(T, k=-1), format="csr")  # (G T, G T)
+        e_c = sp.csr_matrix((eta_c[gc] * dt, (c_idx, np.arange(c_idx.size))), shape=(G * T, c_idx.size))
+        e_d = sp.csr_matrix((inv_eta_d[gd] * dt, (d_idx, np.arange(d_idx.size))), shape=(G * T, d_idx.size))
+        energy = cp.Variable(G * T, name="group_e_kwh")
         short = slack("target_kwh", G * T)
         self.cons = [self.xc <= cap_c.reshape(-1)[c_idx], self.xd <= cap_d.reshape(-1)[d_idx],
+                     step @ energy == e_c @ self.xc - e_d @ self.xd,
                      energy + short >= self.lo.reshape(-1), energy <= self.hi.reshape(-1)]
 
     def profiles(self, T: int) -> tuple[np.ndarray, np.ndarray]:
@@ -516,17 +530,19 @@ class _AggregateVars:
 
 
 def disaggregate(ss: Sessions, dt_h: float, group: np.ndarray, p_ch_kw: np.ndarray, p_dis_kw: np.ndarray,
-                 options: OPFOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 options: OPFOptions | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Share each group's planned profile (``p_ch_kw``, ``p_dis_kw``: (G, T)) out among its sessions
     (``group``: (n,) the group of each session) so that every session keeps its own bounds: a linear program
     with no network in it, tracking each group's net power at every step (the least absolute deviation) and
     each station's charging limit.  Where a group's aggregate asked for more than its sessions can give (the
-    aggregate is a relaxation) the deviation is logged.  Returns each session's charging and discharging power
-    (n, T)."""
+    aggregate is a relaxation) they deviate.  Returns each session's charging and discharging power (n, T) and
+    the energy by which the groups' net power misses their profiles, kWh summed over groups and steps."""
     import cvxpy as cp
 
     opt = options if options is not None else OPFOptions()
     G, T = p_ch_kw.shape
+    if ss.n == 0:
+        return np.zeros((0, T)), np.zeros((0, T)), 0.0
     penalties = {}
 
     def slack(name: str, n: int):
@@ -549,11 +565,11 @@ def disaggregate(ss: Sessions, dt_h: float, group: np.ndarray, p_ch_kw: np.ndarr
         problem.solve(solver="HIGHS", **_SOLVER_SETTINGS["HIGHS"])
     if problem.status not in ("optimal", "optimal_inaccurate"):
         raise InfeasibleError(f"disaggregation: the sessions' own bounds are {problem.status} (solver HIGHS)")
-    off = float(np.max(np.asarray(dev.value))) if dev.size else 0.0
-    if off > 1e-3:
-        log.info("disaggregation: the sessions follow their groups' profiles within %.4g kW (%.4g kWh in all)",
-                 off, float(np.sum(dev.value)) * dt_h)
-    return ev.powers(ss, T)
+    off_kwh = float(np.sum(np.maximum(dev.value, 0.0))) * dt_h if dev.size else 0.0
+    if off_kwh > 1e-3:
+        log.info("disaggregation: the sessions miss their groups' profiles by %.4g kWh in all (at most %.4g kW)",
+                 off_kwh, float(np.max(dev.value)))
+    return (*ev.powers(ss, T), off_kwh)
 
 
 def _station_limits(ev, n_st: int, T: int, opt: OPFOptions, slack) -> list:
@@ -609,8 +625,14 @@ class _Model:
         self.der = cp.Variable(T * n_der, nonneg=True, name="der_kw")
         avail = hz.der_avail_kw.reshape(-1)
         cons.append(self.der <= avail)
-        self.qc = cp.Variable(T * caps.bus.size, nonneg=True, name="q_cap_kvar")
-        cons.append(self.qc <= np.tile(caps.q_max_kvar, T))
+        caps.check(nb)
+        if caps.step_kvar is None:
+            self.qc = cp.Variable(T * caps.bus.size, nonneg=True, name="q_cap_kvar")
+            cons.append(self.qc <= np.tile(caps.q_max_kvar, T))
+        else:
+            steps = cp.Variable(T * caps.bus.size, integer=True, name="capacitor_steps")
+            self.qc = cp.multiply(np.tile(caps.step_kvar, T), steps)
+            cons += [steps >= 0, steps <= np.tile(np.floor(caps.q_max_kvar / caps.step_kvar + 1e-9), T)]
 
         self.p = hz.load_p_kw.reshape(-1) + p_ev - _at_buses(T, nb, f.der_bus) @ self.der  # (T n_bus,) net load, kW
         self.q = hz.load_q_kvar.reshape(-1) - _at_buses(T, nb, caps.bus) @ self.qc
@@ -868,6 +890,9 @@ def _solve(model: _Model, solver: str) -> None:
         # QP, which Clarabel solves in 5 s; OSQP fails to converge on both
         solver = "HIGHS" if _is_lp(model.problem) else "CLARABEL"
         model.solver = solver
+    if model.problem.is_mixed_integer() and (solver != "HIGHS" or not _is_lp(model.problem)):
+        raise ValueError(f"capacitors.step_kvar: integer capacitor steps need a linear problem solved by HiGHS "
+                         f"(formulation lindistflow, no quadratic term); got solver {solver}")
     try:
         with _quiet_stdout() if solver == "HIGHS" else contextlib.nullcontext():
             model.problem.solve(solver=solver, **_SOLVER_SETTINGS.get(solver, {}))
@@ -942,11 +967,12 @@ def _diagnose(net, hz, ss, obj, caps, opt, status) -> str:
 def _read(m: _Model, build_s: float, solve_s: float) -> OPFResult:
     hz, ss, f, T = m.hz, m.ss, m.net.feeder, m.T
     p_bus = _value(m.p, hz)
+    tracking_kwh = 0.0
     if isinstance(m.ev, _SessionVars):
         p_ch, p_dis = m.ev.powers(ss, T)
     else:
         pc, pd = m.ev.profiles(T)
-        p_ch, p_dis = disaggregate(ss, hz.dt_h, m.ev.group, pc, pd, m.opt)
+        p_ch, p_dis, tracking_kwh = disaggregate(ss, hz.dt_h, m.ev.group, pc, pd, m.opt)
         # the buses see what the sessions do, which the AC check then judges
         shift = np.zeros((T, f.n_bus))
         np.add.at(shift.T, ss.bus, (p_ch - p_dis))
@@ -964,7 +990,8 @@ def _read(m: _Model, build_s: float, solve_s: float) -> OPFResult:
         p_ch_kw=p_ch, p_dis_kw=p_dis, e_kwh=e,
         der_kw=np.asarray(m.der.value, dtype=float).reshape(T, n_der) if n_der else np.zeros((T, 0)),
         q_cap_kvar=np.asarray(m.qc.value, dtype=float).reshape(T, n_cap) if n_cap else np.zeros((T, 0)),
-        p_bus_kw=p_bus, q_bus_kvar=_value(m.q, hz), tie_kw=np.asarray(m.tie.value, dtype=float),
+        tracking_kwh=tracking_kwh, p_bus_kw=p_bus, q_bus_kvar=_value(m.q, hz),
+        tie_kw=np.asarray(m.tie.value, dtype=float),
         vm_pu=np.sqrt(np.maximum(v2, 0.0)), loss_kw=np.asarray(m.loss.value, dtype=float).reshape(T),
         slack=slack)
 
