@@ -97,7 +97,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _demo_train(args: argparse.Namespace) -> int:
     """The main job: train the quickstart's operators, stations and grouped EVs, then compare them with
-    uncontrolled and TOU charging on the same seeds."""
+    uncontrolled and TOU charging and the perfect-foresight oracle on the same seeds."""
     import pandas as pd
 
     from evgrid.cluster.runtime import ray_output_to, train
@@ -105,7 +105,8 @@ def _demo_train(args: argparse.Namespace) -> int:
 
     out = train(args.config, args.overrides, ray_log=not args.verbose)
     with ray_output_to(None if args.verbose else out / "logs" / "ray.log"):  # loading the modules logs too
-        rows = evaluate_baselines(args.config, ["uncontrolled", "tou"], args.episodes, out_dir=out / "evaluation",
+        rows = evaluate_baselines(args.config, ["uncontrolled", "tou", "oracle"], args.episodes,
+                                  out_dir=out / "evaluation",
                                   overrides=[o for o in args.overrides if not o.startswith("train.")],
                                   checkpoint=out)
     table = pd.DataFrame(rows).groupby("policy", sort=False)[list(METRICS)].mean().reset_index()
