@@ -163,3 +163,19 @@ def test_trip_is_the_distance_to_each_requests_own_station():
         np.testing.assert_allclose(e_kwh, d * 0.2)
     with pytest.raises(ValueError, match="to_xy_km"):
         rt.trip(pos, xy[:3], rt.RoutingConfig())
+
+
+def test_routing_chooses_every_station_a_plan_did_not():
+    """With routing configured, a station the fleet scenario drew is not preset: routing picks every one."""
+    cfg = load_config("quickstart", {"fleet": {"n_ev": 60}, "routing": {"policy": "nearest"}})
+    sim = Sim(cfg, 1)
+    sim.reset(0)
+    drawn = sim.day.sessions.station
+    assert (drawn >= 0).all() and (sim.fleet.station[sim.fleet.status == 0] == -1).all()
+    while sim.t < sim.n_steps:
+        sim.step()
+    routed = sim.fleet.plug_step >= 0
+    pos, xy = sim.day.sessions.pos_km[routed], sim.layout.station_xy_km
+    # the nearest station is reachable whenever any is, and the fallback otherwise
+    assert (sim.fleet.station[routed] == np.argmin(rt.distance_km(pos, xy), axis=1)).all()
+    assert (sim.fleet.station[routed] != drawn[routed]).any()

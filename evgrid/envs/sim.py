@@ -81,6 +81,8 @@ class Sim:
         self.episode += 1
         self.day = draw_day(self.cfg, self.layout, self.n_env, seed)
         self.fleet = FleetState.start(self.day, self.n_env, self.layout.n_zone, self.layout.n_station)
+        if self.cfg.routing is not None:
+            self.fleet.station[:] = -1  # routing chooses (a station a scenario drew is not the EV's choice)
         if stations is not None:
             n_st = self.n_env * self.layout.n_station
             if np.shape(stations) != (self.day.sessions.n,) or np.any((stations < -1) | (stations >= n_st)):
