@@ -64,10 +64,9 @@ Readings of the paper (ours, where it is ambiguous or silent)
     * **Carbon.**  Emissions are the thermal share of purchases at ``thermal_kg_per_kwh`` plus diesel's; the
       quota (eq 3) is 0.7 kg per kWh of diesel, PV and wind delivered (:class:`~evgrid.envs.market.CarbonConfig`).
       The OPF's carbon ladder has a fixed quota, so the quota that curtailed PV / wind would have earned is priced
-      on the curtailment at the base carbon price (exact while the excess stays on one linear piece), and its
-      ladder grows geometrically (``c (1 + k)^i``) where the paper's eq 4 grows linearly (``c (1 + i k)``): they
-      differ from the third tier on (more than 2 x 50 t over the quota in a day).  The costs reported are
-      recomputed from the schedule with the paper's ladder (:func:`~evgrid.envs.market.stepped_carbon_cost`).
+      on the curtailment at the base carbon price (exact while the excess stays on one linear piece); its tiers
+      grow linearly as eq 4's (``c (1 + i k)``).  The costs reported are recomputed from the schedule with the
+      market's ladder (:func:`~evgrid.envs.market.stepped_carbon_cost`, which also has a sell price).
     * **Capacity price** on kW of purchase (the OPF prices kW, not kVA).
     * **Exports** earn nothing and are not barred (the OPF has no bound on reverse flow at the substation), so PV
       and wind are curtailed only where a voltage or branch limit binds.
@@ -629,7 +628,7 @@ def economic_dispatch(feeder: Feeder, horizon: opf.Horizon, sessions: opf.Sessio
                                 n_steps=c.n_tiers, quota_t=quota_fixed_t),
         grid_kg_per_kwh=c.thermal_share * c.thermal_kg_per_kwh,
         diesel_kg_per_kwh=c.diesel_kg_per_kwh - c.quota_kg_per_kwh)
-    # no sessions: the aggregate model has nothing to share out (and its empty disaggregation fails in HiGHS)
+    # no sessions: nothing to aggregate
     ev_model = params.ev_model if sessions is not None and sessions.n else "sessions"
     res = opf.solve_opf(feeder, hz, sessions, obj, opf.OPFOptions(
         formulation=params.formulation, ev_model=ev_model, soft=soft, ac_rounds=params.ac_rounds,

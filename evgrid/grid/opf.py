@@ -154,8 +154,9 @@ class Sessions:
 @dataclass(frozen=True)
 class CarbonLadder:
     """Stepped carbon price (seed 003 eqs 2-5): emissions above the free ``quota_t`` cost ``base_price_per_t``
-    for the first ``step_t`` tonnes, each further step ``growth`` dearer; below the quota the allowance sells at
-    the base price.  Convex (rising prices), so it is an exact LP epigraph."""
+    for the first ``step_t`` tonnes, step k at ``base_price_per_t (1 + k growth)`` (eq 4's linear growth, as
+    :class:`evgrid.envs.market.CarbonConfig`); below the quota the allowance sells at the base price.  Convex
+    (rising prices), so it is an exact LP epigraph."""
 
     base_price_per_t: float = 200.0
     step_t: float = 50.0
@@ -171,7 +172,7 @@ class CarbonLadder:
         # the convex piecewise-linear function as a max of lines: below the quota, the base price
         out, c0, x0 = [self.base_price_per_t * (e - self.quota_t)], 0.0, self.quota_t
         for k in range(self.n_steps):
-            price = self.base_price_per_t * (1 + self.growth) ** k
+            price = self.base_price_per_t * (1 + self.growth * k)
             out.append(c0 + price * (e - x0))
             c0, x0 = c0 + price * self.step_t, x0 + self.step_t
         return out
