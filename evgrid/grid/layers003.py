@@ -84,7 +84,6 @@ feeder.  Currency: yuan.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -301,23 +300,13 @@ class ZoneEVs:
         return int(self.block_period.size)
 
 
-def zone_evs(ev: EVFleet, zone_of_bus: npt.ArrayLike, period: npt.ArrayLike, dt_h: float) -> ZoneEVs:
-    """Both layers' view of ``ev`` (:class:`ZoneEVs`) for the zones ``zone_of_bus`` and the tariff ``period``."""
-    per = _period(period)
-    T = per.size
-    zob = _zones(zone_of_bus, int(np.size(zone_of_bus)))
-    Z = int(zob.max()) + 1
-    dt_h = check_real("dt_h", dt_h, 0.0, 24.0, lo_open=True)
-    ev.check(zob.size, T, dt_h)
-    block, block_per = tariff_blocks(per)
-    B = block_per.size
-    cat = paper_categories(ev, per, dt_h)
-    zone = zob[ev.bus]
-    on = ev.plugged(T)
-    x0 = uncontrolled_kw(ev, T, dt_h)
+def _sub_sessions(ev: EVFleet, on: np.ndarray, x0: np.ndarray, block: np.ndarray, T: int,
+                  dt_h: float) -> tuple[opf.Sessions, int, IntArray]:
+    """The distribution layer's sessions for ``ev``: each price-responsive EV's baseline energy of each tariff
+    block it is plugged in (a piece movable within the block), then each V2G EV whole (cut at midnight).
+    Returns the sessions, the number of pieces (they come first) and the EV of each V2G session."""
     v2g = ev.v2g
     resp = ~v2g
-
     # the distribution layer's sub-sessions: price-responsive EVs' pieces (one tariff block, contiguous in [0, T))
     ri = np.flatnonzero(resp)
     on_r = on[ri]
@@ -359,6 +348,25 @@ def zone_evs(ev: EVFleet, zone_of_bus: npt.ArrayLike, period: npt.ArrayLike, dt_
         e_target_kwh=np.concatenate([e_piece, v_target]), e_min_kwh=np.concatenate([np.zeros(n_p), v_emin]),
         eta_ch=ev.eta_ch[s_ev], eta_dis=ev.eta_dis[s_ev],
         station=np.concatenate([1 + block[p_start], np.zeros(n_v, np.int64)]))
+    return sessions, n_p, ev_part
+
+
+def zone_evs(ev: EVFleet, zone_of_bus: npt.ArrayLike, period: npt.ArrayLike, dt_h: float) -> ZoneEVs:
+    """Both layers' view of ``ev`` (:class:`ZoneEVs`) for the zones ``zone_of_bus`` and the tariff ``period``."""
+    per = _period(period)
+    T = per.size
+    zob = _zones(zone_of_bus, int(np.size(zone_of_bus)))
+    Z = int(zob.max()) + 1
+    dt_h = check_real("dt_h", dt_h, 0.0, 24.0, lo_open=True)
+    ev.check(zob.size, T, dt_h)
+    block, block_per = tariff_blocks(per)
+    B = block_per.size
+    cat = paper_categories(ev, per, dt_h)
+    zone = zob[ev.bus]
+    on = ev.plugged(T)
+    x0 = uncontrolled_kw(ev, T, dt_h)
+    resp = ~ev.v2g
+    sessions, n_p, ev_part = _sub_sessions(ev, on, x0, block, T, dt_h)
 
     # per zone and category
     zc = zone * N_CATEGORY + (cat - 1)
@@ -372,7 +380,8 @@ def zone_evs(ev: EVFleet, zone_of_bus: npt.ArrayLike, period: npt.ArrayLike, dt_
     blocks_1hot[np.arange(T), block] = 1.0
     resp_p = by_zc(on * (ev.p_ch_max_kw * resp)[:, None])
     resp_base = by_zc((x0 * resp[:, None] * dt_h) @ blocks_1hot)
-    lo, hi, cap_c, cap_d = _envelope(sessions, n_p, T, dt_h)
+    # the aggregate model of the distribution layer, so the aggregators relax exactly as it does
+    lo, hi, cap_c, cap_d = (x[n_p:] for x in opf.session_envelopes(sessions, T, dt_h))
     zc_v = zc[ev_part]
     pd = ev.p_dis_max_kw[ev_part]
     w_c = by_zc(ev.p_ch_max_kw[ev_part], zc_v)
@@ -391,26 +400,6 @@ def zone_evs(ev: EVFleet, zone_of_bus: npt.ArrayLike, period: npt.ArrayLike, dt_
         resp_p_kw=resp_p, resp_base_kwh=resp_base, v2g_ch_kw=by_zc(cap_c, zc_v), v2g_dis_kw=by_zc(cap_d, zc_v),
         v2g_lo_kwh=by_zc(lo, zc_v), v2g_hi_kwh=by_zc(hi, zc_v), v2g_eta_ch=eta_c, v2g_inv_eta_dis=inv_eta_d,
         base_kw=by_zc(x0))
-
-
-def _envelope(ss: opf.Sessions, first: int, T: int, dt: float) -> tuple[FloatArray, ...]:
-    """Sessions ``first..``: each one's cumulative battery-side energy bounds by the end of each step (its
-    earliest and latest paths) and plugged power limits, (n, T) each: the aggregate model of
-    :mod:`evgrid.grid.opf` written out, so that the aggregators relax exactly as the distribution layer does."""
-    sl = slice(first, ss.n)
-    start, end = ss.start[sl, None], ss.end[sl, None]
-    k = np.arange(T)[None, :]
-    on = (k >= start) & (k < end)
-    per_c = (ss.eta_ch[sl] * ss.p_ch_max_kw[sl] * dt)[:, None]
-    per_d = (ss.p_dis_max_kw[sl] / ss.eta_dis[sl] * dt)[:, None]
-    steps_in = np.clip(k - start + 1, 0, end - start)
-    steps_left = np.clip(end - 1 - k, 0, None) * (k >= start)
-    need = (ss.e_target_kwh[sl] - ss.e0_kwh[sl])[:, None]
-    room = (ss.cap_kwh[sl] - ss.e0_kwh[sl])[:, None]
-    floor = (ss.e_min_kwh[sl] - ss.e0_kwh[sl])[:, None]
-    hi = np.minimum(room, per_c * steps_in)
-    lo = np.where(k >= start, np.maximum(np.maximum(need - per_c * steps_left, floor), -per_d * steps_in), 0.0)
-    return np.minimum(lo, hi), hi, on * ss.p_ch_max_kw[sl, None], on * ss.p_dis_max_kw[sl, None]
 
 
 # ------------------------------------------------------------------------------------ the distribution layer
@@ -633,6 +622,15 @@ def economic_dispatch(feeder: Feeder, horizon: opf.Horizon, sessions: opf.Sessio
     res = opf.solve_opf(feeder, hz, sessions, obj, opf.OPFOptions(
         formulation=params.formulation, ev_model=ev_model, soft=soft, ac_rounds=params.ac_rounds,
         socp_loss_weight=params.socp_loss_weight_per_mwh))
+    return _settled(horizon, hz, res, fix_kw, dsl, ren, params)
+
+
+def _settled(horizon: opf.Horizon, hz: opf.Horizon, res: opf.OPFResult, fix_kw: np.ndarray, dsl: np.ndarray,
+             ren: np.ndarray, params: DistributionParams) -> Dispatch:
+    """Eq 1's cost terms recomputed from the dispatch ``res`` (the market's carbon ladder, diesel with its floor
+    ``fix_kw`` and no-load cost), beside the OPF's own terms; ``dsl``, ``ren``: the diesel and PV / wind sites."""
+    dt, c = horizon.dt_h, params.carbon
+    price = np.asarray(params.purchase_price_per_kwh, dtype=float)
     buy = np.maximum(res.tie_kw, 0.0)
     unit_kw = fix_kw + res.der_kw[:, dsl]  # (T, n_diesel)
     diesel_kw = unit_kw.sum(axis=1)
@@ -893,7 +891,36 @@ def aggregation_layer(zone_target_kw: npt.ArrayLike, zone_base_kw: npt.ArrayLike
         raise ValueError(f"params: expected an AggregationParams, got {describe(p)}")
     if not isinstance(evs, ZoneEVs):
         raise ValueError(f"evs: expected a ZoneEVs (zone_evs(...)), got {describe(evs)}")
-    T, Z, B, C = evs.n_step, evs.n_zone, evs.n_block, N_CATEGORY
+    target, base, price, trade_price, retail, E = _aggregation_inputs(
+        zone_target_kw, zone_base_kw, evs, price_per_kwh, elasticity, p, retail_by_period, trade_price_per_kwh)
+    T, Z, B = evs.n_step, evs.n_zone, evs.n_block
+    # a higher weight on a type's cost gives it the cheaper steps where types compete for the same room
+    weight = p.weights()
+    in_block = np.zeros((B, T))
+    in_block[evs.block_of_step, np.arange(T)] = 1.0
+    tril = np.tril(np.ones((T, T)))
+
+    cons, parts, cost_terms = [], [], []
+    for d in range(Z):
+        zone_cons, cost, part = _zone_model(cp, evs, d, E, p, base[:, d], target[:, d], price, trade_price[:, d],
+                                            weight, in_block, tril)
+        cons += zone_cons
+        cost_terms.append(cost)
+        parts.append(part)
+    problem = cp.Problem(cp.Minimize(cp.sum(cp.hstack(cost_terms))), cons)
+    with opf.quiet_stdout():  # HiGHS's banner
+        problem.solve(solver="HIGHS", output_flag=False)
+    if problem.status not in ("optimal", "optimal_inaccurate"):
+        raise TargetError(f"aggregation layer: the zones' problem is {problem.status} (solver HIGHS)")
+
+    return _plan(evs, parts, p, base, target, price, trade_price, retail, in_block, t0)
+
+
+def _aggregation_inputs(zone_target_kw, zone_base_kw, evs: ZoneEVs, price_per_kwh, elasticity,
+                        p: AggregationParams, retail_by_period, trade_price_per_kwh) -> tuple[np.ndarray, ...]:
+    """:func:`aggregation_layer`'s arrays, checked: targets, base loads, prices, trade prices, retail prices and
+    the scaled elasticity matrix in period codes."""
+    T, Z = evs.n_step, evs.n_zone
     names = f"({T}, {Z}) (steps x zones)"
     target = as_array("zone_target_kw", zone_target_kw, shape=(T, Z), shape_names=names, what="kW")
     base = as_array("zone_base_kw", zone_base_kw, shape=(T, Z), shape_names=names, what="kW")
@@ -907,52 +934,15 @@ def aggregation_layer(zone_target_kw: npt.ArrayLike, zone_base_kw: npt.ArrayLike
                        lo=0.0, what="prices"))
     e_paper = check_elasticity(elasticity)
     E = p.elasticity_scale * mk.paper_to_period_order(e_paper)
-    dt = evs.dt_h
-    lo_m, hi_m = p.multiplier_min, p.multiplier_max
-    # a higher weight on a type's cost gives it the cheaper steps where types compete for the same room
-    weight = p.weights()
-    bp = evs.block_period  # (B,)
-    in_block = np.zeros((B, T))
-    in_block[evs.block_of_step, np.arange(T)] = 1.0
-    tril = np.tril(np.ones((T, T)))
+    return target, base, price, trade_price, retail, E
 
-    cons, parts = [], []
-    cost_terms = []
-    for d in range(Z):
-        m = cp.Variable(3, name=f"m{d}")
-        f = 1.0 + E @ (m - 1.0)  # (3,) relative demand per period code
-        x = cp.Variable((C, T), nonneg=True, name=f"x{d}")
-        v = cp.Variable((C, T), nonneg=True, name=f"v{d}")
-        w = cp.Variable((C, T), nonneg=True, name=f"w{d}")
-        slack = cp.Variable(T, nonneg=True, name=f"s{d}")
-        trade = cp.Variable(T, nonneg=True, name=f"b{d}")
-        q0 = evs.resp_base_kwh[d]  # (C, B)
-        energy = (x @ in_block.T) * dt  # (C, B)
-        cons += [m >= lo_m, m <= hi_m, f >= 0, x <= evs.resp_p_kw[d], v <= evs.v2g_ch_kw[d],
-                 w <= evs.v2g_dis_kw[d], trade <= p.trade_kw_max]
-        # eq 25 per category and tariff block: the block's baseline energy times its period's relative demand
-        demand = _block_factor(cp, f, bp, q0)
-        cons.append(energy == demand)
-        if p.keep_total_energy:
-            cons.append(cp.sum(demand, axis=1) >= q0.sum(axis=1) - 1e-9)
-        cum = (cp.multiply(evs.v2g_eta_ch[d][:, None], v) - cp.multiply(evs.v2g_inv_eta_dis[d][:, None], w)) \
-            @ tril.T * dt  # (C, T) energy taken by the end of each step
-        cons += [cum >= evs.v2g_lo_kwh[d] - 1e-9, cum <= evs.v2g_hi_kwh[d] + 1e-9]
-        ev_kw = cp.sum(x + v - w, axis=0)  # (T,)
-        net = base[:, d] + ev_kw
-        # the slack says by how much a zone misses its target (an error beyond tol_kw)
-        cons.append(net <= target[:, d] + trade + slack)
-        weighted = cp.sum(cp.multiply(weight[:, None], x + v - w), axis=0)
-        cost = dt * (price @ weighted + trade_price[:, d] @ trade + p.v2g_cost_per_kwh * cp.sum(w))
-        cost_terms.append(cost + 1e6 * cp.sum(slack))
-        parts.append((m, f, x, v, w, slack, trade))
-    problem = cp.Problem(cp.Minimize(cp.sum(cp.hstack(cost_terms))), cons)
-    # HiGHS prints its banner on file descriptor 1 whatever its options say; opf silences it
-    with getattr(opf, "_quiet_stdout", contextlib.nullcontext)():
-        problem.solve(solver="HIGHS", output_flag=False)
-    if problem.status not in ("optimal", "optimal_inaccurate"):
-        raise TargetError(f"aggregation layer: the zones' problem is {problem.status} (solver HIGHS)")
 
+def _plan(evs: ZoneEVs, parts: list, p: AggregationParams, base: np.ndarray, target: np.ndarray,
+          price: np.ndarray, trade_price: np.ndarray, retail: np.ndarray, in_block: np.ndarray,
+          t0: float) -> AggregationPlan:
+    """The solved zones' schedules, costs and shares (a :class:`TargetError` naming each zone short of its
+    target beyond ``p.tol_kw``)."""
+    Z, dt, bp = evs.n_zone, evs.dt_h, evs.block_period
     val = lambda e: np.asarray(e.value, dtype=float)  # noqa: E731
     short = np.stack([val(pt[5]) for pt in parts], axis=1)  # (T, Z)
     if (short > p.tol_kw).any():
@@ -992,6 +982,38 @@ def aggregation_layer(zone_target_kw: npt.ArrayLike, zone_base_kw: npt.ArrayLike
         peak_shaving_share=float((pk_b - net.sum(axis=1).max()) / pk_b) if pk_b > 0 else 0.0,
         zone_peak_shaving_share=(zone_pk_b - zone_pk_a) / np.where(zone_pk_b > 0, zone_pk_b, np.inf),
         costs=costs, zone_costs=zone_costs, solve_s=time.perf_counter() - t0)
+
+
+def _zone_model(cp, evs: ZoneEVs, d: int, E: np.ndarray, p: AggregationParams, base: np.ndarray,
+                target: np.ndarray, price: np.ndarray, trade_price: np.ndarray, weight: np.ndarray,
+                in_block: np.ndarray, tril: np.ndarray):
+    """Zone ``d``'s part of eq 22: its constraints, its cost and its variables (m, f, x, v, w, slack, trade)."""
+    C, T, dt, bp = N_CATEGORY, evs.n_step, evs.dt_h, evs.block_period
+    m = cp.Variable(3, name=f"m{d}")
+    f = 1.0 + E @ (m - 1.0)  # (3,) relative demand per period code
+    x = cp.Variable((C, T), nonneg=True, name=f"x{d}")
+    v = cp.Variable((C, T), nonneg=True, name=f"v{d}")
+    w = cp.Variable((C, T), nonneg=True, name=f"w{d}")
+    slack = cp.Variable(T, nonneg=True, name=f"s{d}")
+    trade = cp.Variable(T, nonneg=True, name=f"b{d}")
+    q0 = evs.resp_base_kwh[d]  # (C, B)
+    energy = (x @ in_block.T) * dt  # (C, B)
+    cons = [m >= p.multiplier_min, m <= p.multiplier_max, f >= 0, x <= evs.resp_p_kw[d], v <= evs.v2g_ch_kw[d],
+            w <= evs.v2g_dis_kw[d], trade <= p.trade_kw_max]
+    # eq 25 per category and tariff block: the block's baseline energy times its period's relative demand
+    demand = _block_factor(cp, f, bp, q0)
+    cons.append(energy == demand)
+    if p.keep_total_energy:
+        cons.append(cp.sum(demand, axis=1) >= q0.sum(axis=1) - 1e-9)
+    cum = (cp.multiply(evs.v2g_eta_ch[d][:, None], v) - cp.multiply(evs.v2g_inv_eta_dis[d][:, None], w)) \
+        @ tril.T * dt  # (C, T) energy taken by the end of each step
+    cons += [cum >= evs.v2g_lo_kwh[d] - 1e-9, cum <= evs.v2g_hi_kwh[d] + 1e-9]
+    net = base + cp.sum(x + v - w, axis=0)  # (T,)
+    # the slack says by how much a zone misses its target (an error beyond tol_kw)
+    cons.append(net <= target + trade + slack)
+    weighted = cp.sum(cp.multiply(weight[:, None], x + v - w), axis=0)
+    cost = dt * (price @ weighted + trade_price @ trade + p.v2g_cost_per_kwh * cp.sum(w))
+    return cons, cost + 1e6 * cp.sum(slack), (m, f, x, v, w, slack, trade)
 
 
 def _block_factor(cp, f, bp: np.ndarray, q0: np.ndarray):
@@ -1117,18 +1139,13 @@ def _table_term(costs: dict[str, float] | None, term: str) -> float | None:
     return costs["purchase"] + costs["capacity"] if term == "purchase" else costs[term]
 
 
-def seed003_day(setting: Seed003Setting | None = None) -> Seed003Day:
-    """Seed 003's setting on IEEE 33 (Table 1's DER, 3,000 EVs in the four user categories, industrial /
-    commercial base load, the carbon and price parameters of section 3.1) through both layers.  Numbers are
-    reported as they come, not tuned to the paper's."""
+def _seed003_inputs(s: Seed003Setting):
+    """The day's feeder, horizon (base load, DER availability), EV fleet, zones (modularity) and tariff periods."""
     from evgrid.envs import fleet as fl
     from evgrid.grid.feeders import build_feeder
     from evgrid.grid.profiles import LOAD_KINDS, load_shape, pv_profile, step_count, wind_profile
     from evgrid.grid.zoning import zoning
 
-    s = setting if setting is not None else Seed003Setting()
-    times = {}
-    t0 = time.perf_counter()
     feeder = build_feeder("ieee33", der=True, v_min_pu=s.v_min_pu, v_max_pu=s.v_max_pu)
     rng = np.random.default_rng(s.seed)
     T = step_count(s.dt_min)
@@ -1160,6 +1177,19 @@ def seed003_day(setting: Seed003Setting | None = None) -> Seed003Day:
     zob = zn.zone_of_bus
     tariff = _MC.tariff
     period = tariff.period(dt_min=s.dt_min)
+    return feeder, horizon, ev, zob, period
+
+
+def seed003_day(setting: Seed003Setting | None = None) -> Seed003Day:
+    """Seed 003's setting on IEEE 33 (Table 1's DER, 3,000 EVs in the four user categories, industrial /
+    commercial base load, the carbon and price parameters of section 3.1) through both layers.  Numbers are
+    reported as they come, not tuned to the paper's."""
+    s = setting if setting is not None else Seed003Setting()
+    times = {}
+    t0 = time.perf_counter()
+    feeder, horizon, ev, zob, period = _seed003_inputs(s)
+    T, dt = horizon.n_step, horizon.dt_h
+    load_p, load_q, avail = horizon.load_p_kw, horizon.load_q_kvar, horizon.der_avail_kw
     evs = zone_evs(ev, zob, period, dt)
     times["setup"] = time.perf_counter() - t0
     price = mk.purchase_price_per_kwh(period, _MC)

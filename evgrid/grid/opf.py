@@ -459,6 +459,27 @@ class _SessionVars:
         return p_ch, p_dis
 
 
+def session_envelopes(ss: Sessions, T: int, dt: float) -> tuple[np.ndarray, ...]:
+    """Each session's battery-side energy taken by the end of each step along its earliest and latest paths
+    (``lo``, ``hi``), and its charging and discharging power limits while plugged in, (n, T) each: what the
+    aggregate EV model sums per group.  V2G sessions may go below their starting energy, down to ``e_min_kwh``."""
+    k = np.arange(T)[None, :]
+    start, end = ss.start[:, None], ss.end[:, None]
+    on = (k >= start) & (k < end)
+    v2g = ss.p_dis_max_kw > 0
+    per_c = (ss.eta_ch * ss.p_ch_max_kw * dt)[:, None]
+    per_d = np.where(v2g, ss.p_dis_max_kw / ss.eta_dis * dt, 0.0)[:, None]
+    steps_in = np.clip(k - start + 1, 0, end - start)  # plugged steps up to and including step k
+    steps_left = np.clip(end - 1 - k, 0, None) * (k >= start)  # plugged steps after step k
+    need = (ss.e_target_kwh - ss.e0_kwh)[:, None]
+    room = (ss.cap_kwh - ss.e0_kwh)[:, None]
+    floor = np.where(v2g, ss.e_min_kwh - ss.e0_kwh, 0.0)[:, None]
+    hi = np.minimum(room, per_c * steps_in)
+    lo = np.where(k >= start, np.maximum(np.maximum(need - per_c * steps_left, floor), -per_d * steps_in), 0.0)
+    return (np.minimum(lo, hi), hi, on * ss.p_ch_max_kw[:, None],
+            on * np.where(v2g, ss.p_dis_max_kw, 0.0)[:, None])
+
+
 class _AggregateVars:
     """The sessions at each bus and station as one flexible load per step: charging up to the sum of the
     plugged sessions' limits, discharge likewise, and the group's cumulative stored energy between the sums of
@@ -472,29 +493,15 @@ class _AggregateVars:
         self.group_bus = groups[:, 0]
         G = groups.shape[0]
         self.G = G
-        k = np.arange(T)[None, :]
-        start, end = ss.start[:, None], ss.end[:, None]
-        on = (k >= start) & (k < end)
         v2g = ss.p_dis_max_kw > 0
-        per_c = (ss.eta_ch * ss.p_ch_max_kw * dt)[:, None]
-        per_d = np.where(v2g, ss.p_dis_max_kw / ss.eta_dis * dt, 0.0)[:, None]
-        steps_in = np.clip(k - start + 1, 0, end - start)  # plugged steps up to and including step k
-        steps_left = np.clip(end - 1 - k, 0, None) * (k >= start)  # plugged steps after step k
-        need = (ss.e_target_kwh - ss.e0_kwh)[:, None]
-        room = (ss.cap_kwh - ss.e0_kwh)[:, None]
-        floor = np.where(v2g, ss.e_min_kwh - ss.e0_kwh, 0.0)[:, None]
-        # energy each session has taken by the end of step k (battery side): its latest and earliest paths
-        hi = np.minimum(room, per_c * steps_in)
-        lo = np.where(k >= start, np.maximum(np.maximum(need - per_c * steps_left, floor), -per_d * steps_in), 0.0)
-        lo = np.minimum(lo, hi)
+        lo, hi, p_c, p_d_on = session_envelopes(ss, T, dt)
 
         def by_group(x):  # (n, T) -> (G, T)
             out = np.zeros((G, T))
             np.add.at(out, self.group, x)
             return out
 
-        cap_c = by_group(on * ss.p_ch_max_kw[:, None])
-        cap_d = by_group(on * np.where(v2g, ss.p_dis_max_kw, 0.0)[:, None])
+        cap_c, cap_d = by_group(p_c), by_group(p_d_on)
         # the group's efficiencies: its sessions' own, weighted by their power limits
         p_d = np.where(v2g, ss.p_dis_max_kw, 0.0)
         eta_c = np.bincount(self.group, ss.eta_ch * ss.p_ch_max_kw, G) / np.maximum(
@@ -562,7 +569,7 @@ def disaggregate(ss: Sessions, dt_h: float, group: np.ndarray, p_ch_kw: np.ndarr
                                 slack)
     problem = cp.Problem(cp.Minimize(cp.sum(dev) + sum(SOFT_PENALTY[k] * cp.sum(v) for k, v in penalties.items())),
                          cons)
-    with _quiet_stdout():
+    with quiet_stdout():
         problem.solve(solver="HIGHS", **_SOLVER_SETTINGS["HIGHS"])
     if problem.status not in ("optimal", "optimal_inaccurate"):
         raise InfeasibleError(f"disaggregation: the sessions' own bounds are {problem.status} (solver HIGHS)")
@@ -895,7 +902,7 @@ def _solve(model: _Model, solver: str) -> None:
         raise ValueError(f"capacitors.step_kvar: integer capacitor steps need a linear problem solved by HiGHS "
                          f"(formulation lindistflow, no quadratic term); got solver {solver}")
     try:
-        with _quiet_stdout() if solver == "HIGHS" else contextlib.nullcontext():
+        with quiet_stdout() if solver == "HIGHS" else contextlib.nullcontext():
             model.problem.solve(solver=solver, **_SOLVER_SETTINGS.get(solver, {}))
     except Exception as e:  # cvxpy's SolverError: status says the rest
         log.info("solver %s: %s", solver, e)
@@ -904,7 +911,7 @@ def _solve(model: _Model, solver: str) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_stdout():
+def quiet_stdout():
     """HiGHS's C++ core prints a banner on file descriptor 1 whatever its options say; JSON output on stdout
     (``evgrid bench opf --json``) must stay clean."""
     sys.stdout.flush()

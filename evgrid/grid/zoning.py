@@ -487,14 +487,7 @@ def _search(pb: _Problem, n_zones: int | None, min_buses: int, max_buses: int) -
         ok = [k for k, (kk, _) in per_k.items() if kk[0] == 0 and (n_zones is None or k == n_zones)]
         return max(ok, key=lambda k: per_k[k][0][1]) if ok else None
 
-    branches = np.array([u for u in pb.order if pb.parent[u] >= 0], dtype=np.int64)
-    # the branches next to each branch (named by the unit below it): its parent's and its children's
-    near: dict[int, list[int]] = {int(u): [] for u in branches}
-    for u in branches.tolist():
-        p = int(pb.parent[u])
-        if pb.parent[p] >= 0:
-            near[u].append(p)
-            near[p].append(u)
+    branches, near = _branches(pb)
     cut = np.zeros(pb.n_unit, dtype=bool)
     keep(1, key(cut), cut)
     top = pb.n_unit if n_zones is None else min(n_zones + _PATIENCE, pb.n_unit)
@@ -515,6 +508,19 @@ def _search(pb: _Problem, n_zones: int | None, min_buses: int, max_buses: int) -
         raise ValueError(f"n_zones, min_zone_buses, max_zone_buses: feeder {pb.feeder.name!r} has no partition into "
                          f"{count} of {min_buses}..{max_buses} connected buses")
     return pb.labels(per_k[found][1])[0]
+
+
+def _branches(pb: _Problem) -> tuple[np.ndarray, dict[int, list[int]]]:
+    """The branches that may be cut, each named by the unit below it, and the branches next to each: its
+    parent's and its children's."""
+    branches = np.array([u for u in pb.order if pb.parent[u] >= 0], dtype=np.int64)
+    near: dict[int, list[int]] = {int(u): [] for u in branches}
+    for u in branches.tolist():
+        p = int(pb.parent[u])
+        if pb.parent[p] >= 0:
+            near[u].append(p)
+            near[p].append(u)
+    return branches, near
 
 
 def _swap(cut, current, branches, key, better, near):
