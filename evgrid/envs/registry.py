@@ -28,3 +28,14 @@ def _evgrid_v0(config: Any = None, **overrides: Any) -> Any:
 
 
 register("EVGrid-v0", _evgrid_v0)
+
+
+def _evstarttime_v0(config: Any = None, **overrides: Any) -> Any:
+    """Seed 001's start-time environment; ``config`` defaults to the seed001 experiment, ``start_time=`` takes
+    :class:`evgrid.envs.start_time.StartTimeConfig` fields."""
+    from evgrid.envs.start_time import StartTimeEnv
+
+    return StartTimeEnv("seed001" if config is None else config, **overrides)
+
+
+register("EVStartTime-v0", _evstarttime_v0)
