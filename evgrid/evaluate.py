@@ -16,6 +16,7 @@ Metric columns (other tools read these names):
 | slvtpr | multi-network: mean over steps of min / max network load; NaN on one feeder |
 | spatial_std_kw | multi-network: mean over steps of the std of network loads; NaN on one feeder |
 | carbon_cost | the stepped carbon cost part of operator_cost |
+| cost_with_unmet | operator_cost + reward.ev_unmet_per_kwh × unmet_kwh: a cheap day that leaves EVs short is not cheap (what the oracle's ``operator_cost`` plan minimises) |
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("operator_cost", "ev_cost_per_kwh", "peak_valley_kw", "voltage_violations", "violations_enforced",
            "max_line_loading",
-           "curtailed_kwh", "unmet_kwh", "slvtpr", "spatial_std_kw", "carbon_cost")
+           "curtailed_kwh", "unmet_kwh", "slvtpr", "spatial_std_kw", "carbon_cost", "cost_with_unmet")
 
 
 class EpisodeMetrics:
@@ -95,7 +96,8 @@ class EpisodeMetrics:
                      curtailed_kwh=float(self.curtailed[e]), unmet_kwh=float(unmet[e]),
                      slvtpr=float(self.slvtpr[e] / n) if multi else float("nan"),
                      spatial_std_kw=float(self.spatial_std[e] / n) if multi else float("nan"),
-                     carbon_cost=float(self.carbon[e]))
+                     carbon_cost=float(self.carbon[e]),
+                     cost_with_unmet=float(self.op_cost[e] + sim.cfg.reward.ev_unmet_per_kwh * unmet[e]))
                 for e in range(sim.n_env)]
 
 

@@ -99,6 +99,21 @@ def test_single_ev_fills_the_cheapest_steps_first():
     np.testing.assert_allclose(res.p_ch_kw[0], want, atol=1e-5)
 
 
+@pytest.mark.parametrize("unmet_price, delivered", [(2.0, 0.0), (4.0, 1.0)])
+def test_a_priced_shortfall_is_left_unmet_only_where_delivering_costs_more(unmet_price, delivered):
+    """Energy at 3 per grid kWh costs 3 / 0.9 per stored kWh: an unmet kWh priced at 2 is cheaper than
+    delivering it, one priced at 4 is not."""
+    f = feeder("ieee33")
+    T = 4
+    need = 0.9 * 7.0 * DT * 2
+    opt = opf.OPFOptions(soft=("target_kwh",), penalties={"target_kwh": unmet_price})
+    res = opf.solve_opf(f, horizon(f, np.full(T, 0.3), T), sessions([5], [0], [T], [need]),
+                        opf.Objective(energy_price_per_kwh=np.full(T, 3.0)), opt)
+    stored = 0.9 * res.p_ch_kw.sum() * DT
+    assert stored == pytest.approx(delivered * need, abs=1e-4)
+    assert res.slack["target_kwh"] == pytest.approx((1 - delivered) * need, abs=1e-4)
+
+
 def test_a_reachable_flat_target_is_met_exactly():
     f = feeder("ieee33")
     T = 16
@@ -213,6 +228,10 @@ def test_bad_input_names_the_field():
         opf.OPFOptions(solver="GUROBI")
     with pytest.raises(ValueError, match="formulation: expected one of"):
         opf.OPFOptions(formulation="dc")
+    with pytest.raises(ValueError, match="penalties: expected kinds among"):
+        opf.OPFOptions(penalties={"unmet": 1.0})
+    with pytest.raises(ValueError, match="penalties.target_kwh"):
+        opf.OPFOptions(penalties={"target_kwh": -1.0})
     hz = horizon(f, np.full(4, 0.3), 4)
     with pytest.raises(ValueError, match=r"load_p_kw: expected finite numbers of shape \(4, 33\)"):
         opf.solve_opf(f, opf.Horizon(DT, hz.load_p_kw[:, :5], hz.load_q_kvar, hz.der_avail_kw))

@@ -117,6 +117,10 @@ def test_evaluate_runs_the_oracle_beside_the_rules(tmp_path):
     assert [r["policy"] for r in rows] == ["oracle", "uncontrolled"]
     assert (tmp_path / "metrics.parquet").exists()
     assert rows[0]["operator_cost"] < rows[1]["operator_cost"]
+    price = _cfg().reward.ev_unmet_per_kwh
+    for r in rows:  # what the oracle's plan minimises, charged to every policy alike
+        assert r["cost_with_unmet"] == pytest.approx(r["operator_cost"] + price * r["unmet_kwh"])
+    assert rows[0]["cost_with_unmet"] < rows[1]["cost_with_unmet"]
     with pytest.raises(ConfigError, match="policy: expected one or more of .*oracle"):
         evaluate_baselines(_cfg(), ["optimal"], 1, out_dir=None, progress=False)
 
@@ -127,6 +131,7 @@ def test_evaluate_runs_the_oracle_beside_the_rules(tmp_path):
     ({"oracle": {"v_margin_pu": 0.2}}, "oracle.v_margin_pu"),
     ({"oracle": {"rounds": 0}}, "oracle.rounds"),
     ({"oracle": {"solver": "GUROBI"}}, "oracle.solver"),
+    ({"oracle": {"unmet_price_per_kwh": -1.0}}, "oracle.unmet_price_per_kwh"),
 ])
 def test_bad_oracle_settings_name_the_field(over, match):
     with pytest.raises(ConfigError, match=match):

@@ -117,7 +117,8 @@ def plan_episode(sim: Sim, life: Lifecycle) -> Plan:
         res = opf.solve_opf(planned, _horizon(cfg, sim, f), ss, objective,
                             opf.OPFOptions(formulation=cfg.oracle.formulation, solver=cfg.oracle.solver,
                                            ac_rounds=cfg.oracle.ac_rounds, ev_model=cfg.oracle.ev_model,
-                                           station_p_max_kw=cfg.stations.p_max_kw, soft=cfg.oracle.soft))
+                                           station_p_max_kw=cfg.stations.p_max_kw, soft=cfg.oracle.soft,
+                                           penalties=_penalties(cfg)))
         if not res.ac.converged:
             log.warning("oracle: the AC check of feeder %d's plan did not converge", f)
         for kind, amount in res.slack.items():
@@ -172,6 +173,15 @@ def _horizon(cfg: EnvConfig, sim: Sim, f: int) -> opf.Horizon:
     diesel = kinds == "diesel"
     np.subtract.at(p.T, feeder.der_bus[diesel], cfg.grid.diesel_output * feeder.der_p_max_kw[diesel][:, None])
     return opf.Horizon(sim.dt_h, p, q, avail)
+
+
+def _penalties(cfg: EnvConfig) -> dict[str, float] | None:
+    """``operator_cost``: unmet energy at the price every policy's ``cost_with_unmet`` pays for it (a peak
+    measured in kW has no common unit with it: there unmet energy keeps the default, prohibitive penalty)."""
+    if cfg.oracle.objective != "operator_cost":
+        return None
+    price = cfg.oracle.unmet_price_per_kwh
+    return {"target_kwh": cfg.reward.ev_unmet_per_kwh if price is None else price}
 
 
 def _objective(cfg: EnvConfig, sim: Sim, f: int) -> tuple[opf.Objective, float]:

@@ -119,6 +119,10 @@ class OracleConfig:
     rounds: int = 3
     """Plans per episode, 1..10: where routing depends on the load (LBMS), the replay may send EVs elsewhere than
     the plan assumed; the oracle then plans again on the sessions as they came."""
+    unmet_price_per_kwh: float | None = None
+    """``operator_cost``: what a kWh a session leaves short of its target costs the plan, [0, 1e6]; None: the
+    config's ``reward.ev_unmet_per_kwh``, the price at which ``evgrid evaluate``'s ``cost_with_unmet`` charges
+    every policy, so the oracle minimises what it is compared on."""
 
     def __post_init__(self) -> None:
         check_choice("objective", self.objective, ORACLE_OBJECTIVES)
@@ -131,6 +135,8 @@ class OracleConfig:
         if bad:
             raise ValueError(f"soft: expected a list of {', '.join(SOFT_PENALTY)}, got {bad[0]!r}")
         check_int("rounds", self.rounds, 1, 10)
+        if self.unmet_price_per_kwh is not None:
+            check_real("unmet_price_per_kwh", self.unmet_price_per_kwh, 0.0, 1e6)
 
 
 @dataclass(frozen=True)

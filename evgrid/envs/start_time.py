@@ -44,7 +44,6 @@ observation with ``observations`` and ``action_mask`` is what RLlib's action-mas
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -194,8 +193,8 @@ def solve_stage1(feeder: Feeder, load_p_kw: FloatArray, load_q_kvar: FloatArray,
     hz = opf.Horizon(dt_h, load_p_kw, load_q_kvar, np.zeros((T, len(feeder.der_kind))))
     ev_kwh = float(((sessions.e_target_kwh - sessions.e0_kwh) / sessions.eta_ch).sum())  # grid side
     target = opf.flat_target_kw(load_p_kw.sum(axis=1), ev_kwh, dt_h)
-    res = _solve_opf(feeder, hz, sessions, opf.Objective(tie_target_kw=target),
-                     opf.OPFOptions(station_ramp_kw=station_ramp_kw, ev_model=ev_model))
+    res = opf.solve_opf(feeder, hz, sessions, opf.Objective(tie_target_kw=target),
+                        opf.OPFOptions(station_ramp_kw=station_ramp_kw, ev_model=ev_model))
     p_opt = np.zeros((n_st, T))
     np.add.at(p_opt, sessions.station, res.p_ch_kw - res.p_dis_kw)
     # the original day: every EV at full power from plug-in until its target
@@ -214,24 +213,6 @@ def solve_stage1(feeder: Feeder, load_p_kw: FloatArray, load_q_kvar: FloatArray,
                   tie_orig_kw=p_bus.sum(axis=1) + flow.loss_kw, tie_opt_kw=res.p_bus_kw.sum(axis=1) + res.ac.loss_kw,
                   vm_orig_pu=flow.vm_pu, vm_opt_pu=res.ac.vm_pu, objective=res.objective,
                   solve_s=time.perf_counter() - t0)
-
-
-def _solve_opf(feeder: Feeder, hz: opf.Horizon, ss: opf.Sessions, obj: opf.Objective,
-               opts: opf.OPFOptions) -> opf.OPFResult:
-    """``opf.solve_opf``; where Clarabel stops on a numerical error, once more with the ramp rows as penalised
-    slacks: on seed 001's days it stops on about one day in ten with the hard ramp rows, even where they do not
-    bind, and solves the softened problem, whose penalty (1e3 per kW against a deviation of ~1e-3 MW²) leaves
-    the slacks at zero."""
-    try:
-        return opf.solve_opf(feeder, hz, ss, obj, opts)
-    except opf.InfeasibleError as exc:
-        if opts.station_ramp_kw is None:
-            raise
-        log.info("stage 1: %s; solving again with the ramp limit as a penalised slack", exc)
-        res = opf.solve_opf(feeder, hz, ss, obj, dataclasses.replace(opts, soft=("ramp_kw",)))
-    if res.slack.get("ramp_kw", 0.0) > 1e-6:
-        log.warning("stage 1: the station ramp limit gives by %.4g kW in all", res.slack["ramp_kw"])
-    return res
 
 
 def stage1_sessions(w: StartWindows, soc0: FloatArray, station_bus: IntArray, n_slots: int,

@@ -37,6 +37,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -366,7 +367,11 @@ class OPFOptions:
     ``socp_loss_weight``: per MWh of losses, added to the ``socp`` objective where it prices no losses itself:
     an objective that does not grow with losses leaves the cone slack (the relaxation inexact); this small
     weight makes it tight at a negligible change of the optimum.  ``ac_offsets`` (``lindistflow``): start from
-    the AC flow of the loads alone (transformer ratios, losses); off, the model is plain LinDistFlow."""
+    the AC flow of the loads alone (transformer ratios, losses); off, the model is plain LinDistFlow.
+    ``penalties``: per kind, the price of a unit of slack where it is softened, instead of :data:`SOFT_PENALTY`'s
+    (e.g. ``{"target_kwh": 2.0}``: a kWh left unmet costs 2 in the objective, so the plan weighs it against
+    what delivering it costs; the ``sessions`` model's slack is each session's shortfall at departure, the
+    ``aggregate`` model's its groups' shortfall at every step, a proxy)."""
 
     formulation: str = "lindistflow"
     solver: str = "auto"
@@ -377,6 +382,7 @@ class OPFOptions:
     soft: bool | tuple[str, ...] = False
     ev_model: str = "sessions"
     socp_loss_weight: float = 1e-4
+    penalties: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         check_choice("formulation", self.formulation, FORMULATIONS)
@@ -392,9 +398,17 @@ class OPFOptions:
         for name in ("station_ramp_kw", "station_p_max_kw"):
             if getattr(self, name) is not None:
                 check_real(name, getattr(self, name), 0.0, math.inf)
+        for kind, price in (self.penalties or {}).items():
+            if kind not in SOFT_PENALTY:
+                raise ValueError(f"penalties: expected kinds among {', '.join(SOFT_PENALTY)}, got {kind!r}")
+            check_real(f"penalties.{kind}", price, 0.0, 1e9)
 
     def softens(self, kind: str) -> bool:
         return self.soft if isinstance(self.soft, bool) else kind in self.soft
+
+    def penalty(self, kind: str) -> float:
+        """The price of a unit of ``kind``'s slack."""
+        return (self.penalties or {}).get(kind, SOFT_PENALTY[kind])
 
 
 def _entries(sessions: Sessions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -651,7 +665,7 @@ class _Model:
 
         terms = self._objective(cp, obj, kinds, avail, tie, loss, dt, cons)
         self.terms = terms
-        penalty = sum(SOFT_PENALTY[k] * cp.sum(v) for k, v in self.slacks.items())
+        penalty = sum(opt.penalty(k) * cp.sum(v) for k, v in self.slacks.items())
         self.problem = cp.Problem(cp.Minimize(sum(terms.values()) + penalty), cons)
 
     # ------------------------------------------------------------------------------------------ pieces
@@ -901,9 +915,19 @@ def _solve(model: _Model, solver: str) -> None:
     if model.problem.is_mixed_integer() and (solver != "HIGHS" or not _is_lp(model.problem)):
         raise ValueError(f"capacitors.step_kvar: integer capacitor steps need a linear problem solved by HiGHS "
                          f"(formulation lindistflow, no quadratic term); got solver {solver}")
+    _run(model, solver, _SOLVER_SETTINGS.get(solver, {}))
+    if model.problem.status == "solver_error" and solver == "CLARABEL":
+        # Clarabel stops on a numerical error on a few of seed 001's ramp-limited days (a near-singular KKT
+        # system); ten times its default static regularisation solves them to optimality
+        log.info("Clarabel: numerical error; solving again with static regularisation 1e-7")
+        _run(model, solver, {**_SOLVER_SETTINGS[solver], "static_regularization_constant": 1e-7})
+
+
+def _run(model: _Model, solver: str, settings: dict) -> None:
+    model.problem._status = None
     try:
         with quiet_stdout() if solver == "HIGHS" else contextlib.nullcontext():
-            model.problem.solve(solver=solver, **_SOLVER_SETTINGS.get(solver, {}))
+            model.problem.solve(solver=solver, **settings)
     except Exception as e:  # cvxpy's SolverError: status says the rest
         log.info("solver %s: %s", solver, e)
         if model.problem.status is None:
