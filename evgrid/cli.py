@@ -1,4 +1,4 @@
-"""Command line: ``evgrid demo | train | evaluate | sweep | bench``.
+"""Command line: ``evgrid demo | train | evaluate | sweep | bench | reproduce``.
 
 The CLI is the one place that prints; the library logs.  Each command checks all its input (options, the
 config and its ``key=value`` overrides, which may stand anywhere after the command) before any work starts:
@@ -10,13 +10,14 @@ and tracebacks on the terminal instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +285,48 @@ def _print_table(rows: list[dict]) -> None:
               f"{r['speedup_vs_pandapower']:>14.1f}{dv if dv is None else format(dv, '.1e'):>12}")
 
 
+def _check_reproduce(args: argparse.Namespace) -> None:
+    from evgrid.config import ConfigError
+    from evgrid.studies.common import check_reproduce
+
+    if args.overrides:
+        raise ConfigError(f"overrides: reproduce runs a study from its own config, got {' '.join(args.overrides)}")
+    args.out, args.seeds = check_reproduce(args.study, out=args.out, seeds=args.seeds, address=args.address)
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from evgrid.studies.common import read_table, reproduce
+
+    with _log_file(args.out / "logs" / "reproduce.log"):
+        out = reproduce(args.study, quick=args.quick, out=args.out, address=args.address, seeds=args.seeds,
+                        ray_log=not args.verbose)
+    print(read_table(out), end="")
+    print(f"run directory: {out}  report: {out / 'report.md'}  results: {out / 'results.parquet'}")
+    return 0
+
+
+@contextlib.contextmanager
+def _log_file(path: Path) -> Iterator[None]:
+    """For the block, INFO logs also go to ``path``; the terminal keeps the level it had."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    saved = root.level, [(h, h.level) for h in root.handlers]
+    for h, _ in saved[1]:
+        h.setLevel(max(h.level, root.level))
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(saved[0])
+        for h, level in saved[1]:
+            h.setLevel(level)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -375,6 +418,20 @@ def _add_evaluate(sub: Any) -> None:
     e.add_argument("--checkpoint", default=None, help="also run trained policies: a checkpoint or a run directory")
 
 
+def _add_reproduce(sub: Any) -> None:
+    from evgrid.studies.common import STUDIES
+
+    r = _subparser(sub, "reproduce", "run one paper's study end to end: results.parquet, report.md (paper beside "
+                   "ours) and figures in a run directory", _check_reproduce, _run_reproduce)
+    r.add_argument("study", choices=list(STUDIES), help="the study (SEEDS.md)")
+    r.add_argument("--quick", action="store_true", help="the same pipeline on a small budget (CI)")
+    r.add_argument("--out", default=None, help="run directory (default runs/reproduce-<study>-<time>)")
+    r.add_argument("--address", default=None, help="join a Ray cluster for training: auto or ray://host:10001 "
+                   "(default: embedded)")
+    r.add_argument("--seeds", nargs="+", type=_int_in(0, 2**32 - 1), default=None,
+                   help="seeds to run (default: the study's; one with --quick)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="evgrid", description=__doc__.splitlines()[0],
                                  epilog="key=value overrides of the config (e.g. fleet.n_ev=500 train.iterations=5) "
@@ -385,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(sub)
     _add_evaluate(sub)
     _add_bench(sub)
+    _add_reproduce(sub)
     return ap
 
 
@@ -403,7 +461,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 # commands whose driver runs RLlib (its learner, or the env runner when sampling in the driver)
-_TRAINING = ("train", "sweep", "demo")
+_TRAINING = ("train", "sweep", "demo", "reproduce")
 
 
 def _pin_training_process() -> None:

@@ -1,4 +1,4 @@
-"""Run outputs: per-step and per-session Parquet logs (pyarrow).
+"""Run outputs: per-step and per-session Parquet logs, reproductions' results (pyarrow), figures.
 
 ``steps.parquet`` has one row per environment and step, ``sessions.parquet`` one row per EV session.
 Each finished episode is written as its own row group, so an interrupted run keeps every episode it
@@ -161,6 +161,53 @@ def session_columns(sim: Sim, episode: int) -> dict[str, np.ndarray]:
     )
 
 
+# results.parquet of `evgrid reproduce`: one row per method x seed x metric; studies may add columns
+RESULT_COLUMNS: dict[str, tuple[str, str]] = {
+    "study": ("-", "study name (seed001, seed003, ...)"),
+    "method": ("-", "method, policy or case (PPO, random, before, after, ...)"),
+    "seed": ("-", "seed of the run (training and evaluation, or the simulated day)"),
+    "metric": ("-", "metric name; its unit is in its name or in the study's report.md"),
+    "value": ("metric's", "our value"),
+    "paper_value": ("metric's", "the paper's value of the same method and metric; null where the paper gives none"),
+}
+_RESULT_TYPES = {"study": pa.string(), "method": pa.string(), "seed": pa.int64(), "metric": pa.string(),
+                 "value": pa.float64(), "paper_value": pa.float64()}
+
+
+def results_table(rows: list[dict[str, object]]) -> pa.Table:
+    """``rows`` (dicts holding at least :data:`RESULT_COLUMNS`) as a table: the six columns typed (``seed``
+    int64, ``value`` and ``paper_value`` float64, null where None), then any other keys in first-seen order,
+    their types inferred, null where a row lacks them."""
+    extra = list(dict.fromkeys(k for r in rows for k in r if k not in RESULT_COLUMNS))
+    arrays, fields = [], []
+    for name, typ in _RESULT_TYPES.items():
+        arrays.append(pa.array([r.get(name) for r in rows], type=typ))
+        unit, meaning = RESULT_COLUMNS[name]
+        fields.append(pa.field(name, typ, nullable=name == "paper_value",
+                               metadata={"unit": unit, "description": meaning}))
+    for name in extra:
+        a = pa.array([r.get(name) for r in rows])
+        arrays.append(a)
+        fields.append(pa.field(name, a.type))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def write_results(rows: list[dict[str, object]], path: str | os.PathLike[str]) -> Path:
+    """Write ``rows`` as ``results.parquet`` (:func:`results_table`); returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(results_table(rows), out)
+    return out
+
+
+def save_figure(fig: object, path: str | os.PathLike[str]) -> Path:
+    """Save a matplotlib ``Figure`` as PNG at ``path`` (no pyplot: nothing global changes, no display needed)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # type: ignore[attr-defined]
+    return out
+
+
 def columns_table(columns: dict[str, tuple[str, str]]) -> str:
     """Markdown: column | unit | meaning."""
     return "\n".join(["| column | unit | meaning |", "|---|---|---|"] +
@@ -175,4 +222,8 @@ __doc__ += f"""
 ``sessions.parquet``:
 
 {columns_table(SESSION_COLUMNS)}
+
+``results.parquet`` (``evgrid reproduce``; a study may add columns):
+
+{columns_table(RESULT_COLUMNS)}
 """

@@ -179,3 +179,11 @@ def test_rllib_wraps_it_unchanged(env):
 def test_bad_config_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         evgrid.make("EVStartTime-v0", **kw)
+
+
+def test_ac_flow_of_the_optimal_profiles_is_stage1s_own(env):
+    """The AC flow of the day with the stations at stage 1's optimal profiles is stage 1's AC check."""
+    env.reset(seed=0)
+    vm, tie = env.ac_flow(env.stage1.p_opt_kw)
+    np.testing.assert_allclose(vm, env.stage1.vm_opt_pu, atol=1e-6)
+    np.testing.assert_allclose(tie, env.stage1.tie_opt_kw, rtol=1e-6)

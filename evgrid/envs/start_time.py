@@ -449,16 +449,34 @@ class StartTimeEnv(ParallelEnv, EzPickle):
         if seed in self._stage1_cache:
             self._stage1_cache.move_to_end(seed)
             return self._stage1_cache[seed]
-        lay, s0 = self.layout, self._step0
-        load_pu = day.load_pu[0, s0:s0 + self.n_slots, 0][:, None]
+        lay = self.layout
         ss = stage1_sessions(w, day.sessions.soc0, lay.station_bus, self.n_slots, self.dt_h)
-        s1 = solve_stage1(lay.feeders[0], lay.base_p_kw[None, :] * load_pu, lay.base_q_kvar[None, :] * load_pu, ss,
-                          self.dt_h, station_ramp_kw=self.st.station_ramp_kw, ev_model=self.st.ev_model)
+        s1 = solve_stage1(lay.feeders[0], *self._valley_load(day), ss, self.dt_h,
+                          station_ramp_kw=self.st.station_ramp_kw, ev_model=self.st.ev_model)
         log.info("seed %d: stage 1 solved in %.2f s (objective %.4g MW²)", seed, s1.solve_s, s1.objective)
         self._stage1_cache[seed] = (s1, ss)
         if len(self._stage1_cache) > _CACHE_DAYS:
             self._stage1_cache.popitem(last=False)
         return s1, ss
+
+    def _valley_load(self, day) -> tuple[FloatArray, FloatArray]:
+        """The day's base load over the valley, (n_slots, n_bus) kW and kvar."""
+        lay, s0 = self.layout, self._step0
+        load_pu = day.load_pu[0, s0:s0 + self.n_slots, 0][:, None]
+        return lay.base_p_kw[None, :] * load_pu, lay.base_q_kvar[None, :] * load_pu
+
+    def ac_flow(self, p_station_kw: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """The AC power flow of this day's valley with the stations drawing ``p_station_kw`` (M, n_slots), e.g. a
+        result's ``p_sched_kw``: bus voltages (n_slots, n_bus) p.u. and the tie-line (n_slots,) kW, losses in."""
+        from evgrid.grid.flow.sweep import SweepBackend
+
+        if self.day is None:
+            raise RuntimeError("ac_flow: no day drawn yet; call reset()")
+        p, q = self._valley_load(self.day)
+        p = p.copy()
+        np.add.at(p.T, self.layout.station_bus, p_station_kw)
+        flow = SweepBackend(self.layout.feeders[0]).solve(p, q)
+        return flow.vm_pu, p.sum(axis=1) + flow.loss_kw
 
     def _deviation(self) -> FloatArray:  # (M,) eq 21, kW summed over the valley slots
         return np.abs(self.stage1.p_opt_kw - self._p_kw[:, -self._g0:]).sum(axis=1)

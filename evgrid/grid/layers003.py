@@ -1119,6 +1119,7 @@ class Seed003Day:
     before: dict[str, float] | None  # eq 1's terms with uncontrolled charging
     before_soft: bool  # uncontrolled charging broke a limit: the before case was dispatched with soft limits
     timings_s: dict[str, float]
+    fleet: EVFleet | None = None  # the day's EVs (bus, stay, powers, energies), e.g. to place a zone's EV power
 
     def table(self) -> list[dict[str, float | str | None]]:
         """Table 2: each cost term, ours before / after and the paper's; our purchase beside the paper's is the
@@ -1216,4 +1217,4 @@ def seed003_day(setting: Seed003Setting | None = None) -> Seed003Day:
         times["before"] = time.perf_counter() - t1
     times["total"] = time.perf_counter() - t0
     return Seed003Day(setting=s, feeder=feeder, zone_of_bus=zob, evs=evs, horizon=horizon, distribution=dist,
-                      aggregation=agg, before=before, before_soft=soft, timings_s=times)
+                      aggregation=agg, before=before, before_soft=soft, timings_s=times, fleet=ev)
