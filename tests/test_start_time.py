@@ -118,6 +118,8 @@ def test_copying_the_optimal_profile_beats_random(env):
     assert np.all(greedy.total_reward > rand.total_reward + 50.0)
     assert np.all(greedy.dev_mean_mw < rand.dev_mean_mw)
     assert greedy.n_moved == rand.n_moved == 0
+    summary = greedy.summary()  # the last step's info: string keys, as gymnasium's info wrappers need
+    assert summary["total_reward"] == {f"node{n}": pytest.approx(r) for n, r in zip((5, 9, 13), greedy.total_reward)}
 
 
 def test_masked_actions_move_to_the_nearest_valid_slot_and_bad_ones_fail(env):

@@ -284,7 +284,7 @@ class EpisodeResult:
     def summary(self) -> dict[str, Any]:
         """Per-node metrics as plain numbers (the last step's ``info``)."""
         per = {"total_reward": self.total_reward, "dev_mean_mw": self.dev_mean_mw, "dev_max_mw": self.dev_max_mw}
-        out: dict[str, Any] = {k: {n: float(v) for n, v in zip(self.nodes, a)} for k, a in per.items()}
+        out: dict[str, Any] = {k: {f"node{n}": float(v) for n, v in zip(self.nodes, a)} for k, a in per.items()}
         out.update(mean_total_reward=float(self.total_reward.mean()), n_moved=self.n_moved,
                    unmet_kwh=float(self.unmet_kwh.sum()))
         return out
@@ -641,7 +641,8 @@ StartTimeEnv.__doc__ = f"""Seed 001's sequential start-time scheduling of househ
     ``D_i^k = sum_t |P*_i(t) - P_i^k(t)|`` over the valley and eq 23's ``lambda_i = reward_scale / sum_t P*_i(t)``:
     a node's rewards total ``reward_scale`` when its schedule meets the optimal profile.  EVs without a choice
     are scheduled in the step before which they arrive and their rewards come with its reward (those that
-    arrive before the first choice with the first step's).  Per-node totals: :meth:`result` and the last step's ``info["result"]``.
+    arrive before the first choice with the first step's).  Per-node totals: :meth:`result` and the last
+    step's ``info["result"]`` (keyed ``node5`` etc.).
 
     ## Starting State
     ``reset(seed)`` draws the day from child generators of ``seed`` exactly as the simulator does
