@@ -178,6 +178,8 @@ class Stage1:
     vm_opt_pu: FloatArray  # (T, n_bus)
     objective: float  # eq 9, MW² summed over slots
     solve_s: float
+    load_p_kw: FloatArray  # (T, n_bus) the day's base load over the valley, what every schedule adds to
+    load_q_kvar: FloatArray  # (T, n_bus)
 
 
 def solve_stage1(feeder: Feeder, load_p_kw: FloatArray, load_q_kvar: FloatArray, sessions: opf.Sessions,
@@ -212,7 +214,7 @@ def solve_stage1(feeder: Feeder, load_p_kw: FloatArray, load_q_kvar: FloatArray,
     return Stage1(p_opt_kw=p_opt, p_orig_kw=p_orig, tie_target_kw=target,
                   tie_orig_kw=p_bus.sum(axis=1) + flow.loss_kw, tie_opt_kw=res.p_bus_kw.sum(axis=1) + res.ac.loss_kw,
                   vm_orig_pu=flow.vm_pu, vm_opt_pu=res.ac.vm_pu, objective=res.objective,
-                  solve_s=time.perf_counter() - t0)
+                  solve_s=time.perf_counter() - t0, load_p_kw=load_p_kw, load_q_kvar=load_q_kvar)
 
 
 def stage1_sessions(w: StartWindows, soc0: FloatArray, station_bus: IntArray, n_slots: int,
@@ -465,17 +467,18 @@ class StartTimeEnv(ParallelEnv, EzPickle):
         load_pu = day.load_pu[0, s0:s0 + self.n_slots, 0][:, None]
         return lay.base_p_kw[None, :] * load_pu, lay.base_q_kvar[None, :] * load_pu
 
-    def ac_flow(self, p_station_kw: FloatArray) -> tuple[FloatArray, FloatArray]:
-        """The AC power flow of this day's valley with the stations drawing ``p_station_kw`` (M, n_slots), e.g. a
-        result's ``p_sched_kw``: bus voltages (n_slots, n_bus) p.u. and the tie-line (n_slots,) kW, losses in."""
+    def ac_flow(self, p_station_kw: FloatArray, stage1: Stage1 | None = None) -> tuple[FloatArray, FloatArray]:
+        """The AC power flow of a day's valley with the stations drawing ``p_station_kw`` (M, n_slots), e.g. a
+        result's ``p_sched_kw``: bus voltages (n_slots, n_bus) p.u. and the tie-line (n_slots,) kW, losses in.
+        The day is ``stage1``'s (e.g. a result's ``stage1``: no reset, no OPF), else the current one."""
         from evgrid.grid.flow.sweep import SweepBackend
 
-        if self.day is None:
-            raise RuntimeError("ac_flow: no day drawn yet; call reset()")
-        p, q = self._valley_load(self.day)
-        p = p.copy()
+        s1 = stage1 if stage1 is not None else self.stage1
+        if s1 is None:
+            raise RuntimeError("ac_flow: no day drawn yet; call reset() or pass a stage1")
+        p = s1.load_p_kw.copy()
         np.add.at(p.T, self.layout.station_bus, p_station_kw)
-        flow = SweepBackend(self.layout.feeders[0]).solve(p, q)
+        flow = SweepBackend(self.layout.feeders[0]).solve(p, s1.load_q_kvar)
         return flow.vm_pu, p.sum(axis=1) + flow.loss_kw
 
     def _deviation(self) -> FloatArray:  # (M,) eq 21, kW summed over the valley slots

@@ -70,7 +70,7 @@ def run(ctx: Context) -> StudyOutput:
         log.info("seed %d: evaluated on %d days in %.1f s", seed, len(days), time.perf_counter() - t0)
         rows += _policy_rows(seed, results, agents)
         env = next(iter(agents.values())).make_env()
-        rows += _voltage_rows(seed, env, results["PPO"], days)
+        rows += _voltage_rows(seed, env, results["PPO"])
         last = {"env": env, "results": results}
     figures = _figures(ctx, last["env"], last["results"], curves)
     return StudyOutput(rows=rows, claims=_claims(rows), figures=figures, notes=_notes(ctx))
@@ -100,17 +100,13 @@ def _policy_rows(seed: int, results: dict[str, list], agents: dict[str, Any]) ->
     return out
 
 
-def _voltage_rows(seed: int, env, ppo: list, days) -> list[dict[str, Any]]:
+def _voltage_rows(seed: int, env, ppo: list) -> list[dict[str, Any]]:
     """Voltage nadir per node and the swing at node 4 over the valley, mean over the days: ``before`` (every
     EV from plug-in), ``after`` (PPO's schedule), ``oracle`` (stage 1's optimal profiles)."""
     feeder = env.layout.feeders[0]
-    acc: dict[str, list[np.ndarray]] = {"before": [], "after": [], "oracle": []}
-    for day, res in zip(days, ppo):
-        env.reset(seed=int(day))
-        s1 = env.stage1
-        acc["before"].append(s1.vm_orig_pu)
-        acc["oracle"].append(s1.vm_opt_pu)
-        acc["after"].append(env.ac_flow(res.p_sched_kw)[0])
+    acc = {"before": [r.stage1.vm_orig_pu for r in ppo],
+           "after": [env.ac_flow(r.p_sched_kw, r.stage1)[0] for r in ppo],
+           "oracle": [r.stage1.vm_opt_pu for r in ppo]}
     out = []
     swing_bus = int(np.flatnonzero(feeder.numbers == SWING_NODE)[0])
     for method, vms in acc.items():
@@ -174,14 +170,14 @@ def _figures(ctx: Context, env, results: dict[str, list], curves) -> list:
 
     out = []
     day = EVAL_DAYS[ctx.quick].start
-    env.reset(seed=day)
-    s1, ppo = env.stage1, results["PPO"][0]
+    ppo = results["PPO"][0]
+    s1 = ppo.stage1
     hours = env.st.valley_start_h + np.arange(env.n_slots) * env.dt_h
     fig = Figure(figsize=(8, 4))
     ax = fig.subplots()
     ax.plot(hours, s1.tie_orig_kw / 1e3, label="original (charging from plug-in)")
     ax.plot(hours, s1.tie_opt_kw / 1e3, label="optimised (stage 1)")
-    ax.plot(hours, env.ac_flow(ppo.p_sched_kw)[1] / 1e3, label="PPO schedule")
+    ax.plot(hours, env.ac_flow(ppo.p_sched_kw, s1)[1] / 1e3, label="PPO schedule")
     ax.plot(hours, s1.tie_target_kw / 1e3, "k--", lw=0.8, label="flat target (eqs 6-8)")
     ax.set(xlabel="hour (24 + h: next morning)", ylabel="tie-line power, MW", title=f"Tie-line, day {day}")
     ax.legend()
@@ -210,7 +206,7 @@ def _figures(ctx: Context, env, results: dict[str, list], curves) -> list:
     ax = fig.subplots()
     nodes = env.layout.feeders[0].numbers
     for label, vm in (("before", s1.vm_orig_pu), ("optimal (stage 1)", s1.vm_opt_pu),
-                      ("PPO", env.ac_flow(ppo.p_sched_kw)[0])):
+                      ("PPO", env.ac_flow(ppo.p_sched_kw, s1)[0])):
         ax.plot(nodes, vm.min(axis=0), marker="o", label=label)
     ax.set(xlabel="node", ylabel="lowest voltage over the valley, p.u.", title=f"Voltage nadir, day {day}")
     ax.legend()
