@@ -97,6 +97,7 @@ from evgrid.envs import market as mk
 from evgrid.grid import opf
 from evgrid.grid.feeders import Feeder
 from evgrid.grid.profiles import OFFPEAK, PEAK, VALLEY
+from evgrid.grid.program import quiet_stdout
 from evgrid.validate import as_array, check_choice, check_real, describe
 
 if TYPE_CHECKING:
@@ -908,7 +909,7 @@ def aggregation_layer(zone_target_kw: npt.ArrayLike, zone_base_kw: npt.ArrayLike
         cost_terms.append(cost)
         parts.append(part)
     problem = cp.Problem(cp.Minimize(cp.sum(cp.hstack(cost_terms))), cons)
-    with opf.quiet_stdout():  # HiGHS's banner
+    with quiet_stdout():  # HiGHS's banner
         problem.solve(solver="HIGHS", output_flag=False)
     if problem.status not in ("optimal", "optimal_inaccurate"):
         raise TargetError(f"aggregation layer: the zones' problem is {problem.status} (solver HIGHS)")

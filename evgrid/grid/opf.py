@@ -1,4 +1,4 @@
-"""Multi-period optimal power flow on a radial feeder (physics only: numpy, scipy, cvxpy; no RL imports).
+"""Multi-period optimal power flow on a radial feeder (physics only: numpy, scipy, solvers; no RL imports).
 
 Over a horizon of ``T`` steps the model schedules the controllable injections of a :class:`Feeder`:
 
@@ -22,20 +22,18 @@ Formulations (``formulation``):
     The DistFlow branch-flow model with the current equality ``l v = P² + Q²`` relaxed to a rotated cone
     (Farivar & Low 2013); exact where the cone is tight, which :class:`ACCheck` reports.
 
-Every solution is re-solved with the AC sweep (``result.ac``).  Solvers are open source only (cvxpy with
-Clarabel, HiGHS, SCS).  An infeasible problem raises :class:`InfeasibleError` naming what cannot be met:
-sessions whose energy target is out of reach are found before solving; otherwise the problem is re-solved with
-every limit softened and the limits that had to give are named.
+Every solution is re-solved with the AC sweep (``result.ac``).  Solvers are open source only (Clarabel, HiGHS,
+SCS), given the model's matrices directly (:mod:`evgrid.grid.program`).  An infeasible problem raises
+:class:`InfeasibleError` naming what cannot be met: sessions whose energy target is out of reach are found
+before solving; otherwise the problem is re-solved with every limit softened and the limits that had to give
+are named.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import os
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +43,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 
 from evgrid.grid.feeders import Feeder, MeshedFeederError
+from evgrid.grid.program import OPTIMAL, Affine, Program, Quadratic, stack
 from evgrid.validate import check_choice, check_int, check_real
 
 log = logging.getLogger(__name__)
@@ -53,8 +52,6 @@ FORMULATIONS = ("lindistflow", "socp")
 EV_MODELS = ("sessions", "aggregate")
 SOLVERS = ("auto", "CLARABEL", "HIGHS", "SCS")
 _POLYGON_SIDES = 16
-# Clarabel's default (faer, multithreaded) factorises these KKT systems ~10x slower than QDLDL on 2 cores
-_SOLVER_SETTINGS = {"CLARABEL": {"direct_solve_method": "qdldl"}, "HIGHS": {"output_flag": False}}
 # penalty per unit of slack when limits are softened (diagnosis, or ``soft=True``): dominates any cost
 SOFT_PENALTY = {"voltage_pu": 1e6, "voltage_high_pu": 1e6, "loading_kw": 1e3, "target_kwh": 1e3, "ramp_kw": 1e3}
 
@@ -269,6 +266,14 @@ class Network:
     paths: npt.NDArray[np.float64]  # (n_node, n_node) RadialTree.paths()
     s_max_kva: npt.NDArray[np.float64]  # (n_elem,) rating as apparent power at the lowest allowed voltage
     v0_pu: float
+    _topologies: dict = field(default_factory=dict, repr=False)
+
+    def topology(self, T: int) -> _Topology:
+        """The model's network matrices over ``T`` steps (built once per horizon length: a single-period OPF
+        solved again and again spends most of its build time on them otherwise)."""
+        if T not in self._topologies:
+            self._topologies[T] = _Topology.of(self.feeder, T)
+        return self._topologies[T]
 
     @staticmethod
     def of(feeder: Feeder) -> Network:
@@ -284,6 +289,42 @@ class Network:
         v_low = np.where(np.isfinite(v_low), v_low, feeder.v_min_pu.min())
         return Network(feeder=feeder, kw_per_pu=kw_per_pu, paths=anc, s_max_kva=i_max_pu * v_low * kw_per_pu,
                        v0_pu=abs(t.v_slack))
+
+
+@dataclass(frozen=True, eq=False)
+class _Topology:
+    """Step-major (T n_node) branch-flow matrices: ``to_node`` places bus injections at their nodes, ``flow``
+    (identity minus children) turns branch flows into node injections, ``parent`` reads each node's parent."""
+
+    to_node: sp.csr_matrix  # (T n_node, T n_bus)
+    flow: sp.csr_matrix  # (T n_node, T n_node)
+    parent: sp.csr_matrix  # (T n_node, T n_node)
+    branch: npt.NDArray[np.int64]  # rows of the nodes with a branch (all but the root)
+    root: npt.NDArray[np.int64]
+    # ampacity polygon (lindistflow): side k of each element's rating at each step from its node's P and Q, and
+    # each element's row repeated for every side
+    poly_p: sp.csr_matrix  # (sides T n_elem, T n_node)
+    poly_q: sp.csr_matrix
+    poly_rep: sp.csr_matrix  # (sides T n_elem, T n_elem)
+
+    @staticmethod
+    def of(f: Feeder, T: int) -> _Topology:
+        t, n = f.tree, f.tree.n_node
+        rows = (np.arange(T)[:, None] * n + t.elem_node[None, :]).reshape(-1)
+        pick = sp.csr_matrix((np.ones(rows.size), (np.arange(rows.size), rows)), shape=(rows.size, T * n))
+        ang = np.pi * (2 * np.arange(_POLYGON_SIDES) + 1) / _POLYGON_SIDES
+        eye = sp.identity(T, format="csr")
+        nob = sp.csr_matrix((np.ones(f.n_bus), (t.node_of_bus, np.arange(f.n_bus))), shape=(n, f.n_bus))
+        children = sp.csr_matrix((np.ones(n - 1), (t.parent[1:], np.arange(1, n))), shape=(n, n))
+        parent = sp.csr_matrix((np.ones(n - 1), (np.arange(1, n), t.parent[1:])), shape=(n, n))
+        return _Topology(to_node=sp.kron(eye, nob, format="csr"),
+                         flow=sp.kron(eye, sp.identity(n) - children, format="csr"),
+                         parent=sp.kron(eye, parent, format="csr"),
+                         branch=np.flatnonzero(np.tile(np.arange(n) > 0, T)),
+                         root=np.flatnonzero(np.tile(np.arange(n) == 0, T)),
+                         poly_p=sp.kron(np.cos(ang)[:, None], pick, format="csr"),
+                         poly_q=sp.kron(np.sin(ang)[:, None], pick, format="csr"),
+                         poly_rep=sp.kron(np.ones((_POLYGON_SIDES, 1)), sp.identity(rows.size), format="csr"))
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -436,40 +477,38 @@ class _SessionVars:
     """EV sessions one by one: charging at every plugged step, discharge where the session allows V2G.
     ``xc``/``xd``: the variables; ``c_t``, ``c_bus``, ``c_station`` (and ``d_*``): each variable's step, bus and
     station (-1: none); ``cons``: each session's power bounds, energy target and capacity (V2G sessions, which
-    also discharge, at every step within [e_min_kwh, cap_kwh])."""
+    also discharge, at every step within [e_min_kwh, cap_kwh]), added to the program."""
 
-    def __init__(self, cp, ss: Sessions, T: int, dt: float, slack) -> None:
+    def __init__(self, prog: Program, ss: Sessions, T: int, dt: float, slack) -> None:
         sid, tt, first = _entries(ss)
         self.sid, self.tt = sid, tt
         n_ent = sid.size
         d = self.idx_d = np.flatnonzero(ss.p_dis_max_kw[sid] > 0)
-        self.xc = cp.Variable(n_ent, nonneg=True, name="p_ch_kw")
-        self.xd = cp.Variable(d.size, nonneg=True, name="p_dis_kw")
+        self.xc = prog.var(n_ent, 0.0, ss.p_ch_max_kw[sid])
+        self.xd = prog.var(d.size, 0.0, ss.p_dis_max_kw[sid[d]])
         self.c_t, self.c_bus, self.c_station = tt, ss.bus[sid], ss.station[sid]
         self.d_t, self.d_bus, self.d_station = tt[d], ss.bus[sid[d]], ss.station[sid[d]]
-        cons = [self.xc <= ss.p_ch_max_kw[sid], self.xd <= ss.p_dis_max_kw[sid[d]]]
         short = slack("target_kwh", ss.n)
         gain = ss.eta_ch[sid] * dt
         loss_d = dt / ss.eta_dis[sid[d]]
         s_c = sp.csr_matrix((gain, (sid, np.arange(n_ent))), shape=(ss.n, n_ent))
         s_d = sp.csr_matrix((loss_d, (sid[d], np.arange(d.size))), shape=(ss.n, d.size))
         e_end = ss.e0_kwh + s_c @ self.xc - s_d @ self.xd
-        cons += [e_end + short >= ss.e_target_kwh, e_end <= ss.cap_kwh]
+        prog.ge(e_end + short, ss.e_target_kwh)
+        prog.le(e_end, ss.cap_kwh)
         if d.size:
-            e = cp.Variable(d.size, name="e_kwh")
+            e = prog.var(d.size, ss.e_min_kwh[sid[d]], ss.cap_kwh[sid[d]])
             prev = sp.eye(d.size, k=-1, format="csr").multiply((~first[d])[:, None]).tocsr()
-            delta = cp.multiply(gain[d], self.xc[d]) - cp.multiply(loss_d, self.xd)
-            cons += [e - prev @ e == delta + np.where(first[d], ss.e0_kwh[sid[d]], 0.0),
-                     e >= ss.e_min_kwh[sid[d]], e <= ss.cap_kwh[sid[d]]]
-        self.cons = cons
+            delta = gain[d] * self.xc[d] - loss_d * self.xd
+            prog.eq(e - prev @ e, delta + np.where(first[d], ss.e0_kwh[sid[d]], 0.0))
 
-    def powers(self, ss: Sessions, T: int) -> tuple[np.ndarray, np.ndarray]:
+    def powers(self, prog: Program, ss: Sessions, T: int) -> tuple[np.ndarray, np.ndarray]:
         """Each session's charging and discharging power (n_session, T) at the solution."""
         p_ch, p_dis = np.zeros((ss.n, T)), np.zeros((ss.n, T))
         if self.sid.size:
-            p_ch[self.sid, self.tt] = np.maximum(np.asarray(self.xc.value, dtype=float).reshape(-1), 0.0)
+            p_ch[self.sid, self.tt] = np.maximum(prog.value(self.xc), 0.0)
         if self.idx_d.size:
-            p_dis[self.sid[self.idx_d], self.tt[self.idx_d]] = np.maximum(np.asarray(self.xd.value, dtype=float), 0.0)
+            p_dis[self.sid[self.idx_d], self.tt[self.idx_d]] = np.maximum(prog.value(self.xd), 0.0)
         return p_ch, p_dis
 
 
@@ -500,7 +539,7 @@ class _AggregateVars:
     the sessions' own earliest and latest trajectories.  A relaxation (each session's bounds hold only in sum);
     :func:`disaggregate` shares the result out session by session.  Its size does not grow with the fleet."""
 
-    def __init__(self, cp, ss: Sessions, T: int, dt: float, slack) -> None:
+    def __init__(self, prog: Program, ss: Sessions, T: int, dt: float, slack) -> None:
         key = np.stack([ss.bus, ss.station], axis=1)
         groups, self.group = np.unique(key, axis=0, return_inverse=True)
         self.group = self.group.reshape(-1)
@@ -525,8 +564,8 @@ class _AggregateVars:
         c_idx = np.flatnonzero(cap_c.reshape(-1) > 0)  # (g, t) cells with a plugged session
         d_idx = np.flatnonzero(cap_d.reshape(-1) > 0)
         self.c_idx, self.d_idx = c_idx, d_idx
-        self.xc = cp.Variable(c_idx.size, nonneg=True, name="p_ch_kw")
-        self.xd = cp.Variable(d_idx.size, nonneg=True, name="p_dis_kw")
+        self.xc = prog.var(c_idx.size, 0.0, cap_c.reshape(-1)[c_idx])
+        self.xd = prog.var(d_idx.size, 0.0, cap_d.reshape(-1)[d_idx])
         gc, gd = c_idx // T, d_idx // T
         self.c_t, self.c_bus, self.c_station = c_idx % T, groups[gc, 0], groups[gc, 1]
         self.d_t, self.d_bus, self.d_station = d_idx % T, groups[gd, 0], groups[gd, 1]
@@ -535,19 +574,18 @@ class _AggregateVars:
         step = sp.kron(sp.identity(G), sp.identity(T) - sp.eye(T, k=-1), format="csr")  # (G T, G T)
         e_c = sp.csr_matrix((eta_c[gc] * dt, (c_idx, np.arange(c_idx.size))), shape=(G * T, c_idx.size))
         e_d = sp.csr_matrix((inv_eta_d[gd] * dt, (d_idx, np.arange(d_idx.size))), shape=(G * T, d_idx.size))
-        energy = cp.Variable(G * T, name="group_e_kwh")
+        energy = prog.var(G * T, ub=self.hi.reshape(-1))
         short = slack("target_kwh", G * T)
-        self.cons = [self.xc <= cap_c.reshape(-1)[c_idx], self.xd <= cap_d.reshape(-1)[d_idx],
-                     step @ energy == e_c @ self.xc - e_d @ self.xd,
-                     energy + short >= self.lo.reshape(-1), energy <= self.hi.reshape(-1)]
+        prog.eq(step @ energy, e_c @ self.xc - e_d @ self.xd)
+        prog.ge(energy + short, self.lo.reshape(-1))
 
-    def profiles(self, T: int) -> tuple[np.ndarray, np.ndarray]:
+    def profiles(self, prog: Program, T: int) -> tuple[np.ndarray, np.ndarray]:
         """Each group's charging and discharging power (G, T) at the solution."""
         pc, pd = np.zeros(self.G * T), np.zeros(self.G * T)
         if self.c_idx.size:
-            pc[self.c_idx] = np.maximum(np.asarray(self.xc.value, dtype=float), 0.0)
+            pc[self.c_idx] = np.maximum(prog.value(self.xc), 0.0)
         if self.d_idx.size:
-            pd[self.d_idx] = np.maximum(np.asarray(self.xd.value, dtype=float), 0.0)
+            pd[self.d_idx] = np.maximum(prog.value(self.xd), 0.0)
         return pc.reshape(self.G, T), pd.reshape(self.G, T)
 
 
@@ -559,42 +597,41 @@ def disaggregate(ss: Sessions, dt_h: float, group: np.ndarray, p_ch_kw: np.ndarr
     each station's charging limit.  Where a group's aggregate asked for more than its sessions can give (the
     aggregate is a relaxation) they deviate.  Returns each session's charging and discharging power (n, T) and
     the energy by which the groups' net power misses their profiles, kWh summed over groups and steps."""
-    import cvxpy as cp
-
     opt = options if options is not None else OPFOptions()
     G, T = p_ch_kw.shape
     if ss.n == 0:
         return np.zeros((0, T)), np.zeros((0, T)), 0.0
-    penalties = {}
+    prog = Program()
+    penalties = []
 
     def slack(name: str, n: int):
         if not opt.softens(name):
             return 0
-        v = penalties[name] = cp.Variable(n, nonneg=True, name=name)
+        v = prog.var(n, lb=0.0)
+        penalties.append(Quadratic(SOFT_PENALTY[name] * v.sum()))
         return v
 
-    ev = _SessionVars(cp, ss, T, dt_h, slack)
+    ev = _SessionVars(prog, ss, T, dt_h, slack)
     grp_c, grp_d = group[ev.sid], group[ev.sid[ev.idx_d]]
     net = _sum_into(grp_c * T + ev.c_t, G * T) @ ev.xc - _sum_into(grp_d * T + ev.d_t, G * T) @ ev.xd
-    dev = cp.Variable(G * T, name="tracking_kw")
-    cons = [*ev.cons, dev >= net - (p_ch_kw - p_dis_kw).reshape(-1), dev >= (p_ch_kw - p_dis_kw).reshape(-1) - net]
+    dev = prog.var(G * T)
+    prog.ge(dev, net - (p_ch_kw - p_dis_kw).reshape(-1))
+    prog.ge(dev, (p_ch_kw - p_dis_kw).reshape(-1) - net)
     if opt.station_p_max_kw is not None and (ss.station >= 0).any():
-        cons += _station_limits(ev, int(ss.station.max()) + 1, T, dataclasses.replace(opt, station_ramp_kw=None),
-                                slack)
-    problem = cp.Problem(cp.Minimize(cp.sum(dev) + sum(SOFT_PENALTY[k] * cp.sum(v) for k, v in penalties.items())),
-                         cons)
-    with quiet_stdout():
-        problem.solve(solver="HIGHS", **_SOLVER_SETTINGS["HIGHS"])
-    if problem.status not in ("optimal", "optimal_inaccurate"):
-        raise InfeasibleError(f"disaggregation: the sessions' own bounds are {problem.status} (solver HIGHS)")
-    off_kwh = float(np.sum(np.maximum(dev.value, 0.0))) * dt_h if dev.size else 0.0
+        _station_limits(prog, ev, int(ss.station.max()) + 1, T, dataclasses.replace(opt, station_ramp_kw=None),
+                        slack)
+    prog.minimize([Quadratic(dev.sum()), *penalties])
+    if prog.solve("HIGHS") not in OPTIMAL:
+        raise InfeasibleError(f"disaggregation: the sessions' own bounds are {prog.status} (solver HIGHS)")
+    tracking = np.maximum(prog.value(dev), 0.0)
+    off_kwh = float(tracking.sum()) * dt_h if dev.size else 0.0
     if off_kwh > 1e-3:
         log.info("disaggregation: the sessions miss their groups' profiles by %.4g kWh in all (at most %.4g kW)",
-                 off_kwh, float(np.max(dev.value)))
-    return (*ev.powers(ss, T), off_kwh)
+                 off_kwh, float(tracking.max()))
+    return (*ev.powers(prog, ss, T), off_kwh)
 
 
-def _station_limits(ev, n_st: int, T: int, opt: OPFOptions, slack) -> list:
+def _station_limits(prog: Program, ev, n_st: int, T: int, opt: OPFOptions, slack) -> None:
     """Each charging station's charging power at most ``station_p_max_kw`` (discharge passes the station's limit,
     as the simulator's dispatch does), and its net power moving by at most ``station_ramp_kw`` between steps."""
     at_c, at_d = ev.c_station >= 0, ev.d_station >= 0
@@ -602,134 +639,124 @@ def _station_limits(ev, n_st: int, T: int, opt: OPFOptions, slack) -> list:
                         shape=(T * n_st, ev.c_t.size))
     g_d = sp.csr_matrix((np.ones(int(at_d.sum())), (ev.d_t[at_d] * n_st + ev.d_station[at_d], np.flatnonzero(at_d))),
                         shape=(T * n_st, ev.d_t.size))
-    cons = []
     if opt.station_p_max_kw is not None:
-        cons.append(g_c @ ev.xc <= opt.station_p_max_kw)
-    if opt.station_ramp_kw is not None:
+        prog.le(g_c @ ev.xc, opt.station_p_max_kw)
+    if opt.station_ramp_kw is not None and T > 1:
         diff = (sp.eye(T * n_st, k=n_st, format="csr") - sp.eye(T * n_st, format="csr"))[: (T - 1) * n_st]
         ramp = diff @ (g_c @ ev.xc - g_d @ ev.xd)
         lim = opt.station_ramp_kw + slack("ramp_kw", (T - 1) * n_st)
-        cons += [ramp <= lim, -ramp <= lim]
-    return cons
+        prog.le(ramp, lim)
+        prog.le(-ramp, lim)
 
 
 class _Model:
-    """One cvxpy problem; :func:`solve_opf` builds it, solves it and reads it back."""
+    """One program; :func:`solve_opf` builds it, solves it and reads it back."""
 
     def __init__(self, net: Network, hz: Horizon, ss: Sessions, obj: Objective, caps: Capacitors,
                  opt: OPFOptions) -> None:
-        import cvxpy as cp
-
         f = net.feeder
         T, nb, dt = hz.n_step, f.n_bus, hz.dt_h
         self.net, self.hz, self.ss, self.opt, self.T = net, hz, ss, opt, T
         self.solver = opt.solver  # the one used, once solved
         eye = sp.identity(T, format="csr")
-        cons, self.slacks = [], {}
+        self.slacks = {}
+        prog = self.prog = Program()
 
         def slack(name: str, n: int):
             """A penalised slack on the limits of kind ``name`` where the options soften them, else 0."""
             if not opt.softens(name):
                 return 0
-            v = cp.Variable(n, nonneg=True, name=name)
+            v = prog.var(n, lb=0.0)
             self.slacks[name] = v
             return v
 
         # EV sessions, one variable per session and plugged step, or their aggregate per bus / station
-        ev = (_SessionVars if opt.ev_model == "sessions" else _AggregateVars)(cp, ss, T, dt, slack)
+        ev = (_SessionVars if opt.ev_model == "sessions" else _AggregateVars)(prog, ss, T, dt, slack)
         self.ev = ev
-        cons += ev.cons
         p_ev = _sum_into(ev.c_t * nb + ev.c_bus, T * nb) @ ev.xc - _sum_into(ev.d_t * nb + ev.d_bus, T * nb) @ ev.xd
 
         # DER: output up to what is available; the rest of PV/wind is curtailed
         kinds = np.array(f.der_kind)
         n_der = kinds.size
-        self.der = cp.Variable(T * n_der, nonneg=True, name="der_kw")
         avail = hz.der_avail_kw.reshape(-1)
-        cons.append(self.der <= avail)
+        self.der = prog.var(T * n_der, 0.0, avail)
         caps.check(nb)
         if caps.step_kvar is None:
-            self.qc = cp.Variable(T * caps.bus.size, nonneg=True, name="q_cap_kvar")
-            cons.append(self.qc <= np.tile(caps.q_max_kvar, T))
+            self.qc = prog.var(T * caps.bus.size, 0.0, np.tile(caps.q_max_kvar, T))
         else:
-            steps = cp.Variable(T * caps.bus.size, integer=True, name="capacitor_steps")
-            self.qc = cp.multiply(np.tile(caps.step_kvar, T), steps)
-            cons += [steps >= 0, steps <= np.tile(np.floor(caps.q_max_kvar / caps.step_kvar + 1e-9), T)]
+            steps = prog.var(T * caps.bus.size, 0.0, np.tile(np.floor(caps.q_max_kvar / caps.step_kvar + 1e-9), T),
+                             integer=True)
+            self.qc = np.tile(caps.step_kvar, T) * steps
 
         self.p = hz.load_p_kw.reshape(-1) + p_ev - _at_buses(T, nb, f.der_bus) @ self.der  # (T n_bus,) net load, kW
         self.q = hz.load_q_kvar.reshape(-1) - _at_buses(T, nb, caps.bus) @ self.qc
-        tie, loss = self._network(cp, eye, cons, slack, opt.formulation == "socp")
+        tie, loss = self._network(eye, slack, opt.formulation == "socp")
         self.tie, self.loss = tie, loss
         if (opt.station_ramp_kw is not None or opt.station_p_max_kw is not None) and (ss.station >= 0).any():
-            cons += _station_limits(ev, int(ss.station.max()) + 1, T, opt, slack)
+            _station_limits(prog, ev, int(ss.station.max()) + 1, T, opt, slack)
 
-        terms = self._objective(cp, obj, kinds, avail, tie, loss, dt, cons)
-        self.terms = terms
-        penalty = sum(opt.penalty(k) * cp.sum(v) for k, v in self.slacks.items())
-        self.problem = cp.Problem(cp.Minimize(sum(terms.values()) + penalty), cons)
+        self.terms = self._objective(obj, kinds, avail, tie, loss, dt)
+        penalty = [Quadratic(opt.penalty(k) * v.sum()) for k, v in self.slacks.items()]
+        prog.minimize([*self.terms.values(), *penalty])
 
     # ------------------------------------------------------------------------------------------ pieces
 
-    def _network(self, cp, eye, cons, slack, relaxed: bool):
+    def _network(self, eye, slack, relaxed: bool):
         """Branch-flow variables per step and node: P, Q into the node through its branch, squared voltage v
         (and squared current l for ``socp``).  Each row reads a node, its parent or children: a sparse problem
         (the bus-injection form, voltages as dense sensitivities, solves ~10x slower)."""
-        net, f, T = self.net, self.net.feeder, self.T
-        t = f.tree
-        n, kw = t.n_node, net.kw_per_pu
-        nob = sp.csr_matrix((np.ones(f.n_bus), (t.node_of_bus, np.arange(f.n_bus))), shape=(n, f.n_bus))
-        to_node = sp.kron(eye, nob, format="csr")
-        children = sp.csr_matrix((np.ones(n - 1), (t.parent[1:], np.arange(1, n))), shape=(n, n))
-        parent = sp.csr_matrix((np.ones(n - 1), (np.arange(1, n), t.parent[1:])), shape=(n, n))
-        ch, pa = sp.kron(eye, children, format="csr"), sp.kron(eye, parent, format="csr")
+        net, f, T, prog = self.net, self.net.feeder, self.T, self.prog
+        t, n, kw, topo = f.tree, f.tree.n_node, net.kw_per_pu, net.topology(T)
+        to_node, branch, root = topo.to_node, topo.branch, topo.root
         r, x = np.tile(t.r_pu, T), np.tile(t.x_pu, T)
-        branch = np.flatnonzero(np.tile(np.arange(n) > 0, T))
-        root = np.flatnonzero(np.tile(np.arange(n) == 0, T))
-        P = cp.Variable(T * n, name="p_branch_pu")
-        Q = cp.Variable(T * n, name="q_branch_pu")
-        v = cp.Variable(T * n, name="v2_pu")
-        vpar = pa @ v
-        drop = 2 * (cp.multiply(r, P) + cp.multiply(x, Q))
+        P, Q = prog.var(T * n), prog.var(T * n)
+        # squared voltages: the root's fixed by its bounds
+        lo_v, hi_v = np.full(T * n, -np.inf), np.full(T * n, np.inf)
+        lo_v[root] = hi_v[root] = net.v0_pu ** 2
+        v = prog.var(T * n, lo_v, hi_v)
+        vpar = topo.parent @ v
+        drop = 2 * (r * P + x * Q)
         if relaxed:
             # a transformer's voltage ratio c scales the parent's voltage (V = c V_parent - z J); lines have c = 1
-            vpar = cp.multiply(np.tile(t.coef[:, 4] ** 2 + t.coef[:, 5] ** 2, T), vpar)
-            ell = cp.Variable(T * n, nonneg=True, name="i2_pu")
-            cons += [P - ch @ P - cp.multiply(r, ell) == to_node @ self.p / kw,
-                     Q - ch @ Q - cp.multiply(x, ell) == to_node @ self.q / kw, ell[root] == 0,
-                     v[branch] == (vpar - drop + cp.multiply(r ** 2 + x ** 2, ell))[branch],
-                     cp.SOC((ell + vpar)[branch], cp.vstack([2 * P[branch], 2 * Q[branch], (ell - vpar)[branch]]),
-                            axis=0)]
+            vpar = np.tile(t.coef[:, 4] ** 2 + t.coef[:, 5] ** 2, T) * vpar
+            hi_l = np.full(T * n, np.inf)
+            hi_l[root] = 0.0
+            ell = prog.var(T * n, 0.0, hi_l)
+            prog.eq(topo.flow @ P - r * ell, to_node @ self.p / kw)
+            prog.eq(topo.flow @ Q - x * ell, to_node @ self.q / kw)
+            prog.eq(v[branch], (vpar - drop + (r ** 2 + x ** 2) * ell)[branch])
+            prog.soc((ell + vpar)[branch], 2 * P[branch], 2 * Q[branch], (ell - vpar)[branch])
             self.ell = ell
             loss = (sp.kron(eye, sp.csr_matrix(t.r_pu[None, :])) @ ell) * kw
         else:
-            # AC residuals of the previous round (solve_opf): each bus's squared-voltage error, each step's losses
-            self.corr = cp.Parameter(T * n, name="v2_correction", value=np.zeros(T * n))
-            self.loss_par = cp.Parameter(T, name="loss_kw", value=np.zeros(T))
-            cons += [P - ch @ P == to_node @ self.p / kw, Q - ch @ Q == to_node @ self.q / kw,
-                     v[branch] == (vpar - drop + self.corr)[branch]]
-            loss = self.loss_par
-        cons.append(v[root] == net.v0_pu ** 2)
+            # AC residuals of the previous round (solve_opf), variables fixed by their bounds: each node's
+            # squared-voltage error and each step's losses
+            self.corr = prog.var(T * n, 0.0, 0.0)
+            self.loss_fixed = prog.var(T, 0.0, 0.0)
+            prog.eq(topo.flow @ P, to_node @ self.p / kw)
+            prog.eq(topo.flow @ Q, to_node @ self.q / kw)
+            prog.eq(v[branch], (vpar - drop + self.corr)[branch])
+            loss = self.loss_fixed
         self.P, self.Q, self.v2_node = P, Q, v
         vb = to_node.T @ v  # (T n_bus,) each bus's node
         vmin, vmax = np.tile(f.v_min_pu ** 2, T), np.tile(f.v_max_pu ** 2, T)
-        lo = slack("voltage_pu", T * f.n_bus)
-        hi = slack("voltage_high_pu", T * f.n_bus)
-        cons += [vb + lo >= vmin, vb - hi <= vmax]
+        prog.ge(vb + slack("voltage_pu", T * f.n_bus), vmin)
+        prog.le(vb - slack("voltage_high_pu", T * f.n_bus), vmax)
         self.v2 = vb
         if t.elem_node.size:
             rows = (np.arange(T)[:, None] * n + t.elem_node[None, :]).reshape(-1)
             if relaxed:
                 i_max = (t.elem_rating_ka / t.elem_ibase_ka).min(axis=1)
                 over = slack("loading_kw", rows.size)
-                cons.append(ell[rows] <= np.tile(i_max ** 2, T) + over / kw)
+                prog.le(ell[rows], np.tile(i_max ** 2, T) + over / kw)
             else:
-                # ampacity as apparent power at the lowest allowed voltage, a polygon inside the circle (cvxpy
-                # compiles 3,000 small cones ~20x slower than these rows, and Clarabel solves them no faster)
-                ang = np.pi * (2 * np.arange(_POLYGON_SIDES) + 1) / _POLYGON_SIDES
-                lim = np.tile(net.s_max_kva * np.cos(np.pi / _POLYGON_SIDES), T) / kw
-                over = slack("loading_kw", lim.size) / kw
-                cons += [np.cos(a) * P[rows] + np.sin(a) * Q[rows] <= lim + over for a in ang]
-        return P[root] * kw + (0 if relaxed else self.loss_par), loss
+                # ampacity as apparent power at the lowest allowed voltage, a polygon inside the circle (an LP;
+                # Clarabel solves 3,000 small cones no faster than these rows)
+                lim = np.tile(net.s_max_kva * np.cos(np.pi / _POLYGON_SIDES), T * _POLYGON_SIDES) / kw
+                over = slack("loading_kw", rows.size)
+                prog.le(topo.poly_p @ P + topo.poly_q @ Q,
+                        lim + (topo.poly_rep @ over / kw if isinstance(over, Affine) else 0.0))
+        return P[root] * kw + (0 if relaxed else self.loss_fixed), loss
 
     def correct(self, flow, p_bus: np.ndarray, q_bus: np.ndarray) -> None:
         """Take the AC solution ``flow`` of the bus loads ``p_bus``, ``q_bus`` (T, n_bus) as the model's
@@ -753,87 +780,92 @@ class _Model:
                 off[:, i] = off[:, t.parent[i]]
         corr = off - off[:, np.maximum(t.parent, 0)]
         corr[:, 0] = 0.0
-        self.corr.value = corr.reshape(-1)
-        self.loss_par.value = flow.loss_kw.copy()
+        self.prog.fix(self.corr, corr.reshape(-1))
+        self.prog.fix(self.loss_fixed, flow.loss_kw)
 
     def cone_gap(self) -> float:
         """socp: the largest slack ``l v_parent - P² - Q²`` over branches and steps, relative to the step's
         largest ``l v_parent`` (0: the relaxation is exact)."""
         t, T = self.net.feeder.tree, self.T
         n = t.n_node
-        P, Q, ell, v = (np.asarray(x.value, dtype=float).reshape(T, n) for x in (self.P, self.Q, self.ell,
-                                                                                  self.v2_node))
+        P, Q, ell, v = (self.prog.value(x).reshape(T, n) for x in (self.P, self.Q, self.ell, self.v2_node))
         ratio2 = t.coef[:, 4] ** 2 + t.coef[:, 5] ** 2
         rhs = (ell * ratio2 * v[:, np.maximum(t.parent, 0)])[:, 1:]
         lhs = (P ** 2 + Q ** 2)[:, 1:]
         # relative to the step's largest flow: a near-empty branch's relative slack says nothing
         return float(np.max((rhs - lhs) / np.maximum(rhs.max(axis=1, keepdims=True), 1e-12))) if rhs.size else 0.0
 
-    def _objective(self, cp, obj: Objective, kinds, avail, tie, loss, dt, cons) -> dict:
-        T = self.T
+    def _objective(self, obj: Objective, kinds, avail, tie, loss, dt) -> dict[str, Quadratic]:
+        T, prog = self.T, self.prog
         terms = {}
         renew = np.tile(np.isin(kinds, ("pv", "wind")), T)
         diesel = np.flatnonzero(np.tile(kinds == "diesel", T))
         if obj.tie_target_kw is not None:
             target = _series("tie_target_kw", obj.tie_target_kw, T)
-            # through a variable of its own: the quadratic term then couples no two EV variables
-            dev = cp.Variable(T, name="tie_deviation_mw")
-            cons.append(dev == (tie - target) / 1e3)
-            terms["tie_deviation_mw2"] = cp.sum_squares(dev)
+            # through a variable of its own: a unit quadratic term, however the feeder's power base scales tie
+            dev = prog.var(T)
+            prog.eq(dev, (tie - target) / 1e3)
+            terms["tie_deviation_mw2"] = Quadratic(squares=[(1.0, dev)])
         buy = None
         if obj.energy_price_per_kwh is not None or obj.capacity_price_per_kw or obj.carbon is not None:
-            buy = cp.Variable(T, nonneg=True, name="purchase_kw")
-            cons.append(buy >= tie)
+            buy = prog.var(T, lb=0.0)
+            prog.ge(buy, tie)
         if obj.energy_price_per_kwh is not None:
-            terms["purchase"] = cp.sum(cp.multiply(_series("energy_price_per_kwh", obj.energy_price_per_kwh, T),
-                                                   buy)) * dt
+            terms["purchase"] = Quadratic((_series("energy_price_per_kwh", obj.energy_price_per_kwh, T) * buy).sum()
+                                          * dt)
         if obj.capacity_price_per_kw:
-            terms["capacity"] = obj.capacity_price_per_kw * cp.max(buy)
+            terms["capacity"] = Quadratic(obj.capacity_price_per_kw * _upper(prog, buy))
         if obj.curtail_cost_per_kwh and renew.any():
-            terms["curtailment"] = obj.curtail_cost_per_kwh * dt * cp.sum(avail[renew] - self.der[renew])
+            terms["curtailment"] = Quadratic(obj.curtail_cost_per_kwh * dt * (avail[renew] - self.der[renew]).sum())
         a, b = obj.diesel_cost
         if (a or b) and diesel.size:
-            quad = a * cp.sum_squares(self.der[diesel]) if a else 0  # a = 0 keeps a linear program linear
-            terms["diesel"] = (quad + b * cp.sum(self.der[diesel])) * dt
+            # a = 0 keeps a linear program linear
+            terms["diesel"] = Quadratic(b * dt * self.der[diesel].sum(), [(a * dt, self.der[diesel])] if a else [])
         if obj.carbon is not None:
-            emis_t = (obj.grid_kg_per_kwh * cp.sum(buy) + obj.diesel_kg_per_kwh * cp.sum(self.der[diesel])) * dt / 1e3
-            c = cp.Variable(name="carbon")
-            cons += [c >= piece for piece in obj.carbon._pieces(emis_t)]
-            terms["carbon"] = c
+            emis_t = (obj.grid_kg_per_kwh * buy.sum() + obj.diesel_kg_per_kwh * self.der[diesel].sum()) * dt / 1e3
+            c = prog.var(1)
+            for piece in obj.carbon._pieces(emis_t):
+                prog.ge(c, piece)
+            terms["carbon"] = Quadratic(c)
         if obj.loss_price_per_kwh:
-            terms["losses"] = obj.loss_price_per_kwh * dt * cp.sum(loss)
+            terms["losses"] = Quadratic(obj.loss_price_per_kwh * dt * loss.sum())
         elif self.opt.formulation == "socp" and self.opt.socp_loss_weight:
-            terms["loss_regulariser"] = self.opt.socp_loss_weight * dt * cp.sum(loss) / 1e3
+            terms["loss_regulariser"] = Quadratic(self.opt.socp_loss_weight * dt * loss.sum() / 1e3)
         if obj.accounts is not None:
-            terms.update(self._accounts(cp, obj.accounts, dt, cons))
+            terms.update(self._accounts(obj.accounts, dt))
         if obj.peak_valley_weight:
-            terms["peak_valley"] = obj.peak_valley_weight * (cp.max(tie) - cp.min(tie))
-        if not terms:
-            terms["zero"] = cp.Constant(0.0)
+            terms["peak_valley"] = Quadratic(obj.peak_valley_weight * (_upper(prog, tie) + _upper(prog, -tie)))
         return terms
 
-
-    def _accounts(self, cp, acc: Accounts, dt: float, cons: list) -> dict:
-        T, nb = self.T, self.net.feeder.n_bus
+    def _accounts(self, acc: Accounts, dt: float) -> dict[str, Quadratic]:
+        T, nb, prog = self.T, self.net.feeder.n_bus, self.prog
         acc.check(nb, T)
         nz = acc.n_zone
         # (T Z, T n_bus): each zone's net load per step
         rows = (np.arange(T)[:, None] * nz + acc.zone_of_bus[None, :]).reshape(-1)
         g = sp.csr_matrix((np.ones(T * nb), (rows, np.arange(T * nb))), shape=(T * nz, T * nb))
         load = g @ self.p
-        terms = {"zone_purchase": dt * cp.sum(cp.multiply(np.repeat(acc.price_per_kwh, nz), load))}
+        terms = {"zone_purchase": Quadratic(dt * (np.repeat(acc.price_per_kwh, nz) * load).sum())}
         if acc.carbon_lines:
             fixed = np.zeros(nz) if acc.excess_t is None else np.asarray(acc.excess_t, dtype=float).sum(axis=0)
             excess = fixed
             if acc.kg_per_kwh:
-                drawn = cp.Variable(T * nz, nonneg=True, name="zone_drawn_kw")
-                cons.append(drawn >= load)
+                drawn = prog.var(T * nz, lb=0.0)
+                prog.ge(drawn, load)
                 per_zone = sp.kron(np.ones((1, T)), sp.identity(nz), format="csr")
                 excess = fixed + (acc.kg_per_kwh * dt / 1e3) * (per_zone @ drawn)
-            c = cp.Variable(nz, name="zone_carbon")
-            cons += [c >= a * excess + b for a, b in acc.carbon_lines]
-            terms["zone_carbon"] = cp.sum(c)
+            c = prog.var(nz)
+            for a, b in acc.carbon_lines:
+                prog.ge(c, a * excess + b)
+            terms["zone_carbon"] = Quadratic(c.sum())
         return terms
+
+
+def _upper(prog: Program, x: Affine) -> Affine:
+    """A variable at least every entry of ``x``: its maximum, where the objective pushes it down."""
+    z = prog.var(1)
+    prog.ge(np.ones((x.size, 1)) @ z, x)
+    return z
 
 
 def _at_buses(T: int, n_bus: int, bus: np.ndarray) -> sp.csr_matrix:
@@ -888,14 +920,14 @@ def solve_opf(feeder: Feeder | Network, horizon: Horizon, sessions: Sessions | N
         t1 = time.perf_counter()
         _solve(model, opt.solver)
         solve_s += time.perf_counter() - t1
-        if model.problem.status not in ("optimal", "optimal_inaccurate"):
+        if model.prog.status not in OPTIMAL:
             if opt.soft is True:
-                raise InfeasibleError(f"the softened problem is {model.problem.status} (solver {model.solver})")
-            raise InfeasibleError(_diagnose(net, horizon, ss, obj, caps, opt, model.problem.status))
+                raise InfeasibleError(f"the softened problem is {model.prog.status} (solver {model.solver})")
+            raise InfeasibleError(_diagnose(net, horizon, ss, obj, caps, opt, model.prog.status))
         if k == rounds:
             break
         # AC residuals at this solution become the model's constants for the next round
-        p, q = _value(model.p, horizon), _value(model.q, horizon)
+        p, q = _value(model.prog, model.p, horizon), _value(model.prog, model.q, horizon)
         flow = backend.solve(p, q)
         if not flow.converged.all():
             log.warning("AC correction: the sweep did not converge at %d steps; stopping after round %d",
@@ -907,58 +939,25 @@ def solve_opf(feeder: Feeder | Network, horizon: Horizon, sessions: Sessions | N
 
 
 def _solve(model: _Model, solver: str) -> None:
+    prog = model.prog
     if solver == "auto":
         # measured on IEEE 33, 96 steps, 300 EVs: HiGHS solves the LP in 0.7 s (Clarabel 6 s) but stalls on the
         # QP, which Clarabel solves in 5 s; OSQP fails to converge on both
-        solver = "HIGHS" if _is_lp(model.problem) else "CLARABEL"
+        solver = "HIGHS" if prog.is_lp else "CLARABEL"
         model.solver = solver
-    if model.problem.is_mixed_integer() and (solver != "HIGHS" or not _is_lp(model.problem)):
+    if prog.is_mixed_integer and (solver != "HIGHS" or not prog.is_lp):
         raise ValueError(f"capacitors.step_kvar: integer capacitor steps need a linear problem solved by HiGHS "
                          f"(formulation lindistflow, no quadratic term); got solver {solver}")
-    _run(model, solver, _SOLVER_SETTINGS.get(solver, {}))
-    if model.problem.status == "solver_error" and solver == "CLARABEL":
+    prog.solve(solver)
+    if prog.status == "solver_error" and solver == "CLARABEL":
         # Clarabel stops on a numerical error on a few of seed 001's ramp-limited days (a near-singular KKT
-        # system); ten times its default static regularisation solves them to optimality
-        log.info("Clarabel: numerical error; solving again with static regularisation 1e-7")
-        _run(model, solver, {**_SOLVER_SETTINGS[solver], "static_regularization_constant": 1e-7})
+        # system); iterative refinement and ten times its default static regularisation solve them to optimality
+        log.info("Clarabel: numerical error; solving again with iterative refinement, static regularisation 1e-7")
+        prog.solve(solver, {"iterative_refinement_enable": True, "static_regularization_constant": 1e-7})
 
 
-def _run(model: _Model, solver: str, settings: dict) -> None:
-    model.problem._status = None
-    try:
-        with quiet_stdout() if solver == "HIGHS" else contextlib.nullcontext():
-            model.problem.solve(solver=solver, **settings)
-    except Exception as e:  # cvxpy's SolverError: status says the rest
-        log.info("solver %s: %s", solver, e)
-        if model.problem.status is None:
-            model.problem._status = "solver_error"
-
-
-@contextlib.contextmanager
-def quiet_stdout():
-    """HiGHS's C++ core prints a banner on file descriptor 1 whatever its options say; JSON output on stdout
-    (``evgrid bench opf --json``) must stay clean."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _is_lp(problem) -> bool:
-    """No quadratic term and no cone beyond linear rows."""
-    import cvxpy as cp
-
-    return problem.objective.expr.is_pwl() and not any(isinstance(c, cp.constraints.SOC)
-                                                              for c in problem.constraints)
-
-
-def _value(expr, hz: Horizon) -> np.ndarray:
-    return np.asarray(expr.value, dtype=float).reshape(hz.n_step, -1)
+def _value(prog: Program, expr: Affine, hz: Horizon) -> np.ndarray:
+    return prog.value(expr).reshape(hz.n_step, -1)
 
 
 def _first(idx: np.ndarray, n: int = 5) -> str:
@@ -970,12 +969,12 @@ def _diagnose(net, hz, ss, obj, caps, opt, status) -> str:
     """Re-solve with every limit softened and name the limits that had to give."""
     soft = _Model(net, hz, ss, obj, caps, dataclasses.replace(opt, soft=True))
     _solve(soft, opt.solver)
-    if soft.problem.status not in ("optimal", "optimal_inaccurate"):
-        return f"problem {status} (solver {soft.solver}); the softened problem too ({soft.problem.status})"
+    if soft.prog.status not in OPTIMAL:
+        return f"problem {status} (solver {soft.solver}); the softened problem too ({soft.prog.status})"
     f, T = net.feeder, hz.n_step
     parts = []
     for name, var in soft.slacks.items():
-        val = np.asarray(var.value).reshape(-1)
+        val = soft.prog.value(var)
         hit = np.flatnonzero(val > 1e-6)
         if not hit.size:
             continue
@@ -998,12 +997,13 @@ def _diagnose(net, hz, ss, obj, caps, opt, status) -> str:
 
 def _read(m: _Model, build_s: float, solve_s: float) -> OPFResult:
     hz, ss, f, T = m.hz, m.ss, m.net.feeder, m.T
-    p_bus = _value(m.p, hz)
+    prog = m.prog
+    p_bus = _value(prog, m.p, hz)
     tracking_kwh = 0.0
     if isinstance(m.ev, _SessionVars):
-        p_ch, p_dis = m.ev.powers(ss, T)
+        p_ch, p_dis = m.ev.powers(prog, ss, T)
     else:
-        pc, pd = m.ev.profiles(T)
+        pc, pd = m.ev.profiles(prog, T)
         p_ch, p_dis, tracking_kwh = disaggregate(ss, hz.dt_h, m.ev.group, pc, pd, m.opt)
         # the buses see what the sessions do, which the AC check then judges
         shift = np.zeros((T, f.n_bus))
@@ -1012,19 +1012,19 @@ def _read(m: _Model, build_s: float, solve_s: float) -> OPFResult:
         p_bus = p_bus + shift
     step = hz.dt_h * (ss.eta_ch[:, None] * p_ch - p_dis / ss.eta_dis[:, None])
     e = np.concatenate([ss.e0_kwh[:, None], ss.e0_kwh[:, None] + np.cumsum(step, axis=1)], axis=1)
-    v2 = np.asarray(m.v2.value, dtype=float).reshape(T, f.n_bus)
-    costs = {k: float(v.value) for k, v in m.terms.items() if k != "zero"}
-    slack = {k: float(np.sum(v.value)) for k, v in m.slacks.items()}
+    v2 = _value(prog, m.v2, hz)
+    costs = {k: v.value(prog.x) for k, v in m.terms.items()}
+    slack = {k: float(np.sum(prog.value(v))) for k, v in m.slacks.items()}
     n_der, n_cap = len(f.der_kind), m.qc.size // T if T else 0
     return OPFResult(
-        formulation=m.opt.formulation, solver=m.solver, status=m.problem.status,
+        formulation=m.opt.formulation, solver=m.solver, status=prog.status,
         objective=float(sum(costs.values())), costs=costs, build_s=build_s, solve_s=solve_s,
         p_ch_kw=p_ch, p_dis_kw=p_dis, e_kwh=e,
-        der_kw=np.asarray(m.der.value, dtype=float).reshape(T, n_der) if n_der else np.zeros((T, 0)),
-        q_cap_kvar=np.asarray(m.qc.value, dtype=float).reshape(T, n_cap) if n_cap else np.zeros((T, 0)),
-        tracking_kwh=tracking_kwh, p_bus_kw=p_bus, q_bus_kvar=_value(m.q, hz),
-        tie_kw=np.asarray(m.tie.value, dtype=float),
-        vm_pu=np.sqrt(np.maximum(v2, 0.0)), loss_kw=np.asarray(m.loss.value, dtype=float).reshape(T),
+        der_kw=_value(prog, m.der, hz) if n_der else np.zeros((T, 0)),
+        q_cap_kvar=_value(prog, m.qc, hz) if n_cap else np.zeros((T, 0)),
+        tracking_kwh=tracking_kwh, p_bus_kw=p_bus, q_bus_kvar=_value(prog, m.q, hz),
+        tie_kw=prog.value(m.tie),
+        vm_pu=np.sqrt(np.maximum(v2, 0.0)), loss_kw=prog.value(m.loss).reshape(T),
         slack=slack)
 
 
