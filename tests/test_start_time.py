@@ -13,7 +13,8 @@ from pettingzoo.test import parallel_api_test, parallel_seed_test
 
 import evgrid
 from evgrid.config import ConfigError
-from evgrid.envs.start_time import (AGENT, StartTimeEnv, greedy_policy, random_policy, run_episode)
+from evgrid.envs.start_time import (AGENT, StartTimeEnv, greedy_policy, greedy_start, random_policy,
+                                    run_episode)
 
 DT_H = 0.25
 VALLEY_START_H = 22.0
@@ -122,6 +123,28 @@ def test_copying_the_optimal_profile_beats_random(env):
     assert summary["total_reward"] == {f"node{n}": pytest.approx(r) for n, r in zip((5, 9, 13), greedy.total_reward)}
 
 
+def test_score_observation_is_each_starts_reward_over_the_blocks_energy():
+    """``observation: scores`` appends, per valid start, the deviation the block would remove (the step's
+    reward before the unmet term) over the block's energy; greedy's pick carries the highest score."""
+    env = evgrid.make("EVStartTime-v0", start_time={"observation": "scores"})
+    obs, _ = env.reset(seed=3)
+    n, rng = env.n_slots, np.random.default_rng(3)
+    assert env.observation_space(AGENT)["observations"].shape == (len(env.nodes) + 8 + 3 * n,)
+    for _ in range(40):
+        o, d = obs[AGENT], env.decision()
+        scores = o["observations"][-n:]
+        valid = o["action_mask"].astype(bool)
+        assert np.all(scores[~valid] == 0) and np.all(np.abs(scores) <= 1 + 1e-6)
+        assert scores[greedy_start(d.gap_kw, d.shape_kw, d.earliest, d.latest)] == pytest.approx(scores[valid].max())
+        a = int(rng.integers(d.earliest, d.latest + 1))
+        placed = np.zeros(n)
+        placed[a:a + d.shape_kw.size] = d.shape_kw
+        removed_kw = np.abs(d.gap_kw).sum() - np.abs(d.gap_kw - placed).sum()  # eq 21 before minus after
+        assert scores[a] * d.shape_kw.sum() == pytest.approx(removed_kw, abs=1e-6)
+        obs, *_ = env.step({AGENT: a})
+    assert env.observation_space(AGENT).contains(obs[AGENT])
+
+
 def test_masked_actions_move_to_the_nearest_valid_slot_and_bad_ones_fail(env):
     obs, _ = env.reset(seed=0)
     d = env.decision()
@@ -174,6 +197,7 @@ def test_rllib_wraps_it_unchanged(env):
     ({"start_time": {"reward_scale": 0.0}}, "start_time.reward_scale"),
     ({"start_time": {"station_ramp_kw": -1.0}}, "start_time.station_ramp_kw"),
     ({"start_time": {"ev_model": "exact"}}, "start_time.ev_model"),
+    ({"start_time": {"observation": "full"}}, "start_time.observation"),
     ({"start_time": {"c": 1000}}, "start_time.c"),
     ({"start_time": {"valley_start_h": 2.0, "valley_end_h": 30.0}}, "start_time.valley_end_h"),
     ({"fleet": {"scenario": "daily_mix"}}, "fleet.scenario"),

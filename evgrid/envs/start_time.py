@@ -77,6 +77,7 @@ AGENT = "aggregator_0"
 _EPS = 1e-9
 _CACHE_DAYS = 16  # stage-1 solutions kept per env (a seed replayed for evaluation skips its OPF)
 UNSCHEDULED = np.iinfo(np.int64).min  # start slot of an EV not scheduled yet
+OBSERVATIONS = ("paper", "scores")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,10 @@ class StartTimeConfig:
     """Penalty per unmet kWh relative to the reward of a kWh placed on the optimal profile, [0, 1e6] (ours)."""
     ev_model: str = "sessions"
     """Stage-1 EV model: ``sessions`` (exact) or ``aggregate`` (one flexible load per station)."""
+    observation: str = "paper"
+    """``paper``: eqs 18-19; ``scores`` (ours): also, per start slot, how much closer starting there brings the
+    station's schedule to its optimal profile (what the greedy baseline maximises), derived from the same
+    profiles."""
 
     def __post_init__(self) -> None:
         check_real("valley_start_h", self.valley_start_h, 0.0, 24.0, hi_open=True)
@@ -106,6 +111,7 @@ class StartTimeConfig:
         check_real("reward_scale", self.reward_scale, 0.0, 1e9, lo_open=True)
         check_real("unmet_weight", self.unmet_weight, 0.0, 1e6)
         check_choice("ev_model", self.ev_model, opf.EV_MODELS)
+        check_choice("observation", self.observation, OBSERVATIONS)
 
 
 # ------------------------------------------------------------------------------------------- EV windows
@@ -350,8 +356,9 @@ class StartTimeEnv(ParallelEnv, EzPickle):
     def observation_space(self, agent: str) -> gymnasium.Space:
         _agent(agent)
         m, n = len(self.nodes), self.n_slots
-        low = np.concatenate([np.zeros(m), [-np.inf], np.zeros(len(_EV_FEATURES) - 1), np.zeros(2 * n)])
-        high = np.concatenate([np.ones(m + len(_EV_FEATURES)), np.full(2 * n, np.inf)])
+        k = n if self.st.observation == "scores" else 0
+        low = np.concatenate([np.zeros(m), [-np.inf], np.zeros(len(_EV_FEATURES) - 1), np.zeros(2 * n), -np.ones(k)])
+        high = np.concatenate([np.ones(m + len(_EV_FEATURES)), np.full(2 * n, np.inf), np.ones(k)])
         return spaces.Dict({"observations": spaces.Box(low.astype(np.float32), high.astype(np.float32),
                                                        dtype=np.float32),
                             "action_mask": spaces.Box(0, 1, (n,), np.int8)})
@@ -511,7 +518,7 @@ class StartTimeEnv(ParallelEnv, EzPickle):
 
     def _observe(self) -> dict[str, np.ndarray]:
         m, n = len(self.nodes), self.n_slots
-        x = np.zeros(m + len(_EV_FEATURES) + 2 * n, dtype=np.float32)
+        x = np.zeros(self.observation_space(AGENT)["observations"].shape, dtype=np.float32)
         mask = np.zeros(n, dtype=np.int8)
         if self._k >= self._adj.size:  # nothing waits: a terminal observation, slot 0 nominally valid
             mask[0] = 1
@@ -524,7 +531,11 @@ class StartTimeEnv(ParallelEnv, EzPickle):
                                       w.need_kwh[i] / w.cap_kwh[i], self._done[j] / max(self._count[j], 1))
         o = m + len(_EV_FEATURES)
         x[o:o + n] = self.stage1.p_opt_kw[j] / self._scale[j]
-        x[o + n:] = self._p_kw[j, -self._g0:] / self._scale[j]
+        x[o + n:o + 2 * n] = self._p_kw[j, -self._g0:] / self._scale[j]
+        if self.st.observation == "scores":
+            d = self.decision()
+            x[o + 2 * n + d.earliest:o + 2 * n + d.latest + 1] = start_scores(d.gap_kw, d.shape_kw, d.earliest,
+                                                                              d.latest)
         mask[w.earliest[i]:w.latest[i] + 1] = 1
         return {"observations": x, "action_mask": mask}
 
@@ -570,13 +581,21 @@ def _check(cfg: EnvConfig, st: StartTimeConfig) -> tuple[int, int]:
 # -------------------------------------------------------------------------------------------- baselines
 
 
+def start_scores(gap_kw: FloatArray, shape_kw: FloatArray, earliest: int, latest: int) -> FloatArray:
+    """For each start in [earliest, latest], how much the block ``shape_kw`` placed there reduces the
+    deviation from the optimal profile (eq 21), over the block's own energy: in [-1, 1], 1 where it fills the
+    gap exactly, -1 where it lands wholly on slots already at or above the profile."""
+    d = shape_kw.size
+    win = np.lib.stride_tricks.sliding_window_view(gap_kw[earliest:latest + d], d)  # (starts, d)
+    return (np.abs(win).sum(axis=1) - np.abs(win - shape_kw).sum(axis=1)) / max(float(shape_kw.sum()), _EPS)
+
+
 def greedy_start(gap_kw: FloatArray, shape_kw: FloatArray, earliest: int, latest: int) -> int:
     """The start in [earliest, latest] whose block brings the schedule closest to the optimal profile: least
     absolute deviation (eq 21, the largest immediate reward), ties to the largest overlap with the gap."""
-    d = shape_kw.size
-    win = np.lib.stride_tricks.sliding_window_view(gap_kw[earliest:latest + d], d)  # (starts, d)
-    l1 = np.abs(win - shape_kw).sum(axis=1) - np.abs(win).sum(axis=1)
-    best = np.flatnonzero(l1 <= l1.min() + 1e-9)
+    score = start_scores(gap_kw, shape_kw, earliest, latest)
+    best = np.flatnonzero(score >= score.max() - 1e-9 / max(float(shape_kw.sum()), _EPS))  # ties within 1e-9 kW
+    win = np.lib.stride_tricks.sliding_window_view(gap_kw[earliest:latest + shape_kw.size], shape_kw.size)
     return earliest + int(best[np.argmax(win[best] @ shape_kw)])
 
 
@@ -637,7 +656,8 @@ StartTimeEnv.__doc__ = f"""Seed 001's sequential start-time scheduling of househ
 {_indent(_EV_FEATURES.table())}
 
     then that station's optimal profile ``P*_i`` (n_slots) and its scheduled profile ``P_i^(k-1)`` (n_slots),
-    each over the station's optimal peak (kW / kW, [0, inf)).
+    each over the station's optimal peak (kW / kW, [0, inf)); with ``start_time.observation = "scores"``
+    (ours) then n_slots more: each valid start's :func:`start_scores` ([-1, 1], 0 outside the window).
 
     ## Rewards
     Eq 20: ``r_k = lambda_i (D_i^(k-1) - D_i^k) - lambda_i unmet_weight E_unmet / dt``, with eq 21's
