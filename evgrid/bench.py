@@ -547,8 +547,10 @@ def bench_opf(feeders: Iterable[str] = ("ieee33",), horizons: Iterable[int] = (2
               evs: Iterable[int] = (300, 3000), formulations: Iterable[str] = ("lindistflow",), seed: int = 0,
               single_period: bool = True, ev_models: Iterable[str] = ("sessions",),
               single_period_repeats: int = 15, ac_rounds: int = 0) -> Iterable[dict]:
-    """Build + solve time of the multi-period OPF, with its AC check, per problem, feeder, horizon, fleet and
-    formulation; and a single-period OPF beside pandapower's ``runopp`` on the same problem."""
+    """Build + solve time of the multi-period OPF (LinDistFlow with ``ac_rounds`` AC correction rounds), with
+    its AC check, per problem, feeder, horizon, fleet and formulation; and a single-period OPF beside
+    pandapower's ``runopp`` on the same problem, with one and with two AC rounds (``single_period_repeats``
+    timed solves each)."""
     from evgrid.grid import opf
 
     for name in feeders:
