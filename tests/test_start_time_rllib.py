@@ -167,3 +167,25 @@ def test_ppo_beats_random_on_held_out_days(ray_local):
     mean = {k: np.mean([r.total_reward.mean() for r in v]) for k, v in out.items()}
     assert returns[-1] > returns[0] + 20, returns  # it learns: the training return per node climbs
     assert mean["PPO drawn"] > mean["random"] + 10 and mean["greedy"] > mean["PPO drawn"], mean
+
+
+def test_slot_scoring_policy_trains_acts_inside_the_mask_and_restores(ray_local, tmp_path):
+    """``policy="slots"``: one network scores every start slot (the module's own head, not RLlib's pi); it
+    trains, acts inside the mask and comes back from its checkpoint with the same actions; it refuses DQN and
+    the paper's observation (no scores to read)."""
+    scores = {"observation": "scores"}
+    agent = train_start_time("PPO", timesteps=2048, seed=0, num_env_runners=0, out_dir=tmp_path / "slots",
+                             start_time=scores, policy="slots")
+    try:
+        assert type(agent.module).__name__ == "SlotScorePPOModule"
+        seen, actions, res = _episode(agent)
+        masks = np.stack([o["action_mask"] for o in seen])
+        assert masks[np.arange(len(actions)), actions].all() and res.n_moved == 0
+        back = StartTimeAgent.restore(tmp_path / "slots")
+        assert [back.act(o) for o in seen] == actions.tolist()
+    finally:
+        agent.stop()
+    with pytest.raises(ValueError, match="policy: 'slots' scores start slots for PPO and A2C"):
+        train_start_time("DQN", timesteps=10, start_time=scores, policy="slots")
+    with pytest.raises(ValueError, match="observation 'paper'"):
+        train_start_time("PPO", timesteps=10, policy="slots")
