@@ -581,21 +581,27 @@ def _check(cfg: EnvConfig, st: StartTimeConfig) -> tuple[int, int]:
 # -------------------------------------------------------------------------------------------- baselines
 
 
-def start_scores(gap_kw: FloatArray, shape_kw: FloatArray, earliest: int, latest: int) -> FloatArray:
+def _windows(gap_kw: FloatArray, shape_kw: FloatArray, earliest: int, latest: int) -> FloatArray:
+    """(starts, d): the gap under the block at each start in [earliest, latest]."""
+    d = shape_kw.size
+    return np.lib.stride_tricks.sliding_window_view(gap_kw[earliest:latest + d], d)
+
+
+def start_scores(gap_kw: FloatArray, shape_kw: FloatArray, earliest: int, latest: int,
+                 win: FloatArray | None = None) -> FloatArray:
     """For each start in [earliest, latest], how much the block ``shape_kw`` placed there reduces the
     deviation from the optimal profile (eq 21), over the block's own energy: in [-1, 1], 1 where it fills the
     gap exactly, -1 where it lands wholly on slots already at or above the profile."""
-    d = shape_kw.size
-    win = np.lib.stride_tricks.sliding_window_view(gap_kw[earliest:latest + d], d)  # (starts, d)
+    win = _windows(gap_kw, shape_kw, earliest, latest) if win is None else win
     return (np.abs(win).sum(axis=1) - np.abs(win - shape_kw).sum(axis=1)) / max(float(shape_kw.sum()), _EPS)
 
 
 def greedy_start(gap_kw: FloatArray, shape_kw: FloatArray, earliest: int, latest: int) -> int:
     """The start in [earliest, latest] whose block brings the schedule closest to the optimal profile: least
     absolute deviation (eq 21, the largest immediate reward), ties to the largest overlap with the gap."""
-    score = start_scores(gap_kw, shape_kw, earliest, latest)
+    win = _windows(gap_kw, shape_kw, earliest, latest)
+    score = start_scores(gap_kw, shape_kw, earliest, latest, win)
     best = np.flatnonzero(score >= score.max() - 1e-9 / max(float(shape_kw.sum()), _EPS))  # ties within 1e-9 kW
-    win = np.lib.stride_tricks.sliding_window_view(gap_kw[earliest:latest + shape_kw.size], shape_kw.size)
     return earliest + int(best[np.argmax(win[best] @ shape_kw)])
 
 

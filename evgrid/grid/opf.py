@@ -301,6 +301,7 @@ class _Topology:
     parent: sp.csr_matrix  # (T n_node, T n_node)
     branch: npt.NDArray[np.int64]  # rows of the nodes with a branch (all but the root)
     root: npt.NDArray[np.int64]
+    elem_rows: npt.NDArray[np.int64]  # the node row of each element (lines, then transformers) at each step
     # ampacity polygon (lindistflow): side k of each element's rating at each step from its node's P and Q, and
     # each element's row repeated for every side
     poly_p: sp.csr_matrix  # (sides T n_elem, T n_node)
@@ -321,7 +322,7 @@ class _Topology:
                          flow=sp.kron(eye, sp.identity(n) - children, format="csr"),
                          parent=sp.kron(eye, parent, format="csr"),
                          branch=np.flatnonzero(np.tile(np.arange(n) > 0, T)),
-                         root=np.flatnonzero(np.tile(np.arange(n) == 0, T)),
+                         root=np.flatnonzero(np.tile(np.arange(n) == 0, T)), elem_rows=rows,
                          poly_p=sp.kron(np.cos(ang)[:, None], pick, format="csr"),
                          poly_q=sp.kron(np.sin(ang)[:, None], pick, format="csr"),
                          poly_rep=sp.kron(np.ones((_POLYGON_SIDES, 1)), sp.identity(rows.size), format="csr"))
@@ -744,7 +745,7 @@ class _Model:
         prog.le(vb - slack("voltage_high_pu", T * f.n_bus), vmax)
         self.v2 = vb
         if t.elem_node.size:
-            rows = (np.arange(T)[:, None] * n + t.elem_node[None, :]).reshape(-1)
+            rows = topo.elem_rows
             if relaxed:
                 i_max = (t.elem_rating_ka / t.elem_ibase_ka).min(axis=1)
                 over = slack("loading_kw", rows.size)

@@ -287,7 +287,7 @@ class Program:
     def _conic(self):
         """Clarabel's and SCS's form: ``A x + s = b``, ``s`` in zero, nonnegative and second-order cones, with
         finite variable bounds as nonnegative rows."""
-        q, const, P, A_rows, b_rows, n_eq_rows = self._matrices()
+        q, _, P, A_rows, b_rows, n_eq_rows = self._matrices()
         n = self.n
         lb, ub = (np.concatenate(b) if n else np.zeros(0) for b in (self._lb, self._ub))
         fixed = lb == ub  # one equality row, not two opposite inequalities
@@ -310,12 +310,12 @@ class Program:
         b = np.concatenate([lb[fx], b_rows, -lb[lo], ub[hi], *b_soc])
         n_eq = fx.size + n_eq_rows
         n_le = A_rows.shape[0] - n_eq_rows + lo.size + hi.size
-        return q, const, P, A, b, n_eq, n_le, soc_dims
+        return q, P, A, b, n_eq, n_le, soc_dims
 
     def _clarabel(self, settings: dict) -> None:
         import clarabel
 
-        q, const, P, A, b, n_eq, n_le, soc_dims = self._conic()
+        q, P, A, b, n_eq, n_le, soc_dims = self._conic()
         last = self._last_clarabel
         if last is not None and last[0] is A and last[1] == settings and last[2].is_data_update_allowed():
             # only bounds moved (fix): keep the solver's factorisation structure and scaling, a new right-hand side
@@ -340,7 +340,7 @@ class Program:
     def _scs(self, settings: dict) -> None:
         import scs
 
-        q, const, P, A, b, n_eq, n_le, soc_dims = self._conic()
+        q, P, A, b, n_eq, n_le, soc_dims = self._conic()
         data = {"P": P, "A": A, "b": b, "c": q}
         sol = scs.SCS(data, {"z": n_eq, "l": n_le, "q": soc_dims}, **settings).solve()
         st = sol["info"]["status"]
