@@ -505,7 +505,7 @@ def bench_train(views: Iterable[str] = ("grouped", "individual"), n_ev: int = 10
     by_view = {r["ev_view"]: r for r in rows}
     if {"grouped", "individual"} <= by_view.keys():
         g, i = by_view["grouped"], by_view["individual"]
-        g["ev_decisions_vs_individual"] = round(g["ev_decisions_per_s"] / i["ev_decisions_per_s"], 2)
+        g["ev_decisions_vs_individual"] = round(g["ev_decisions_per_s"] / i["ev_decisions_per_s"], 3)
     return rows
 
 
