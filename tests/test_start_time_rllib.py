@@ -185,6 +185,16 @@ def test_slot_scoring_policy_trains_acts_inside_the_mask_and_restores(ray_local,
         assert [back.act(o) for o in seen] == actions.tolist()
     finally:
         agent.stop()
+    # agents trained on different observations are evaluated together, each on its own env, on the same days
+    paper = train_start_time("PPO", timesteps=256, seed=0, num_env_runners=0)
+    try:
+        out = evaluate_policies({"slots": back, "paper": paper}, seeds=[EVAL_SEED])
+    finally:
+        paper.stop()
+    assert list(out) == ["slots", "paper", "random", "greedy"]
+    for name in ("slots", "paper", "random"):
+        np.testing.assert_array_equal(out[name][0].p_opt_kw, out["greedy"][0].p_opt_kw)
+    assert back.decision_ms > 0 and paper.decision_ms > 0
     with pytest.raises(ValueError, match="policy: 'slots' scores start slots for PPO and A2C"):
         train_start_time("DQN", timesteps=10, start_time=scores, policy="slots")
     with pytest.raises(ValueError, match="observation 'paper'"):

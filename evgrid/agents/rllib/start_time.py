@@ -532,27 +532,32 @@ def evaluate_policies(policies: Mapping[str, Policy], seeds: Iterable[int] = EVA
                       ) -> dict[str, list[EpisodeResult]]:
     """One episode per day seed and policy, with the ``random`` (seeded per day) and ``greedy`` baselines added
     unless given.  ``policies``: :class:`StartTimeAgent` objects or ``policy(env, obs) -> slot`` callables.
-    ``config``/``start_time``: the env; None takes the agents' (the same for all) or ``seed001``.  Every
-    policy sees the same days in one env, so each day's stage 1 is solved once; each agent's
-    :attr:`~StartTimeAgent.decision_ms` covers these episodes."""
-    env = StartTimeEnv(*_eval_env(policies, config, start_time))
+    ``config``/``start_time``: the env of every policy; None runs each agent on the env it was trained on (they
+    may differ in their observation: the days, dynamics and rewards are the same) and the callables and
+    baselines on the first agent's (``seed001`` without agents).  Policies on one env see the same days, so each
+    day's stage 1 is solved once per env; each agent's :attr:`~StartTimeAgent.decision_ms` covers these
+    episodes."""
+    envs: dict[str, StartTimeEnv] = {}
+
+    def env_of(policy: Policy | None) -> StartTimeEnv:
+        if config is not None or not isinstance(policy, StartTimeAgent):
+            args = (config, start_time) if config is not None else first
+        else:
+            args = (policy.env_config["config"], policy.env_config.get("start_time"))
+        key = json.dumps(args, sort_keys=True, default=str)
+        if key not in envs:
+            envs[key] = StartTimeEnv(*args)
+        return envs[key]
+
     agents = [p for p in policies.values() if isinstance(p, StartTimeAgent)]
+    first = (agents[0].env_config["config"], agents[0].env_config.get("start_time")) if agents else \
+        ("seed001", start_time)
     for a in agents:
         a.reset_timing()
     out: dict[str, list[EpisodeResult]] = {name: [] for name in [*policies, "random", "greedy"]}
     for s in map(int, seeds):
         todo = {"random": random_policy(s), "greedy": greedy_policy, **policies}
         for name, pol in todo.items():
-            out[name].append(run_episode(env, pol, s))
+            out[name].append(run_episode(env_of(pol), pol, s))
         log.info("seed %d: %s", s, ", ".join(f"{n} {out[n][-1].total_reward.mean():.1f}" for n in todo))
     return out
-
-
-def _eval_env(policies: Mapping[str, Policy], config: Any, start_time: Mapping[str, Any] | None
-              ) -> tuple[Any, Any]:
-    if config is not None:
-        return config, start_time
-    envs = [p.env_config for p in policies.values() if isinstance(p, StartTimeAgent)]
-    if any(e != envs[0] for e in envs[1:]):
-        raise ValueError("config: the agents were trained on different envs; give the evaluation's config")
-    return (envs[0]["config"], envs[0].get("start_time")) if envs else ("seed001", start_time)
