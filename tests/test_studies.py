@@ -282,3 +282,33 @@ def test_seed001_quick_reproduction_trains_every_algorithm_and_reports_the_paper
         assert (out / name).stat().st_size > 10_000 and f"]({name})" in report
     assert (out / "agents" / "PPO-seed0" / "agent.json").is_file()
     assert (out / "agents" / "PPO_ours-seed0" / "agent.json").is_file()
+
+
+def test_seed001_claims_read_the_orderings_off_the_rows():
+    """The seed 001 report's claims on made-up results: which hold follows the numbers, ours apart from the
+    paper's setting, and the nodes whose nadir falls are named."""
+    from evgrid.studies import seed001
+
+    reward = {"PPO": 800, "A2C": 850, "DQN": 700, "random": 720, "greedy": 880,
+              "PPO_ours": 860, "A2C_ours": 840, "DQN_ours": 780}
+    dev = {"PPO": 0.09, "PPO_ours": 0.07, "random": 0.11}
+    rows = [row("seed001", m, 0, "total_reward", v) for m, v in reward.items()]
+    rows += [row("seed001", m, 0, "deviation_avg_mw", v) for m, v in dev.items()]
+    rows += [row("seed001", m, 0, f"vm_min_pu_node{n}", v) for m, n, v in
+             (("before", 5, 0.95), ("after", 5, 0.96), ("before", 9, 0.94), ("after", 9, 0.93))]
+    rows += [row("seed001", m, 0, metric, 0.9) for m in ("before", "after")
+             for metric in ("vm_min_pu", f"vm_swing_pu_node{seed001.SWING_NODE}")]
+    rows.append(row("seed001", "PPO", 0, "decision_ms", 0.3))
+    claims = seed001._claims(rows)
+
+    def holds(start: str) -> bool | None:
+        (c,) = [c for c in claims if c.text.startswith(start)]
+        return c.holds
+
+    assert holds("total reward PPO > A2C > DQN > random") is False  # A2C 850 beats PPO, DQN 700 < random
+    assert holds("ours (score observation, slot-scoring PPO and A2C): PPO > A2C > DQN > random") is True
+    assert holds("every trained algorithm beats random") is False
+    assert holds("ours: every trained algorithm beats random") is True
+    assert holds("PPO's mean deviation from the optimal profile is below random's") is True
+    (nadir,) = [c for c in claims if c.text.startswith("no node's voltage nadir")]
+    assert nadir.holds is False and "nodes lower: 9)" in nadir.text

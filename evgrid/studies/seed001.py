@@ -142,6 +142,9 @@ def _claims(rows: list[dict[str, Any]]) -> list[Claim]:
     vm = {m: _mean(rows, m, "vm_min_pu") for m in ("before", "after")}
     swing = {m: _mean(rows, m, f"vm_swing_pu_node{SWING_NODE}") for m in ("before", "after")}
     ms = _mean(rows, "PPO", "decision_ms")
+    dev = {m: _mean(rows, m, "deviation_avg_mw") for m in ("PPO", "PPO_ours", "random")}
+    nodes = sorted({r["metric"] for r in rows if r["metric"].startswith("vm_min_pu_node")})
+    worse = [n.removeprefix("vm_min_pu_node") for n in nodes if _mean(rows, "after", n) < _mean(rows, "before", n)]
     return [
         Claim(f"total reward PPO > A2C > DQN > random (paper 937 > 908 > 825 > 600; ours "
               f"{' > '.join(f'{m} {r[m]:.0f}' for m in order)})", order == ["PPO", "A2C", "DQN", "random"]),
@@ -152,6 +155,12 @@ def _claims(rows: list[dict[str, Any]]) -> list[Claim]:
               ours == ["PPO_ours", "A2C_ours", "DQN_ours", "random"]),
         Claim("ours: every trained algorithm beats random on total reward",
               all(r[f"{a}_ours"] > r["random"] for a in ALGORITHMS)),
+        Claim(f"PPO's mean deviation from the optimal profile is below random's (ours: PPO {dev['PPO']:.3f}, "
+              f"PPO_ours {dev['PPO_ours']:.3f}, random {dev['random']:.3f} MW)", dev["PPO"] < dev["random"]),
+        Claim("ours: PPO_ours's mean deviation from the optimal profile is below random's",
+              dev["PPO_ours"] < dev["random"]),
+        Claim(f"no node's voltage nadir is lower after scheduling than before (nodes lower: "
+              f"{', '.join(worse) or 'none'})", not worse),
         Claim(f"PPO is within 10 % of the greedy copy of the optimal profile (ours, no paper value: greedy "
               f"{r['greedy']:.0f})", r["PPO"] >= 0.9 * r["greedy"]),
         Claim(f"the feeder's voltage nadir rises after scheduling (paper node 9 0.969 -> 0.973; ours "
