@@ -1,0 +1,598 @@
+"""P-DQN and MP-DQN for parameterised (hybrid) actions, as RLlib 2.60 new-API-stack algorithms.
+
+An agent picks a discrete mode ``k`` in {0..K-1} and a continuous parameter ``x_k`` for it; its action space is
+``Dict({"mode": Discrete(K), "power": Box(low, high, shape=(K,))})`` (or ``shape=(K, P)``: P parameters per
+mode), every mode's parameter is sent and the environment reads the chosen one.
+
+* P-DQN (Xiong et al. 2018): a parameter actor ``x(s)`` gives all K parameter vectors (tanh-squashed into the
+  Box); a Q-network ``Q(s, x_1..x_K)`` gives K values.  Acting: ``k = argmax_k Q(s, x(s))``.  The Q-loss is a
+  TD loss on the stored ``(k, x)``; the actor loss ``-sum_k Q(s, x(s))[k]`` moves the actor only.
+* MP-DQN (Bester et al. 2019, ``multi_pass=True``): the Q-network runs K passes, pass k seeing only ``x_k``
+  (the others zeroed), and ``Q_k`` is read from pass k, so ``Q_k`` does not depend on ``x_j`` (j != k) and the
+  actor gets no false gradient through the other modes' parameters.
+
+Pieces: :class:`PDQNConfig` / :class:`MPDQNConfig` (settings), :class:`PDQN` / :class:`MPDQN` (the algorithm:
+sample, store in an episode replay buffer, update, sync), :class:`PDQNTorchRLModule` (networks, greedy and
+exploring actions) and :class:`PDQNTorchLearner` (two optimisers, the losses, target updates).
+
+Parameters travel in two scales: the environment's (Box units, what the replay buffer stores) and the unit
+scale [-1, 1] per coordinate that the networks see, so layer sizes and the exploration noise need not know the
+Box.  Train with ``environment(normalize_actions=False, clip_actions=False)``: the module already returns
+actions inside the space (RLlib's unsquashing would assume [-1, 1] outputs).
+
+Not supported: recurrent (stateful) modules, non-flat observations.  The replay buffer is not part of a
+checkpoint (RLlib 2.60's new-stack ``Algorithm.get_state`` leaves it out), so a restored run refills it before
+it learns again (``num_steps_sampled_before_learning_starts`` counts the buffer's content).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.connectors.common.add_observations_from_episodes_to_batch import (
+    AddObservationsFromEpisodesToBatch,
+)
+from ray.rllib.connectors.learner.add_next_observations_from_episodes_to_train_batch import (
+    AddNextObservationsFromEpisodesToTrainBatch,
+)
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.learner import POLICY_LOSS_KEY
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.core.learner.utils import make_target_network, update_target_network
+from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, TargetNetworkAPI
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.core.rl_module.torch import TorchRLModule
+from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+from ray.rllib.utils.metrics import (
+    ALL_MODULES,
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LAST_TARGET_UPDATE_TS,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_AGENT_STEPS_SAMPLED_LIFETIME,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    NUM_TARGET_UPDATES,
+    REPLAY_BUFFER_ADD_DATA_TIMER,
+    REPLAY_BUFFER_RESULTS,
+    REPLAY_BUFFER_SAMPLE_TIMER,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TD_ERROR_KEY,
+    TIMERS,
+)
+from ray.rllib.utils.numpy import convert_to_numpy
+from ray.rllib.utils.replay_buffers.utils import update_priorities_in_episode_replay_buffer
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from evgrid.validate import check_bool, check_choice, check_int, check_real, describe
+
+__all__ = ["MODE_KEY", "MPDQN", "MPDQNConfig", "PARAM_KEY", "PDQN", "PDQNConfig", "PDQNTorchLearner",
+           "PDQNTorchRLModule", "QF_PREDS", "Q_ACTOR", "Q_NEXT", "hybrid_action_space", "pdqn_losses",
+           "schedule_value"]
+
+log = logging.getLogger(__name__)
+
+MODE_KEY = "mode"
+PARAM_KEY = "power"
+
+# forward_train outputs (keys of the learner's fwd_out)
+QF_PREDS = "qf_preds"  # Q(s, x_b) of every mode at the stored parameters, [B, K]
+Q_ACTOR = "q_actor"  # Q(s, x(s)) with the Q-network's weights held fixed, [B, K]
+Q_NEXT = "q_next"  # bootstrap value max_k Q_target(s', x_target(s')) (or its double-Q form), [B]
+
+Schedule = float | Sequence[Sequence[float]]
+
+
+def hybrid_action_space(low: Any, high: Any) -> gym.spaces.Dict:
+    """The action space these algorithms act in: one mode of ``len(low)`` and one parameter per mode in
+    [low_k, high_k] (arrays of shape (K,) or (K, P))."""
+    lo = np.asarray(low, dtype=np.float32)
+    hi = np.asarray(high, dtype=np.float32)
+    return gym.spaces.Dict({MODE_KEY: gym.spaces.Discrete(lo.shape[0]),
+                            PARAM_KEY: gym.spaces.Box(lo, hi, dtype=np.float32)})
+
+
+def _check_schedule(name: str, value: Any, hi: float) -> Schedule:
+    """A constant in [0, hi] or a schedule ``[[timestep, value], ...]`` from timestep 0, timesteps increasing,
+    values in [0, hi] (linear in between, the last value after the end)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return check_real(name, value, 0.0, hi)
+    expected = f"{name}: expected a number in [0, {hi}] or a schedule [[0, v0], [t1, v1], ...] with increasing " \
+               f"timesteps and values in [0, {hi}]"
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or len(value) < 1:
+        raise ValueError(f"{expected}, got {describe(value)}")
+    points = []
+    for pair in value:
+        if isinstance(pair, str | bytes) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ValueError(f"{expected}, got {describe(value)}")
+        try:
+            t = check_real(name, pair[0], 0.0)
+            v = check_real(name, pair[1], 0.0, hi)
+        except ValueError:
+            raise ValueError(f"{expected}, got {describe(value)}") from None
+        points.append((t, v))
+    if points[0][0] != 0.0 or any(b[0] <= a[0] for a, b in zip(points, points[1:])):
+        raise ValueError(f"{expected}, got {describe(value)}")
+    return [list(p) for p in points]
+
+
+def schedule_value(schedule: Schedule, t: float) -> float:
+    """The value of a constant or piecewise-linear schedule at timestep ``t``."""
+    if isinstance(schedule, int | float):
+        return float(schedule)
+    ts, vs = zip(*schedule)
+    return float(np.interp(t, ts, vs))
+
+
+class PDQNConfig(AlgorithmConfig):
+    """Settings of :class:`PDQN` (``multi_pass=False``) and :class:`MPDQN` (``multi_pass=True``).
+
+    Network widths come from ``rl_module(model_config={"actor_hidden": [...], "q_hidden": [...]})`` (or
+    ``"hidden"`` for both; default [64, 64]).  Everything else via ``training(...)``:
+
+    * ``multi_pass`` (bool): MP-DQN's K-pass Q-network.
+    * ``actor_lr``, ``critic_lr`` (float in [0, 1]; 0 freezes that network): Adam step sizes of the parameter
+      actor and of the Q-network.
+    * ``tau`` (float in (0, 1]): Polyak weight of a target update (1 copies).
+    * ``target_network_update_freq`` (int >= 0): env steps between target updates; 0 updates after every
+      learner update (soft updates with ``tau`` < 1; periodic hard syncs: ``tau=1`` and e.g. 500).
+    * ``epsilon`` (constant in [0, 1] or ``[[t, value], ...]`` over env steps): probability of a uniformly
+      random mode with uniformly random parameters.
+    * ``param_noise`` (constant in [0, 10] or schedule): std of the Gaussian noise on the greedy parameters,
+      as a fraction of each parameter's half range; noisy parameters are clipped into the Box.
+    * ``replay_buffer_config`` (dict): an RLlib episode buffer, ``{"type": "EpisodeReplayBuffer" |
+      "PrioritizedEpisodeReplayBuffer" | "MultiAgentEpisodeReplayBuffer" | ..., "capacity": ...}``.
+    * ``num_steps_sampled_before_learning_starts`` (int >= 0): timesteps in the buffer before updates start.
+    * ``training_intensity`` (float > 0 or None): replayed / sampled timesteps, i.e. updates per iteration
+      ``ceil(training_intensity * sampled / train_batch_size)``; None: one update per iteration.
+    * ``double_q`` (bool): bootstrap with the online networks' choice of mode, valued by the target networks.
+    * ``td_error_loss_fn`` ("huber" | "mse"), ``n_step`` (int >= 1), plus RLlib's ``gamma``, ``grad_clip``
+      (per optimiser), ``train_batch_size_per_learner`` (the minibatch).
+    """
+
+    def __init__(self, algo_class: type | None = None) -> None:
+        super().__init__(algo_class=algo_class or PDQN)
+        # inherited settings: the module squashes into the Box itself; off-policy defaults
+        self.normalize_actions = False
+        self.clip_actions = False
+        self.train_batch_size_per_learner = 128
+        self.rollout_fragment_length = 64
+        self.grad_clip = 10.0
+        self.grad_clip_by = "global_norm"
+        self.gamma = 0.99
+        # P-DQN / MP-DQN
+        self.multi_pass = False
+        self.actor_lr = 1e-4
+        self.critic_lr = 1e-3
+        self.tau = 0.01
+        self.target_network_update_freq = 0
+        self.epsilon: Schedule = [[0, 1.0], [10_000, 0.05]]
+        self.param_noise: Schedule = [[0, 0.3], [10_000, 0.05]]
+        self.replay_buffer_config: dict[str, Any] = {"type": "EpisodeReplayBuffer", "capacity": 50_000}
+        self.num_steps_sampled_before_learning_starts = 1000
+        self.training_intensity: float | None = None
+        self.double_q = False
+        self.td_error_loss_fn = "huber"
+        self.n_step = 1
+
+    def training(self, *, multi_pass: bool = NotProvided, actor_lr: float = NotProvided,
+                 critic_lr: float = NotProvided, tau: float = NotProvided,
+                 target_network_update_freq: int = NotProvided, epsilon: Schedule = NotProvided,
+                 param_noise: Schedule = NotProvided, replay_buffer_config: dict = NotProvided,
+                 num_steps_sampled_before_learning_starts: int = NotProvided,
+                 training_intensity: float | None = NotProvided, double_q: bool = NotProvided,
+                 td_error_loss_fn: str = NotProvided, n_step: int = NotProvided, **kwargs: Any) -> PDQNConfig:
+        """RLlib's ``training()`` plus the P-DQN settings (see the class doc)."""
+        super().training(**kwargs)
+        given = dict(multi_pass=multi_pass, actor_lr=actor_lr, critic_lr=critic_lr, tau=tau,
+                     target_network_update_freq=target_network_update_freq, epsilon=epsilon,
+                     param_noise=param_noise, num_steps_sampled_before_learning_starts=(
+                         num_steps_sampled_before_learning_starts), training_intensity=training_intensity,
+                     double_q=double_q, td_error_loss_fn=td_error_loss_fn, n_step=n_step)
+        for key, value in given.items():
+            if value is not NotProvided:
+                setattr(self, key, value)
+        if replay_buffer_config is not NotProvided:
+            if isinstance(replay_buffer_config, dict):
+                # a new buffer type replaces the settings, the same type updates them
+                same = replay_buffer_config.get("type", self.replay_buffer_config.get("type")) == \
+                    self.replay_buffer_config.get("type")
+                replay_buffer_config = {**(self.replay_buffer_config if same else {}), **replay_buffer_config}
+            self.replay_buffer_config = replay_buffer_config  # validate() refuses anything else
+        return self
+
+    def validate(self) -> None:
+        super().validate()
+        check_bool("multi_pass", self.multi_pass)
+        check_real("actor_lr", self.actor_lr, 0.0, 1.0)
+        check_real("critic_lr", self.critic_lr, 0.0, 1.0)
+        check_real("tau", self.tau, 0.0, 1.0, lo_open=True)
+        check_int("target_network_update_freq", self.target_network_update_freq, 0, 10**12)
+        _check_schedule("epsilon", self.epsilon, 1.0)
+        _check_schedule("param_noise", self.param_noise, 10.0)
+        check_int("num_steps_sampled_before_learning_starts", self.num_steps_sampled_before_learning_starts,
+                  0, 10**12)
+        if self.training_intensity is not None:
+            check_real("training_intensity", self.training_intensity, 0.0, 1e6, lo_open=True)
+        check_bool("double_q", self.double_q)
+        check_choice("td_error_loss_fn", self.td_error_loss_fn, ("huber", "mse"))
+        check_int("n_step", self.n_step, 1, 1000)
+        check_real("gamma", self.gamma, 0.0, 1.0)
+        check_int("train_batch_size_per_learner", self.train_batch_size_per_learner, 1, 10**9)
+        rb = self.replay_buffer_config
+        if not isinstance(rb, dict) or "type" not in rb:
+            raise ValueError(f"replay_buffer_config: expected a mapping with a 'type', got {describe(rb)}")
+        kind = rb["type"] if isinstance(rb["type"], str) else getattr(rb["type"], "__name__", "")
+        if "EpisodeReplayBuffer" not in kind and "EpisodeBuffer" not in kind:
+            raise ValueError(f"replay_buffer_config.type: expected an episode replay buffer (EpisodeReplayBuffer, "
+                             f"PrioritizedEpisodeReplayBuffer, MultiAgent...), got {describe(rb['type'])}")
+        check_int("replay_buffer_config.capacity", rb.get("capacity", 50_000), 1, 10**10)
+        if not self.enable_rl_module_and_learner or not self.enable_env_runner_and_connector_v2:
+            raise ValueError("api_stack: PDQN runs on RLlib's new API stack only (enable_rl_module_and_learner and "
+                             "enable_env_runner_and_connector_v2 true)")
+        for name in ("normalize_actions", "clip_actions"):
+            if getattr(self, name):
+                raise ValueError(f"{name}: expected False for PDQN (its module returns actions inside the Box "
+                                 f"already; RLlib's unsquashing assumes outputs in [-1, 1]), got True")
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        return RLModuleSpec(module_class=PDQNTorchRLModule, model_config=self.model_config)
+
+    def get_default_learner_class(self) -> type:
+        return PDQNTorchLearner
+
+    @property
+    def _model_config_auto_includes(self) -> dict[str, Any]:
+        # what the modules need: to act (env runners) and for the bootstrap value (learners)
+        return super()._model_config_auto_includes | {"multi_pass": self.multi_pass, "epsilon": self.epsilon,
+                                                      "param_noise": self.param_noise, "double_q": self.double_q}
+
+
+class MPDQNConfig(PDQNConfig):
+    """:class:`PDQNConfig` with ``multi_pass=True`` (MP-DQN)."""
+
+    def __init__(self, algo_class: type | None = None) -> None:
+        super().__init__(algo_class=algo_class or MPDQN)
+        self.multi_pass = True
+
+
+def _mlp(n_in: int, hidden: Sequence[int], n_out: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(n_in, h), nn.ReLU()]
+        n_in = h
+    layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+def _widths(model_config: dict, key: str) -> list[int]:
+    widths = model_config.get(key, model_config.get("hidden", [64, 64]))
+    if not isinstance(widths, list | tuple) or not widths:
+        raise ValueError(f"model_config.{key}: expected a list of layer widths (integers in [1, 65536]), got "
+                         f"{describe(widths)}")
+    return [check_int(f"model_config.{key}", h, 1, 65536) for h in widths]
+
+
+class PDQNTorchRLModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
+    """Parameter actor, Q-network (single- or multi-pass) and, in learners, their target copies.
+
+    Observation: a flat Box.  Action: ``Dict(mode=Discrete(K), power=Box(shape=(K,) or (K, P)))`` with finite
+    bounds.  ``model_config``: ``actor_hidden``, ``q_hidden`` (or ``hidden``; default [64, 64]),
+    ``multi_pass``, ``epsilon``, ``param_noise``, ``double_q`` (filled in from :class:`PDQNConfig`).
+
+    Outputs ``Columns.ACTIONS`` directly (``{"mode": long [B], "power": float [B, K(, P)]}``), so RLlib's
+    ``GetActions`` connector passes them through.
+    """
+
+    def setup(self) -> None:
+        obs, act = self.observation_space, self.action_space
+        if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
+            raise ValueError(f"observation_space: PDQN expects a flat Box, got {obs}")
+        if not isinstance(act, gym.spaces.Dict) or set(act.spaces) != {MODE_KEY, PARAM_KEY} \
+                or not isinstance(act[MODE_KEY], gym.spaces.Discrete) or not isinstance(act[PARAM_KEY], gym.spaces.Box):
+            raise ValueError(f"action_space: PDQN expects Dict({MODE_KEY!r}: Discrete(K), {PARAM_KEY!r}: Box of "
+                             f"shape (K,) or (K, P)), got {act}")
+        n_mode = int(act[MODE_KEY].n)
+        box = act[PARAM_KEY]
+        if box.shape[:1] != (n_mode,) or len(box.shape) > 2:
+            raise ValueError(f"action_space.{PARAM_KEY}: expected shape ({n_mode},) or ({n_mode}, P), one parameter "
+                             f"(vector) per mode, got {box.shape}")
+        low, high = np.asarray(box.low, np.float64), np.asarray(box.high, np.float64)
+        if not (np.isfinite(low).all() and np.isfinite(high).all() and (high > low).all()):
+            raise ValueError(f"action_space.{PARAM_KEY}: expected finite bounds with high > low, got low "
+                             f"{describe(box.low)}, high {describe(box.high)}")
+        self.n_mode = n_mode
+        self.n_param = int(box.shape[1]) if len(box.shape) == 2 else 1
+        self.param_shape = tuple(box.shape)
+        self.param_dtype = torch.float32 if box.dtype == np.float32 else torch.float64
+        # buffers move with .to(device) but stay out of the state (they follow from the space)
+        self.register_buffer("_low", torch.tensor(low.reshape(n_mode, self.n_param), dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("_high", torch.tensor(high.reshape(n_mode, self.n_param), dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("_pass_mask", torch.eye(n_mode).reshape(n_mode, n_mode, 1), persistent=False)
+        cfg = self.model_config or {}
+        self.multi_pass = check_bool("multi_pass", cfg.get("multi_pass", False))
+        self.epsilon = _check_schedule("epsilon", cfg.get("epsilon", [[0, 1.0], [10_000, 0.05]]), 1.0)
+        self.param_noise = _check_schedule("param_noise", cfg.get("param_noise", 0.1), 10.0)
+        self.double_q = check_bool("double_q", cfg.get("double_q", False))
+        n_obs = int(obs.shape[0])
+        n_flat = n_mode * self.n_param
+        self.actor = _mlp(n_obs, _widths(cfg, "actor_hidden"), n_flat)
+        self.q_net = _mlp(n_obs + n_flat, _widths(cfg, "q_hidden"), n_mode)
+        # start with parameters near the middle of their ranges, where tanh is not saturated
+        last = self.actor[-1]
+        nn.init.uniform_(last.weight, -3e-3, 3e-3)
+        nn.init.zeros_(last.bias)
+
+    # ---- the networks ---------------------------------------------------------------------------------------
+
+    def params_unit(self, obs: torch.Tensor, actor: nn.Module | None = None) -> torch.Tensor:
+        """Every mode's parameters in the unit scale, ``[B, K, P]`` in [-1, 1]."""
+        out = (actor or self.actor)(obs.float())
+        return torch.tanh(out).reshape(obs.shape[0], self.n_mode, self.n_param)
+
+    def q_values(self, obs: torch.Tensor, x_unit: torch.Tensor,
+                 q_net: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``Q(s, x_1..x_K)``, ``[B, K]``, for parameters ``x_unit`` ``[B, K, P]`` in the unit scale.
+
+        Multi-pass: K passes, pass k with every parameter but ``x_k`` zeroed; ``Q_k`` is output k of pass k.
+        """
+        net = q_net or self.q_net
+        obs = obs.float()
+        b = obs.shape[0]
+        if not self.multi_pass:
+            return net(torch.cat([obs, x_unit.reshape(b, -1)], dim=-1))
+        # [B, 1, K, P] * [K, K, 1]: row k keeps mode k's parameters only
+        xs = (x_unit.unsqueeze(1) * self._pass_mask).reshape(b, self.n_mode, -1)
+        inp = torch.cat([obs.unsqueeze(1).expand(b, self.n_mode, obs.shape[-1]), xs], dim=-1)
+        q = net(inp.reshape(b * self.n_mode, -1)).reshape(b, self.n_mode, self.n_mode)
+        return q.diagonal(dim1=1, dim2=2)
+
+    def q_values_fixed_net(self, obs: torch.Tensor, x_unit: torch.Tensor) -> torch.Tensor:
+        """``q_values`` with the Q-network's weights detached: gradients reach ``x_unit`` (the actor) only."""
+        weights = {name: p.detach() for name, p in self.q_net.named_parameters()}
+        return self.q_values(obs, x_unit, lambda inp: torch.func.functional_call(self.q_net, weights, (inp,)))
+
+    def to_env(self, x_unit: torch.Tensor) -> torch.Tensor:
+        """Unit-scale parameters ``[B, K, P]`` -> Box units in the Box's shape (clamped: rounding stays inside)."""
+        x = self._low + (x_unit + 1.0) * 0.5 * (self._high - self._low)
+        x = torch.minimum(torch.maximum(x, self._low), self._high)
+        return x.reshape(x.shape[0], *self.param_shape).to(self.param_dtype)
+
+    def to_unit(self, x_env: torch.Tensor) -> torch.Tensor:
+        """Box units (the Box's shape) -> unit scale ``[B, K, P]``."""
+        x = x_env.float().reshape(x_env.shape[0], self.n_mode, self.n_param)
+        return (2.0 * (x - self._low) / (self._high - self._low) - 1.0).clamp(-1.0, 1.0)
+
+    # ---- acting ---------------------------------------------------------------------------------------------
+
+    def _forward_inference(self, batch: dict, **kwargs: Any) -> dict:
+        with torch.no_grad():
+            obs = batch[Columns.OBS]
+            x = self.params_unit(obs)
+            mode = self.q_values(obs, x).argmax(dim=-1)
+        return {Columns.ACTIONS: {MODE_KEY: mode, PARAM_KEY: self.to_env(x)}}
+
+    def _forward_exploration(self, batch: dict, t: int = 0, **kwargs: Any) -> dict:
+        """ε-greedy over modes (a random mode comes with uniformly random parameters); otherwise the greedy mode
+        with Gaussian noise on the parameters (``param_noise`` of the half range), clipped into the Box."""
+        eps = schedule_value(self.epsilon, t)
+        sigma = schedule_value(self.param_noise, t)
+        with torch.no_grad():
+            obs = batch[Columns.OBS]
+            b = obs.shape[0]
+            x = self.params_unit(obs)
+            mode = self.q_values(obs, x).argmax(dim=-1)
+            if sigma > 0.0:
+                x = (x + sigma * torch.randn_like(x)).clamp(-1.0, 1.0)
+            rand = torch.rand(b, device=obs.device) < eps
+            if rand.any():
+                mode = torch.where(rand, torch.randint(0, self.n_mode, (b,), device=obs.device), mode)
+                x = torch.where(rand.view(b, 1, 1), torch.rand_like(x) * 2.0 - 1.0, x)
+        return {Columns.ACTIONS: {MODE_KEY: mode, PARAM_KEY: self.to_env(x)}}
+
+    def _forward(self, batch: dict, **kwargs: Any) -> dict:
+        return self._forward_inference(batch)
+
+    # ---- learning -------------------------------------------------------------------------------------------
+
+    def _forward_train(self, batch: dict, **kwargs: Any) -> dict:
+        """Q at the stored actions, Q at the actor's parameters (Q-net fixed) and the bootstrap value."""
+        if self.inference_only:
+            raise RuntimeError("PDQNTorchRLModule: an inference-only module (an env runner's) cannot train")
+        obs, act = batch[Columns.OBS], batch[Columns.ACTIONS]
+        out = {QF_PREDS: self.q_values(obs, self.to_unit(act[PARAM_KEY])),
+               Q_ACTOR: self.q_values_fixed_net(obs, self.params_unit(obs))}
+        out[Q_NEXT] = self.forward_target(batch)[Q_NEXT]
+        return out
+
+    def forward_target(self, batch: dict, **kwargs: Any) -> dict:
+        """The bootstrap value at ``batch[NEXT_OBS]``: ``max_k Q_target(s', x_target(s'))``; with ``double_q``
+        the mode the online networks would pick, valued by the target networks."""
+        with torch.no_grad():
+            nxt = batch[Columns.NEXT_OBS]
+            q_target = self.q_values(nxt, self.params_unit(nxt, self._target_actor), self._target_q)
+            if self.double_q:
+                best = self.q_values(nxt, self.params_unit(nxt)).argmax(dim=-1, keepdim=True)
+                value = q_target.gather(-1, best).squeeze(-1)
+            else:
+                value = q_target.max(dim=-1).values
+        return {Q_NEXT: value}
+
+    def make_target_networks(self) -> None:
+        self._target_actor = make_target_network(self.actor)
+        self._target_q = make_target_network(self.q_net)
+
+    def get_target_network_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.actor, self._target_actor), (self.q_net, self._target_q)]
+
+    def get_non_inference_attributes(self) -> list[str]:
+        return ["_target_actor", "_target_q"]
+
+
+def pdqn_losses(fwd_out: dict, batch: dict, *, gamma: float,
+                loss_fn: str = "huber") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q-loss, actor loss, |TD error| per sample) from :meth:`PDQNTorchRLModule._forward_train`'s output.
+
+    Q-loss: ``weights * huber|mse(Q(s, x_b)[k_b], r + gamma^n (1 - terminated) q_next)`` averaged; it reaches
+    the Q-network only (the target is computed without gradients, the stored parameters are data).
+    Actor loss: ``-mean_b sum_k Q(s, x(s))[k]``; it reaches the actor only (the Q-network's weights were
+    detached in that forward pass).
+    """
+    act = batch[Columns.ACTIONS]
+    q_sel = fwd_out[QF_PREDS].gather(-1, act[MODE_KEY].long().unsqueeze(-1)).squeeze(-1)
+    n_step = batch.get("n_step")
+    discount = gamma ** n_step.float() if n_step is not None else torch.full_like(q_sel, gamma)
+    target = (batch[Columns.REWARDS].float()
+              + discount * (1.0 - batch[Columns.TERMINATEDS].float()) * fwd_out[Q_NEXT]).detach()
+    weights = batch.get("weights")
+    weights = torch.ones_like(q_sel) if weights is None else weights.float()
+    per_sample = F.huber_loss(q_sel, target, reduction="none") if loss_fn == "huber" \
+        else F.mse_loss(q_sel, target, reduction="none")
+    q_loss = (weights * per_sample).mean()
+    actor_loss = -fwd_out[Q_ACTOR].sum(dim=-1).mean()
+    return q_loss, actor_loss, (q_sel - target).abs().detach()
+
+
+class PDQNTorchLearner(TorchLearner):
+    """Two Adam optimisers per module, ``"qf"`` (Q-network, ``critic_lr``) and ``"actor"`` (``actor_lr``), the
+    P-DQN losses, and target updates after each update (every ``target_network_update_freq`` env steps)."""
+
+    def build(self) -> None:
+        super().build()
+        self._last_target_update_ts: dict[str, int] = defaultdict(int)
+        self.module.foreach_module(
+            lambda mid, mod: mod.make_target_networks() if isinstance(mod, TargetNetworkAPI) else None)
+        # the TD target needs s'
+        self._learner_connector.insert_after(AddObservationsFromEpisodesToBatch,
+                                             AddNextObservationsFromEpisodesToTrainBatch())
+
+    def add_module(self, *, module_id: str, module_spec: RLModuleSpec, **kwargs: Any) -> Any:
+        spec = super().add_module(module_id=module_id, module_spec=module_spec, **kwargs)
+        if isinstance(self.module[module_id].unwrapped(), TargetNetworkAPI):
+            self.module[module_id].unwrapped().make_target_networks()
+        return spec
+
+    @classmethod
+    def rl_module_required_apis(cls) -> list[type]:
+        return [TargetNetworkAPI]
+
+    def configure_optimizers_for_module(self, module_id: str, config: PDQNConfig | None = None) -> None:
+        module = self._module[module_id].unwrapped()
+        for name, net, lr in (("qf", module.q_net, config.critic_lr), ("actor", module.actor, config.actor_lr)):
+            params = self.get_parameters(net)
+            self.register_optimizer(module_id=module_id, optimizer_name=name, optimizer=torch.optim.Adam(params),
+                                    params=params, lr_or_lr_schedule=lr)
+
+    def compute_loss_for_module(self, *, module_id: str, config: PDQNConfig, batch: dict,
+                                fwd_out: dict) -> torch.Tensor:
+        q_loss, actor_loss, td_error = pdqn_losses(fwd_out, batch, gamma=config.gamma,
+                                                   loss_fn=config.td_error_loss_fn)
+        # per-sample TD errors go back to a prioritised buffer (concatenated over learners)
+        self.metrics.log_value((module_id, TD_ERROR_KEY), td_error, reduce="item_series")
+        q_pred = fwd_out[QF_PREDS].detach()
+        self.metrics.log_dict({"qf_loss": q_loss, POLICY_LOSS_KEY: actor_loss, "qf_mean": q_pred.mean(),
+                               "qf_max": q_pred.max(), "qf_min": q_pred.min(), "td_error_mean": td_error.mean()},
+                              key=module_id, window=1)
+        # one sum is enough: each loss has gradients only towards its own network (see pdqn_losses), and each
+        # optimiser steps only its own network
+        return q_loss + actor_loss
+
+    def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
+        super().after_gradient_based_update(timesteps=timesteps)
+        ts = int(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0) or 0)
+        for module_id, module in self.module._rl_modules.items():
+            mod = module.unwrapped()
+            if not isinstance(mod, TargetNetworkAPI):
+                continue
+            config = self.config.get_config_for_module(module_id)
+            if ts - self._last_target_update_ts[module_id] < config.target_network_update_freq:
+                continue
+            for main, target in mod.get_target_network_pairs():
+                update_target_network(main_net=main, target_net=target, tau=config.tau)
+            self._last_target_update_ts[module_id] = ts
+            self.metrics.log_value((module_id, NUM_TARGET_UPDATES), 1, reduce="lifetime_sum")
+            self.metrics.log_value((module_id, LAST_TARGET_UPDATE_TS), ts, reduce="max")
+
+
+class PDQN(Algorithm):
+    """P-DQN (``multi_pass=False``) or MP-DQN (``multi_pass=True``); see :class:`PDQNConfig`."""
+
+    @classmethod
+    def get_default_config(cls) -> PDQNConfig:
+        return PDQNConfig()
+
+    def setup(self, config: PDQNConfig) -> None:
+        super().setup(config)
+        buffer = self.local_replay_buffer
+        if config.seed is not None and isinstance(getattr(buffer, "rng", None), np.random.Generator):
+            # RLlib 2.60's episode buffers draw their samples from an unseeded generator: seed it, so a seeded run
+            # replays the same minibatches
+            buffer.rng = np.random.default_rng(config.seed)
+
+    def training_step(self) -> None:
+        """Sample with the env runners, store the episodes, run the learner updates on replayed minibatches,
+        sync the weights to the env runners (targets are updated inside the learner)."""
+        cfg = self.config
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            episodes, runner_results = synchronous_parallel_sample(
+                worker_set=self.env_runner_group, concat=True, sample_timeout_s=cfg.sample_timeout_s,
+                _uses_new_env_runners=True, _return_metrics=True)
+        self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
+        with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
+            self.local_replay_buffer.add(episodes)
+        # the buffer's content, not the lifetime count, gates learning: a restored run starts with an empty buffer
+        if self.local_replay_buffer.get_num_timesteps() < max(cfg.num_steps_sampled_before_learning_starts, 1):
+            return
+        sampled = sum(e.env_steps() for e in episodes)
+        n_updates = 1 if cfg.training_intensity is None else \
+            max(1, math.ceil(cfg.training_intensity * sampled / cfg.total_train_batch_size))
+        timesteps = {
+            NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME),
+                                                              default=0),
+            NUM_AGENT_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
+                (ENV_RUNNER_RESULTS, NUM_AGENT_STEPS_SAMPLED_LIFETIME), default={}),
+        }
+        learner_results: list = []
+        for _ in range(n_updates):
+            with self.metrics.log_time((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER)):
+                replayed = self.local_replay_buffer.sample(
+                    num_items=cfg.total_train_batch_size, n_step=cfg.n_step, gamma=cfg.gamma,
+                    beta=cfg.replay_buffer_config.get("beta", 0.0), batch_length_T=0, lookback=0,
+                    min_batch_length_T=0, sample_episodes=True)
+            self.metrics.aggregate([self.local_replay_buffer.get_metrics()], key=REPLAY_BUFFER_RESULTS)
+            with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+                learner_results = self.learner_group.update(episodes=replayed, timesteps=timesteps)
+            td_errors: dict[str, list] = defaultdict(list)
+            for res in learner_results:
+                for module_id, module_results in res.items():
+                    if TD_ERROR_KEY in module_results:
+                        # a list of per-update arrays (reduce="item_series")
+                        td_errors[module_id].extend(convert_to_numpy(module_results.pop(TD_ERROR_KEY).peek()))
+            self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+            update_priorities_in_episode_replay_buffer(
+                replay_buffer=self.local_replay_buffer,
+                td_errors={mid: {TD_ERROR_KEY: np.concatenate(v, axis=0)} for mid, v in td_errors.items()})
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
+                                               policies=set(learner_results[0]) - {ALL_MODULES},
+                                               inference_only=True)
+
+
+class MPDQN(PDQN):
+    """MP-DQN: :class:`PDQN` with the multi-pass Q-network."""
+
+    @classmethod
+    def get_default_config(cls) -> MPDQNConfig:
+        return MPDQNConfig()
