@@ -10,9 +10,9 @@ profile).  ``PPO_ours``, ``A2C_ours`` and ``DQN_ours`` are the same algorithms a
 network scoring each slot (``policy="slots"``): with the paper's observation and network the learners stall
 near random (README, seed 001).  Methods in ``results.parquet``:
 
-* ``PPO``, ``A2C``, ``DQN``, ``PPO_ours``, ``A2C_ours``, ``DQN_ours``, ``random``, ``greedy``: total reward (eq 22, per node and the mean over nodes, the
-  paper's "total reward"), the average and maximum deviation of the scheduled from the optimal profile per node
-  (MW), decision time per EV (ms) and training wall time (s);
+* ``PPO``, ``A2C``, ``DQN``, ``PPO_ours``, ``A2C_ours``, ``DQN_ours``, ``random``, ``greedy``: total reward
+  (eq 22, per node and the mean over nodes, the paper's "total reward"), the average and maximum deviation of
+  the scheduled from the optimal profile per node (MW), decision time per EV (ms) and training wall time (s);
 * ``before``: every EV charging from plug-in (the paper's original case), ``after``: PPO's schedule, ``oracle``:
   stage 1's optimal profiles: the voltage nadir per node and the voltage swing at node 4 over the valley, from
   the AC power flow of the day.
@@ -143,7 +143,7 @@ def _claims(rows: list[dict[str, Any]]) -> list[Claim]:
     swing = {m: _mean(rows, m, f"vm_swing_pu_node{SWING_NODE}") for m in ("before", "after")}
     ms = _mean(rows, "PPO", "decision_ms")
     dev = {m: _mean(rows, m, "deviation_avg_mw") for m in ("PPO", "PPO_ours", "random")}
-    nodes = sorted({r["metric"] for r in rows if r["metric"].startswith("vm_min_pu_node")})
+    nodes = sorted({x["metric"] for x in rows if x["metric"].startswith("vm_min_pu_node")})
     worse = [n.removeprefix("vm_min_pu_node") for n in nodes if _mean(rows, "after", n) < _mean(rows, "before", n)]
     return [
         Claim(f"total reward PPO > A2C > DQN > random (paper 937 > 908 > 825 > 600; ours "

@@ -537,21 +537,23 @@ def evaluate_policies(policies: Mapping[str, Policy], seeds: Iterable[int] = EVA
     baselines on the first agent's (``seed001`` without agents).  Policies on one env see the same days, so each
     day's stage 1 is solved once per env; each agent's :attr:`~StartTimeAgent.decision_ms` covers these
     episodes."""
+    agents = [p for p in policies.values() if isinstance(p, StartTimeAgent)]
+    first = (agents[0].env_config["config"], agents[0].env_config.get("start_time")) if agents else \
+        ("seed001", start_time)
     envs: dict[str, StartTimeEnv] = {}
 
-    def env_of(policy: Policy | None) -> StartTimeEnv:
-        if config is not None or not isinstance(policy, StartTimeAgent):
-            args = (config, start_time) if config is not None else first
-        else:
+    def env_of(policy: Policy) -> StartTimeEnv:
+        if config is not None:
+            args = (config, start_time)
+        elif isinstance(policy, StartTimeAgent):
             args = (policy.env_config["config"], policy.env_config.get("start_time"))
+        else:
+            args = first
         key = json.dumps(args, sort_keys=True, default=str)
         if key not in envs:
             envs[key] = StartTimeEnv(*args)
         return envs[key]
 
-    agents = [p for p in policies.values() if isinstance(p, StartTimeAgent)]
-    first = (agents[0].env_config["config"], agents[0].env_config.get("start_time")) if agents else \
-        ("seed001", start_time)
     for a in agents:
         a.reset_timing()
     out: dict[str, list[EpisodeResult]] = {name: [] for name in [*policies, "random", "greedy"]}
