@@ -140,9 +140,14 @@ def policy_episodes(cfg: EnvConfig, make_policy: Callable[[Any], Any], seeds: It
         for seed in seeds:
             obs, _ = env.reset(seed=seed)
             m = EpisodeMetrics(env.sim)
-            while env.agents:
+            while True:
+                # every simulator step the call ran (reset too: individual EVs with rule levels skip the steps
+                # with no EV plugged in)
+                for rec in env.step_records:
+                    m.add(rec)
+                if not env.agents:
+                    break
                 obs, *_ = env.step(policy.act(obs))
-                m.add(env.last_rec)
             yield m.rows()[0]
     finally:
         env.close()

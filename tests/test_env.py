@@ -17,6 +17,7 @@ import evgrid
 from evgrid.agents.baselines import BaselinePolicy
 from evgrid.config import ConfigError
 from evgrid.envs.config import load_config
+from evgrid.envs.ev_grid import EVGridVectorEnv
 from evgrid.envs.sim import DEPARTED, PLUGGED, TRUNCATED, Sim, SimActions
 
 EXPERIMENTS = sorted((Path(__file__).parent.parent / "evgrid" / "experiments").glob("*.yaml"))
@@ -275,6 +276,35 @@ def test_limits_bring_voltages_back_when_evs_cause_the_violation():
         cut += float(b.curtail_kw.sum())
     assert v_free > 0, "the scenario should overload the feeder without enforcement"
     assert v_held < v_free / 10 and cut > 0
+
+
+def test_individual_evs_with_rule_levels_run_the_idle_steps_inside_reset_and_step():
+    """Individual EVs, operators and stations on their rules: the steps with no EV plugged in (no agent to act)
+    run inside reset and step, so `agents` is empty only at the end and `step_records` covers the whole day;
+    in a vector env one environment may have no agent while another has some."""
+    rules = {"n_steps": 24, "start_hour": 16.0, "fleet": {"n_ev": 10}, "stations": {"ports": 40},
+             "agents": {"operator": "rule", "station": "rule"}}
+    env = evgrid.make("EVGrid-v0", "quickstart", ev_view="individual", **rules)
+    obs, _ = env.reset(seed=0)
+    records, calls = len(env.step_records), 0
+    policy = BaselinePolicy("random", env, seed=0)
+    while env.agents:
+        assert set(obs) >= set(env.agents)
+        obs, *_ = env.step(policy.act(obs))
+        records += len(env.step_records)
+        calls += 1
+    assert env.sim.t == records == 24 and calls < records, "no idle stretch was skipped"
+    # a day with no EV at all (the night) runs inside reset
+    night = evgrid.make("EVGrid-v0", "quickstart", ev_view="individual", **{**rules, "start_hour": 0.0})
+    obs, _ = night.reset(seed=0)
+    assert obs == {} and night.agents == [] and len(night.step_records) == 24
+    vec = EVGridVectorEnv("quickstart", 2, ev_view="individual", **rules)
+    vec.reset(seed=0)
+    one_empty = 0
+    while any(vec.agents):
+        one_empty += sum(not agents for agents in vec.agents)
+        vec.step([{a: vec.action_space(a).sample() for a in agents} for agents in vec.agents])
+    assert one_empty > 0 and vec.sim.t == 24
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -42,6 +42,12 @@ class EVGridVectorEnv:
     with that seed.  All environments start and end together (an episode ends only by truncation), which is
     what lets them share the simulator.  ``EVGridEnv`` is this class with ``n_env = 1``; RLlib's env runners
     hold their ``envs_per_runner`` environments as one of these (:mod:`evgrid.agents.rllib.env`).
+
+    Individual EVs with operators and stations on their rules leave no live agent while no EV is plugged in:
+    an environment may then have none (step it with ``{}``) while another has some, and steps in which no
+    environment has one run inside ``reset`` and ``step`` (the rules carry the day on), so ``agents`` is
+    empty in every environment only once the episode is over.  ``step_records`` holds the records of all the
+    simulator steps the last ``reset`` or ``step`` ran.
     """
 
     def __init__(self, config: Any = None, n_env: int = 1, powerflow: GridService | None = None,
@@ -51,9 +57,6 @@ class EVGridVectorEnv:
         if a.operator == "rule" and a.station == "rule" and a.ev_view == "rule":
             raise ConfigError("agents: every level runs its rule, so the env has no agents; "
                               "drive evgrid.envs.sim.Sim directly (evgrid evaluate does)")
-        if a.ev_view == "individual" and a.operator == "rule" and a.station == "rule":
-            raise ConfigError("agents.ev_view: 'individual' with rule operators and stations leaves no live agent "
-                              "while no EV is plugged in; make a level learned or use the grouped view")
         self.n_slots = a.ev_slots if a.ev_slots is not None else cfg.stations.ports
         if a.ev_view == "grouped" and self.n_slots < cfg.stations.ports:
             raise ConfigError(f"agents.ev_slots: expected >= stations.ports ({cfg.stations.ports}) so every "
@@ -69,6 +72,7 @@ class EVGridVectorEnv:
                "grouped": [f"evs_{j}" for j in range(lay.n_station)]}.get(a.ev_view, [])
         self.possible_agents = self._ops + self._stns + evs
         self.agents: list[list[str]] = [[] for _ in range(self.n_env)]  # live agents per environment
+        self.step_records: list[StepRecord] = []  # the simulator steps of the last reset() or step()
         self._observe = Observer(sim, self._ops, self._stns, a.ev_view)
         self._decoder = ActionDecoder(sim, self._ops, self._stns, a.ev_view, self.n_slots)
         t = cfg.market.tariff
@@ -137,17 +141,38 @@ class EVGridVectorEnv:
         self.agents = self._live_agents()
         if self._log is not None:
             self._log.start(sim.episode)
+        self.step_records = []
+        if not any(self.agents):  # nobody acts before the first EV plugs in: the rules run until then
+            obs = self._skip_idle(None)[0]
+            return obs, [{a: {} for a in o} for o in obs]
         obs = self._observe(None, self.agents, self.slots.owner)
         return obs, [{a: {} for a in ag} for ag in self.agents]
 
     def step(self, actions: list[dict[str, Any]]) -> tuple[list[dict], ...]:
-        """One step of every environment: ``actions[e]`` holds an action for each live agent of environment e."""
+        """One step of every environment: ``actions[e]`` holds an action for each live agent of environment e
+        (more simulator steps where no environment has a live agent afterwards; see the class doc)."""
         sim = self.sim
         if sim.fleet is None or sim.t >= sim.n_steps or not any(self.agents):
             raise RuntimeError("step: the episode is over; call reset()")
+        self.step_records = []
+        out = self._step_once(actions)
+        return self._skip_idle(out) if not any(self.agents) and sim.t < sim.n_steps else out
+
+    def _skip_idle(self, out: tuple[list[dict], ...] | None) -> tuple[list[dict], ...]:
+        """Step on with no actions while no environment has a live agent and the day goes on; ``out`` (a
+        step's returns, or None) merged with theirs, per environment and agent (each agent is reported by one
+        of them: the ones that left by the first, the ones that plugged in by the last)."""
+        while not any(self.agents) and self.sim.t < self.sim.n_steps:
+            more = self._step_once([{} for _ in range(self.n_env)])
+            out = more if out is None else tuple([{**a, **b} for a, b in zip(x, y)] for x, y in zip(out, more))
+        return out
+
+    def _step_once(self, actions: list[dict[str, Any]]) -> tuple[list[dict], ...]:
+        sim = self.sim
         act = self._decoder.decode(actions, self.agents, self.slots.owner)
         plugged_before = sim.plugged()
         rec = sim.step(act)
+        self.step_records.append(rec)
         if self._log is not None:
             self._log.add_step(rec)
         rewards = self._rewards(rec)
@@ -277,6 +302,12 @@ class EVGridEnv(ParallelEnv, EzPickle):
         """The simulator's record of the last step (None right after ``reset``)."""
         return self.vec.last_rec
 
+    @property
+    def step_records(self) -> list[StepRecord]:
+        """The records of the simulator steps the last ``reset`` or ``step`` ran: one per ``step``, except with
+        individual EVs and rule operators and stations, where steps with no EV plugged in run inside them."""
+        return self.vec.step_records
+
     def observation_space(self, agent: str) -> gymnasium.Space:
         return self.vec.observation_space(agent)  # memoised there: the same object every call
 
@@ -372,7 +403,9 @@ EVGridEnv.__doc__ = f"""Multi-agent EV charging on a distribution feeder with a 
 
     ## Episode End
     Truncation after ``n_steps`` steps (one day by default) for every agent; an EV agent is terminated when
-    its EV leaves.
+    its EV leaves.  With individual EVs and operators and stations on their rules, the steps in which no EV is
+    plugged in (no agent to act) run inside ``reset`` and ``step``, so ``agents`` is empty only at the end;
+    ``step_records`` holds the simulator records of every step the last call ran.
 
     ## Arguments
     ``EVGridEnv(config=None, powerflow=None, **overrides)``: ``config`` an :class:`EnvConfig`, a YAML path,

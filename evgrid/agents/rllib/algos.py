@@ -1,10 +1,13 @@
 """Training settings (``train:`` in an experiment YAML) and the RLlib algorithm config they build.
 
-Algorithms: PPO (default), IMPALA, and DQN (double-Q) for configs whose
+Algorithms: PPO (default), IMPALA, DQN (double-Q) for configs whose
 learned levels all act discretely (operators with ``operator_action: level``,
-stations; EVs on their rule).  RLlib 2.60 has no A2C: PPO with one epoch over
-the batch, no clipping (``clip_param`` large) and no KL term is its special
-case — ``algorithm: PPO``, ``num_epochs: 1``, ``clip_param: 1e6``, ``kl_coeff: 0``.
+stations; EVs on their rule), and P-DQN / MP-DQN (:mod:`evgrid.agents.rllib.pdqn`)
+for individual EVs (``ev_view: individual``, operators and stations on their
+rules): a mode and a power per mode, the chosen mode's power sent to the env.
+RLlib 2.60 has no A2C: PPO with one epoch over the batch, no clipping
+(``clip_param`` large) and no KL term is its special case — ``algorithm: PPO``,
+``num_epochs: 1``, ``clip_param: 1e6``, ``kl_coeff: 0``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from evgrid.config import ConfigError, from_dict, merge, parse_overrides, read_y
 from evgrid.envs.config import EnvConfig
 from evgrid.validate import check_choice, check_int, check_real
 
-ALGORITHMS = ("PPO", "IMPALA", "DQN")
+ALGORITHMS = ("PPO", "IMPALA", "DQN", "PDQN", "MPDQN")
+# the hybrid-action algorithms, for individual EVs only
+HYBRID_ALGORITHMS = ("PDQN", "MPDQN")
 
 # algorithms people ask for that this package does not run, and what to use instead
 _REFUSED = {
@@ -37,7 +42,7 @@ class TrainConfig:
     """How ``evgrid train`` trains the learned levels."""
 
     algorithm: str = "PPO"
-    """PPO, IMPALA or DQN (discrete levels only; double-Q)."""
+    """PPO, IMPALA, DQN (discrete levels only; double-Q), PDQN or MPDQN (individual EVs only)."""
     iterations: int = 20
     """Training iterations, 1..1,000,000."""
     checkpoint_every: int = 5
@@ -50,13 +55,13 @@ class TrainConfig:
     rollout_fragment_length: int = 96
     """Env steps per runner per sample call, 1..100,000."""
     train_batch_size: int = 384
-    """Env steps per training batch, 1..10,000,000."""
+    """Env steps per training batch, 1..10,000,000 (DQN, PDQN, MPDQN: transitions per replayed minibatch)."""
     minibatch_size: int = 128
     """SGD minibatch (PPO), 1..train_batch_size."""
     num_epochs: int = 4
     """Passes over each batch (PPO), 1..100."""
     lr: float = 3e-4
-    """Learning rate, (0, 1]."""
+    """Learning rate, (0, 1] (PDQN, MPDQN: of the Q-network)."""
     gamma: float = 0.99
     """Discount, [0, 1]."""
     clip_param: float = 0.2
@@ -79,6 +84,27 @@ class TrainConfig:
     """Power-flow actors when ``powerflow: actor`` (feeders sharded across them), 1..256."""
     seed: int = 0
     """Seed of the algorithm (network init, sampling)."""
+    actor_lr: float = 1e-4
+    """PDQN, MPDQN: learning rate of the power actor, [0, 1] (0 freezes it)."""
+    tau: float = 0.01
+    """PDQN, MPDQN: Polyak weight of the target networks' update after each learner update, (0, 1] (1 copies)."""
+    exploration_steps: int = 10_000
+    """PDQN, MPDQN: env steps (all runners) over which the random-mode probability falls linearly from 1 to
+    ``epsilon_final`` and the power noise from ``param_noise`` to ``param_noise_final``, 1..1,000,000,000."""
+    epsilon_final: float = 0.05
+    """PDQN, MPDQN: probability of a random mode (with random powers) after ``exploration_steps``, [0, 1]."""
+    param_noise: float = 0.3
+    """PDQN, MPDQN: initial std of the Gaussian noise on the greedy powers, as a share of half the power range,
+    [0, 10]."""
+    param_noise_final: float = 0.05
+    """PDQN, MPDQN: that std after ``exploration_steps``, [0, 10]."""
+    learning_starts: int = 1000
+    """PDQN, MPDQN: env steps in the replay buffer before the first update, 0..1,000,000,000."""
+    training_intensity: float | None = None
+    """PDQN, MPDQN: replayed / sampled steps, (0, 1e6]: ``ceil(training_intensity * env steps sampled /
+    train_batch_size)`` updates per iteration; None: one update per iteration."""
+    replay_capacity: int = 50_000
+    """DQN, PDQN, MPDQN: env steps the replay buffer holds, 1..1,000,000,000."""
 
     def __post_init__(self) -> None:
         if isinstance(self.algorithm, str) and self.algorithm in _REFUSED:
@@ -114,6 +140,16 @@ class TrainConfig:
                 check_real(f"env_runner_resources.{k}", v, 0.0, 1e6, lo_open=True)
         check_int("num_powerflow_actors", self.num_powerflow_actors, 1, 256)
         check_int("seed", self.seed, 0, 2**31 - 1)
+        check_real("actor_lr", self.actor_lr, 0.0, 1.0)
+        check_real("tau", self.tau, 0.0, 1.0, lo_open=True)
+        check_int("exploration_steps", self.exploration_steps, 1, 10**9)
+        check_real("epsilon_final", self.epsilon_final, 0.0, 1.0)
+        check_real("param_noise", self.param_noise, 0.0, 10.0)
+        check_real("param_noise_final", self.param_noise_final, 0.0, 10.0)
+        check_int("learning_starts", self.learning_starts, 0, 10**9)
+        if self.training_intensity is not None:
+            check_real("training_intensity", self.training_intensity, 0.0, 1e6, lo_open=True)
+        check_int("replay_capacity", self.replay_capacity, 1, 10**9)
 
 
 def _check_widths(name: str, widths: Any) -> None:
@@ -144,7 +180,8 @@ def learned_levels(env: EnvConfig) -> list[str]:
 
 def check_run(env: EnvConfig, train: TrainConfig) -> None:
     """What would fail only once Ray and its workers run, raised before: nothing to learn, a network for a
-    level that runs its rule, DQN on a level with continuous actions."""
+    level that runs its rule, DQN on a level with continuous actions, P-DQN on a level other than individual
+    EVs."""
     learned = learned_levels(env)
     if not learned:
         raise ConfigError("agents: every level runs its rule, so there is nothing to train; set agents.operator "
@@ -161,6 +198,22 @@ def check_run(env: EnvConfig, train: TrainConfig) -> None:
             raise ConfigError(f"train.algorithm: DQN needs discrete actions for every learned level; "
                               f"{continuous[0]!r} is not (set agents.operator_action: level and agents.ev_view: "
                               f"rule, or use PPO)")
+    if train.algorithm in HYBRID_ALGORITHMS:
+        _check_hybrid_levels(env, train.algorithm, learned)
+
+
+def _check_hybrid_levels(env: EnvConfig, algorithm: str, learned: list[str]) -> None:
+    """P-DQN learns individual EVs' hybrid actions only: operators and stations must run their rules."""
+    others = [lv for lv in learned if lv != "ev"]
+    if others:
+        found = f"agents.{others[0]} is learned"
+    elif env.agents.ev_view != "individual":
+        found = f"agents.ev_view is {env.agents.ev_view!r}"
+    else:
+        return
+    raise ConfigError(f"train.algorithm: {algorithm} trains individual EVs only (agents.ev_view: individual, "
+                      f"agents.operator: rule, agents.station: rule), but {found}; use PPO or IMPALA for learned "
+                      f"operators, stations or grouped EVs")
 
 
 def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid",
@@ -176,15 +229,19 @@ def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid",
 
     from evgrid.agents.rllib.env import EVGridEnvRunner, RLlibEVGrid
     from evgrid.agents.rllib.modules import module_specs, policy_mapping_fn
+    from evgrid.agents.rllib.pdqn import MPDQNConfig, PDQNConfig, chosen_mode_connector
     from evgrid.config import to_dict
 
     check_run(env, train)
+    hybrid = train.algorithm in HYBRID_ALGORITHMS
     env_config = {"config": to_dict(env), "grid_factory": grid_factory}
     probe = RLlibEVGrid({"config": env_config["config"]})  # spaces only: no solver service needed
-    specs = module_specs(probe, {"hidden": list(train.hidden), "fcnet_hiddens": list(train.hidden)})
+    specs = module_specs(probe, {"hidden": list(train.hidden), "fcnet_hiddens": list(train.hidden)},
+                         hybrid_evs=hybrid)
     for level, widths in (train.hidden_per_level or {}).items():
         specs.rl_module_specs[level].model_config = {"hidden": list(widths), "fcnet_hiddens": list(widths)}
-    cls = {"PPO": PPOConfig, "IMPALA": IMPALAConfig, "DQN": DQNConfig}[train.algorithm]
+    cls = {"PPO": PPOConfig, "IMPALA": IMPALAConfig, "DQN": DQNConfig, "PDQN": PDQNConfig,
+           "MPDQN": MPDQNConfig}[train.algorithm]
     cfg = (cls()
            .environment(env_name, env_config=env_config, normalize_actions=False, clip_actions=False)
            .env_runners(env_runner_cls=EVGridEnvRunner, num_env_runners=train.num_env_runners,
@@ -195,7 +252,25 @@ def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid",
            .rl_module(rl_module_spec=specs)
            .callbacks(EVDecisionCounter)
            .debugging(seed=train.seed))
-    common: dict[str, Any] = dict(lr=train.lr, gamma=train.gamma, train_batch_size_per_learner=train.train_batch_size)
+    if hybrid:
+        # the env takes one power per EV: it is sent the chosen mode's, the episodes keep all three
+        cfg.env_runners(module_to_env_connector=chosen_mode_connector)
+    return cfg.training(**_training_settings(train))
+
+
+def _training_settings(train: TrainConfig) -> dict[str, Any]:
+    """The ``AlgorithmConfig.training`` arguments of ``train.algorithm``."""
+    common: dict[str, Any] = dict(gamma=train.gamma, train_batch_size_per_learner=train.train_batch_size)
+    if train.algorithm in HYBRID_ALGORITHMS:
+        # multi-agent episodes need the multi-agent buffer (PDQN's default is the single-agent one)
+        return common | dict(
+            critic_lr=train.lr, actor_lr=train.actor_lr, tau=train.tau,
+            epsilon=[[0, 1.0], [train.exploration_steps, train.epsilon_final]],
+            param_noise=[[0, train.param_noise], [train.exploration_steps, train.param_noise_final]],
+            num_steps_sampled_before_learning_starts=train.learning_starts,
+            training_intensity=train.training_intensity,
+            replay_buffer_config={"type": "MultiAgentEpisodeReplayBuffer", "capacity": train.replay_capacity})
+    common["lr"] = train.lr
     if train.algorithm == "PPO":
         common.update(minibatch_size=train.minibatch_size, num_epochs=train.num_epochs, clip_param=train.clip_param,
                       kl_coeff=train.kl_coeff, entropy_coeff=train.entropy_coeff)
@@ -204,8 +279,9 @@ def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid",
     else:
         # the default single-agent episode buffer breaks on multi-agent episodes (RLlib 2.60)
         common.update(double_q=True, replay_buffer_config={"type": "MultiAgentPrioritizedEpisodeReplayBuffer",
-                                                           "capacity": 50_000, "alpha": 0.6, "beta": 0.4})
-    return cfg.training(**common)
+                                                           "capacity": train.replay_capacity, "alpha": 0.6,
+                                                           "beta": 0.4})
+    return common
 
 
 class EVDecisionCounter(RLlibCallback):

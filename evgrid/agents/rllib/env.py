@@ -86,10 +86,10 @@ def clip_action(a: Any, space: gym.Space) -> Any:
     return np.asarray(a).astype(np.int64)
 
 
-def _all_flags(term: dict, trunc: dict, live: list[str]) -> None:
+def _all_flags(term: dict, trunc: dict, over: bool) -> None:
     # the day ends by truncation (all environments together); agents terminate one by one
     term["__all__"] = False
-    trunc["__all__"] = not live
+    trunc["__all__"] = over
 
 
 class RLlibEVGrid(MultiAgentEnv):
@@ -115,7 +115,7 @@ class RLlibEVGrid(MultiAgentEnv):
     def step(self, action_dict: dict[str, Any]):
         obs, rew, term, trunc, infos = self.env.step(action_dict)
         self.agents = list(self.env.agents)
-        _all_flags(term, trunc, self.agents)
+        _all_flags(term, trunc, not self.agents)
         return obs, rew, term, trunc, self._with_state(infos)
 
     def state(self):
@@ -193,7 +193,7 @@ class RLlibEVGridVector(VectorMultiAgentEnv):
         elif self._seed is not None:
             self._seed += self._stride
         obs, infos = self.vec.reset(self._seed, options)  # None the first time: the config's seed
-        self._needs_reset = False
+        self._needs_reset = not any(self.vec.agents)  # a day without any agent is over at once
         return obs, self._with_state(infos)
 
     def step(self, actions: list[dict[str, Any]]):
@@ -208,10 +208,12 @@ class RLlibEVGridVector(VectorMultiAgentEnv):
         t0 = time.perf_counter()
         obs, rew, term, trunc, infos = self.vec.step(actions)
         share_s = (time.perf_counter() - t0) / self.num_envs
-        for e, view in enumerate(self.envs):
-            _all_flags(term[e], trunc[e], self.vec.agents[e])
-            view.last_ev_decisions, view.last_step_s = int(decisions[e]), share_s
+        # no live agent in any environment: the day is over (before, one environment alone may have none:
+        # individual EVs with rule operators and stations, while none of its EVs is plugged in)
         self._needs_reset = not any(self.vec.agents)
+        for e, view in enumerate(self.envs):
+            _all_flags(term[e], trunc[e], self._needs_reset)
+            view.last_ev_decisions, view.last_step_s = int(decisions[e]), share_s
         return obs, rew, term, trunc, self._with_state(infos)
 
     def _with_state(self, infos: list[dict]) -> list[dict]:

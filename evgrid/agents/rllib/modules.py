@@ -1,7 +1,11 @@
 """RLModules and policy mapping per level: ``operator``, ``station``, ``ev``.
 
 Operators, stations and individual EVs use RLlib's default modules for their
-spaces.  Grouped EVs (``evs_<j>``: a station's padded EV set) use
+spaces; with P-DQN (``hybrid_evs``) individual EVs use
+:class:`evgrid.agents.rllib.pdqn.PDQNTorchRLModule` instead, acting in
+``hybrid_action_space`` (one power per mode; the environment is sent the
+chosen mode's, see :class:`evgrid.agents.rllib.pdqn.ChosenModeParameter`).
+Grouped EVs (``evs_<j>``: a station's padded EV set) use
 :class:`SlotSetModule`: **one shared per-EV network** applied to every slot,
 a per-slot hybrid action (mode ∈ {charge, idle, discharge} and a power
 fraction), and a value from the masked mean of the per-EV embeddings.  Its
@@ -20,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.distribution.distribution import Distribution
@@ -29,6 +34,8 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
+
+from evgrid.agents.rllib.pdqn import PDQNTorchRLModule, hybrid_action_space
 
 _N_MODE = 3
 _PARAMS = _N_MODE + 2 + 1  # mode logits, two Beta concentrations (raw), mask
@@ -262,8 +269,9 @@ def policy_mapping_fn(agent_id: str, episode: Any = None, **kwargs: Any) -> str:
     return module_of(agent_id)
 
 
-def module_specs(env: Any, model_config: dict | None = None) -> MultiRLModuleSpec:
-    """A module spec per level present in ``env`` (an EVGridEnv or its RLlib adapter)."""
+def module_specs(env: Any, model_config: dict | None = None, *, hybrid_evs: bool = False) -> MultiRLModuleSpec:
+    """A module spec per level present in ``env`` (an EVGridEnv or its RLlib adapter); ``hybrid_evs``:
+    individual EVs get a P-DQN module with a power per mode (mode charge, idle, discharge)."""
     inner = getattr(env, "env", env)
     specs: dict[str, RLModuleSpec] = {}
     for agent in inner.possible_agents:
@@ -272,6 +280,10 @@ def module_specs(env: Any, model_config: dict | None = None) -> MultiRLModuleSpe
             continue
         obs_space, act_space = inner.observation_space(agent), inner.action_space(agent)
         cls = SlotSetModule if agent.startswith("evs_") else None
+        if hybrid_evs and agent.startswith("ev_"):
+            n_mode, box = act_space["mode"].n, act_space["power"]
+            cls = PDQNTorchRLModule
+            act_space = hybrid_action_space(np.repeat(box.low, n_mode), np.repeat(box.high, n_mode))
         specs[mid] = RLModuleSpec(module_class=cls, observation_space=obs_space, action_space=act_space,
                                   model_config=dict(model_config or {}))
     return MultiRLModuleSpec(rl_module_specs=specs)

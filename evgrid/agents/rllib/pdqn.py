@@ -20,6 +20,10 @@ scale [-1, 1] per coordinate that the networks see, so layer sizes and the explo
 Box.  Train with ``environment(normalize_actions=False, clip_actions=False)``: the module already returns
 actions inside the space (RLlib's unsquashing would assume [-1, 1] outputs).
 
+Environments that take only the chosen mode's parameter (``power`` of shape (1,) or (P,) whatever the mode) get
+it from :func:`chosen_mode_connector` (``config.env_runners(module_to_env_connector=chosen_mode_connector)``):
+the environment is sent the chosen mode's parameter while the episode keeps every mode's (the Q-loss needs them).
+
 Not supported: recurrent (stateful) modules, non-flat observations.  The replay buffer is not part of a
 checkpoint (RLlib 2.60's new-stack ``Algorithm.get_state`` leaves it out), so a restored run refills it before
 it learns again (``num_steps_sampled_before_learning_starts`` counts the buffer's content).
@@ -30,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -41,6 +45,7 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.connectors.common.add_observations_from_episodes_to_batch import (
     AddObservationsFromEpisodesToBatch,
 )
+from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.connectors.learner.add_next_observations_from_episodes_to_train_batch import (
     AddNextObservationsFromEpisodesToTrainBatch,
 )
@@ -76,9 +81,9 @@ from torch.nn import functional as F  # noqa: N812
 
 from evgrid.validate import check_bool, check_choice, check_int, check_real, describe
 
-__all__ = ["MODE_KEY", "MPDQN", "MPDQNConfig", "PARAM_KEY", "PDQN", "PDQNConfig", "PDQNTorchLearner",
-           "PDQNTorchRLModule", "QF_PREDS", "Q_ACTOR", "Q_NEXT", "hybrid_action_space", "pdqn_losses",
-           "schedule_value"]
+__all__ = ["MODE_KEY", "MPDQN", "ChosenModeParameter", "MPDQNConfig", "PARAM_KEY", "PDQN", "PDQNConfig",
+           "PDQNTorchLearner", "PDQNTorchRLModule", "QF_PREDS", "Q_ACTOR", "Q_NEXT", "chosen_mode_action",
+           "chosen_mode_connector", "hybrid_action_space", "pdqn_losses", "schedule_value"]
 
 log = logging.getLogger(__name__)
 
@@ -524,6 +529,48 @@ class PDQNTorchLearner(TorchLearner):
             self._last_target_update_ts[module_id] = ts
             self.metrics.log_value((module_id, NUM_TARGET_UPDATES), 1, reduce="lifetime_sum")
             self.metrics.log_value((module_id, LAST_TARGET_UPDATE_TS), ts, reduce="max")
+
+
+def chosen_mode_action(action: Mapping[str, Any]) -> dict[str, Any]:
+    """One agent's action with every mode's parameter (numpy) -> the chosen mode's only: ``{"mode": k, "power":
+    power[k]}`` as a 1-D array (shape (1,) for one parameter per mode, (P,) for P)."""
+    mode = action[MODE_KEY]
+    return {MODE_KEY: mode, PARAM_KEY: np.atleast_1d(np.array(np.asarray(action[PARAM_KEY])[int(mode)]))}
+
+
+class ChosenModeParameter(ConnectorV2):
+    """Module-to-env piece: ``Columns.ACTIONS_FOR_ENV`` gets, for the agents of :class:`PDQNTorchRLModule`
+    modules, :func:`chosen_mode_action` of their actions, and the actions unchanged for every other agent (the
+    env runner sends that column when it exists).  ``Columns.ACTIONS``, what the episodes store, keeps every
+    mode's parameter.
+
+    It runs among the user pieces of RLlib's default pipeline, after ``UnBatchToIndividualItems`` and
+    ``ModuleToAgentUnmapping`` (so it sees one numpy action per agent) and before ``NormalizeAndClipActions``,
+    which with PDQN's ``normalize_actions=False, clip_actions=False`` leaves this column alone.
+    """
+
+    def __call__(self, *, rl_module: Any, batch: dict[str, Any], episodes: list, explore: bool | None = None,
+                 shared_data: dict | None = None, **kwargs: Any) -> Any:
+        source = batch.get(Columns.ACTIONS_FOR_ENV, batch.get(Columns.ACTIONS))
+        if not source:
+            return batch
+        hybrid = {mid for mid in {_module_id(key) for key in source}
+                  if isinstance((rl_module if mid is None else rl_module[mid]).unwrapped(), PDQNTorchRLModule)}
+        batch[Columns.ACTIONS_FOR_ENV] = {
+            key: [chosen_mode_action(a) for a in items] if _module_id(key) in hybrid else list(items)
+            for key, items in source.items()}
+        return batch
+
+
+def _module_id(key: tuple) -> Any:
+    """The module of a module-to-env batch key: ``(episode id, agent id, module id)`` multi-agent; None for a
+    single-agent ``(episode id,)`` (one module)."""
+    return key[2] if len(key) == 3 else None
+
+
+def chosen_mode_connector(env: Any = None, spaces: Any = None) -> ConnectorV2:
+    """For ``config.env_runners(module_to_env_connector=...)``: a :class:`ChosenModeParameter`."""
+    return ChosenModeParameter()
 
 
 class PDQN(Algorithm):

@@ -13,6 +13,7 @@ from ray.rllib.core.rl_module.multi_rl_module import MultiRLModule
 
 from evgrid.agents.rllib.env import clip_action
 from evgrid.agents.rllib.modules import module_of
+from evgrid.agents.rllib.pdqn import PDQNTorchRLModule, chosen_mode_action
 from evgrid.config import ConfigError
 
 
@@ -39,7 +40,7 @@ def load_modules(checkpoint: str | os.PathLike[str]) -> MultiRLModule:
 
 class TrainedPolicy:
     """Acts for every learned agent of ``env`` with ``modules``, greedily (the distributions' modes; DQN: the
-    best Q-value)."""
+    best Q-value; P-DQN: the best mode and its power, as in training)."""
 
     def __init__(self, modules: MultiRLModule, env: Any) -> None:
         self.modules = modules
@@ -57,16 +58,20 @@ class TrainedPolicy:
                 by_module.setdefault(module_of(agent), []).append(agent)
         out: dict[str, Any] = {}
         for mid, agents in by_module.items():
-            actions = _to_numpy(_greedy(self.modules[mid], _stack([obs[a] for a in agents])))
+            module = self.modules[mid]
+            actions = _to_numpy(_greedy(module, _stack([obs[a] for a in agents])))
+            # a P-DQN module gives every mode's power; the env takes the chosen mode's (ChosenModeParameter)
+            hybrid = isinstance(module.unwrapped(), PDQNTorchRLModule)
             for i, a in enumerate(agents):
-                out[a] = clip_action(_index(actions, i), self.env.action_space(a))
+                action = _index(actions, i)
+                out[a] = clip_action(chosen_mode_action(action) if hybrid else action, self.env.action_space(a))
         return out
 
 
 def _greedy(module: Any, batch: Any) -> Any:
     """The module's greedy actions for a batch of observations."""
     fwd = module.forward_inference({Columns.OBS: batch})
-    if Columns.ACTIONS in fwd:  # value-based modules (DQN) pick their actions in forward_inference
+    if Columns.ACTIONS in fwd:  # value-based modules (DQN, P-DQN) pick their actions in forward_inference
         return fwd[Columns.ACTIONS]
     dist = module.get_inference_action_dist_cls().from_logits(fwd[Columns.ACTION_DIST_INPUTS])
     return dist.to_deterministic().sample()
