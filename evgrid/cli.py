@@ -112,7 +112,7 @@ def _demo_train(args: argparse.Namespace) -> int:
                                   checkpoint=out)
     table = pd.DataFrame(rows).groupby("policy", sort=False)[list(METRICS)].mean().reset_index()
     table.to_parquet(out / "comparison.parquet", index=False)
-    cols = ["operator_cost", "ev_cost_per_kwh", "peak_valley_kw", "voltage_violations", "unmet_kwh"]
+    cols = ["operator_cost", "ev_cost_per_kwh", "peak_valley_kw", "voltage_violations", "unmet_kwh", "owed_kwh"]
     print(f"\n{'policy':<14}" + "".join(f"{c:>20}" for c in cols))
     for r in table.itertuples():
         print(f"{r.policy:<14}" + "".join(f"{getattr(r, c):>20.2f}" for c in cols))

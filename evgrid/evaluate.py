@@ -13,6 +13,7 @@ Metric columns (other tools read these names):
 | max_line_loading | largest line / transformer loading of the episode |
 | curtailed_kwh | EV charging curtailed by limit enforcement |
 | unmet_kwh | energy short of the target of EVs that left (or were turned away) |
+| owed_kwh | energy short of the target of EVs still plugged in when the episode ends (their stay is cut): what a policy that defers charging past the end leaves to the next day, counted in neither unmet_kwh nor operator_cost |
 | slvtpr | multi-network: mean over steps of min / max network load; NaN on one feeder |
 | spatial_std_kw | multi-network: mean over steps of the std of network loads; NaN on one feeder |
 | carbon_cost | the stepped carbon cost part of operator_cost |
@@ -34,14 +35,14 @@ import pyarrow.parquet as pq
 from evgrid.agents.baselines import EVALUATE_POLICIES
 from evgrid.config import ConfigError
 from evgrid.envs.config import EnvConfig, load_config
-from evgrid.envs.sim import DEPARTED, TURNED_AWAY, Sim, StepRecord
+from evgrid.envs.sim import DEPARTED, TRUNCATED, TURNED_AWAY, Sim, StepRecord
 from evgrid.validate import check_int
 
 log = logging.getLogger(__name__)
 
 METRICS = ("operator_cost", "ev_cost_per_kwh", "peak_valley_kw", "voltage_violations", "violations_enforced",
            "max_line_loading",
-           "curtailed_kwh", "unmet_kwh", "slvtpr", "spatial_std_kw", "carbon_cost", "cost_with_unmet")
+           "curtailed_kwh", "unmet_kwh", "owed_kwh", "slvtpr", "spatial_std_kw", "carbon_cost", "cost_with_unmet")
 
 
 class EpisodeMetrics:
@@ -84,6 +85,7 @@ class EpisodeMetrics:
         sim, fleet, env = self.sim, self.sim.fleet, self.sim.day.env
         ended = (fleet.status == DEPARTED) | (fleet.status == TURNED_AWAY)
         unmet = np.bincount(env, np.where(ended, np.nan_to_num(fleet.unmet_kwh), 0.0), sim.n_env)
+        owed = np.bincount(env, np.where(fleet.status == TRUNCATED, np.nan_to_num(fleet.unmet_kwh), 0.0), sim.n_env)
         drawn = np.bincount(env, np.maximum(fleet.e_grid_kwh, 0.0), sim.n_env)
         paid = np.bincount(env, fleet.cost, sim.n_env)
         multi = len(sim.layout.feeders) > 1
@@ -94,6 +96,7 @@ class EpisodeMetrics:
                      voltage_violations=int(self.violations[e]),
                      violations_enforced=int(self.violations_enforced[e]), max_line_loading=float(self.max_loading[e]),
                      curtailed_kwh=float(self.curtailed[e]), unmet_kwh=float(unmet[e]),
+                     owed_kwh=float(owed[e]),
                      slvtpr=float(self.slvtpr[e] / n) if multi else float("nan"),
                      spatial_std_kw=float(self.spatial_std[e] / n) if multi else float("nan"),
                      carbon_cost=float(self.carbon[e]),

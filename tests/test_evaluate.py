@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 import evgrid
 from evgrid.agents.baselines import BaselinePolicy
@@ -102,3 +103,28 @@ def test_grouped_slots_are_stable_and_masks_match_plugged_evs():
         for j in range(sim.layout.n_station):
             assert obs[f"evs_{j}"]["mask"].sum() == counts[j]
         owner_prev = owner.copy()
+
+
+def test_owed_energy_is_what_the_episode_end_leaves_missing_and_deferral_owes_more():
+    """``owed_kwh``: the energy the EVs still plugged in at the end miss (recomputed here from their SOC), apart
+    from ``unmet_kwh``.  On quickstart (midnight to midnight) TOU defers the evening's charging past the end, so it
+    owes far more than charging on arrival: its lower cost and unmet energy are partly this debt."""
+    from evgrid.envs import fleet as fl
+    from evgrid.envs.state import TRUNCATED
+    from evgrid.evaluate import EpisodeMetrics
+
+    owed = {}
+    for name in ("uncontrolled", "tou"):
+        env = evgrid.make("EVGrid-v0", "quickstart", ev_view="individual", fleet={"n_ev": 150},
+                          agents={"operator": "rule", "station": "rule"})
+        obs, _ = env.reset(seed=3)
+        policy = BaselinePolicy(name, env, seed=3)
+        while env.agents:
+            obs, *_ = env.step(policy.act(obs))
+        f, s = env.sim.fleet, env.sim.day.sessions
+        cut = f.status == TRUNCATED
+        expected = fl.need_kwh(f.soc[cut], s.soc_target[cut], s.cap_kwh[cut]).sum()
+        row = EpisodeMetrics(env.sim).rows()[0]
+        assert row["owed_kwh"] == pytest.approx(expected) and expected > 0, name
+        owed[name] = row["owed_kwh"]
+    assert owed["tou"] > 3 * owed["uncontrolled"], owed
