@@ -535,7 +535,7 @@ def chosen_mode_action(action: Mapping[str, Any]) -> dict[str, Any]:
     """One agent's action with every mode's parameter (numpy) -> the chosen mode's only: ``{"mode": k, "power":
     power[k]}`` as a 1-D array (shape (1,) for one parameter per mode, (P,) for P)."""
     mode = action[MODE_KEY]
-    return {MODE_KEY: mode, PARAM_KEY: np.atleast_1d(np.array(np.asarray(action[PARAM_KEY])[int(mode)]))}
+    return {MODE_KEY: mode, PARAM_KEY: np.array(np.asarray(action[PARAM_KEY])[int(mode)], ndmin=1)}
 
 
 class ChosenModeParameter(ConnectorV2):

@@ -192,12 +192,9 @@ class SlotScorePPOModule(MaskedPPOModule):
         mask, logits = self._slot_logits(batch)
         return _mask_logits({Columns.ACTION_DIST_INPUTS: logits}, mask)
 
-    def _forward_train(self, batch: dict, **kwargs: Any) -> dict:
-        out = super()._forward_train(batch, **kwargs)  # the value function's embeddings
-        mask, logits = self._slot_logits(batch)
-        out[Columns.ACTION_DIST_INPUTS] = _mask_logits({Columns.ACTION_DIST_INPUTS: logits}, mask)[
-            Columns.ACTION_DIST_INPUTS]
-        return out
+    # training needs the same logits only: without embeddings in the output, the PPO loss's compute_values runs
+    # the critic encoder alone (the default's actor encoder and pi head would be computed and thrown away)
+    _forward_train = _forward
 
 
 def _mask_logits(out: dict, mask: torch.Tensor | None) -> dict:
