@@ -35,3 +35,16 @@ def _process_settings_stay_put():
     yield
     after = {k: os.environ.get(k) for k in keys}
     assert after == before, f"the test changed process settings: {before} -> {after}"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """An embedded Ray per test module that trains (start-up costs seconds: one per module, not per test)."""
+    import ray
+
+    from evgrid.cluster.runtime import connect
+
+    with connect(num_cpus=2):
+        # nothing leaves the machine: the node, and every address Ray hands out, is loopback
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+        yield ray

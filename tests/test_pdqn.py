@@ -11,7 +11,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import ray  # noqa: E402
 import torch  # noqa: E402
 from ray.rllib.algorithms.algorithm import Algorithm  # noqa: E402
 from ray.rllib.core.columns import Columns  # noqa: E402
@@ -106,13 +105,7 @@ def greedy_returns(module, n_episodes: int = 200, first_seed: int = 10_000) -> t
     return float(np.mean(got)), float(np.mean(best)), float(np.mean(rand))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    from evgrid.cluster.runtime import connect
-
-    with connect(num_cpus=2):  # embedded, on 127.0.0.1 (as every test module that trains)
-        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
-        yield
+pytestmark = pytest.mark.usefixtures("ray_local")  # one embedded Ray for the module (conftest)
 
 
 def toy_config(cls: type[PDQNConfig] = PDQNConfig, seed: int = 0, **training) -> PDQNConfig:

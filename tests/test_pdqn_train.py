@@ -28,17 +28,6 @@ TRAIN = ["train.num_env_runners=0", "train.envs_per_runner=2", "train.rollout_fr
          "train.training_intensity=2.0", "train.hidden=[32, 32]", "train.checkpoint_every=1"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from evgrid.cluster.runtime import connect
-
-    with connect(num_cpus=2):  # embedded, on 127.0.0.1 (as every test module that trains)
-        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
-        yield ray
-
-
 @pytest.mark.parametrize("algorithm", ["PDQN", "MPDQN"])
 def test_pdqn_trains_individual_evs_checkpoints_evaluates_and_resumes(tmp_path, ray_local, algorithm):
     from evgrid.agents.rllib.policy import TrainedPolicy, load_modules

@@ -222,18 +222,6 @@ def test_slot_module_parameters_keep_their_names_and_shapes():
         "vf_net.2.weight": (16, 16), "vf_net.2.bias": (16,), "vf_net.4.weight": (1, 16), "vf_net.4.bias": (1,)}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from evgrid.cluster.runtime import connect
-
-    with connect(num_cpus=2):
-        # nothing leaves the machine: the node, and every address Ray hands out, is loopback
-        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
-        yield ray
-
-
 def test_one_ppo_iteration_trains_all_three_levels(ray_local):
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.tune.registry import register_env

@@ -21,17 +21,6 @@ torch.set_num_threads(1)
 EVAL_SEED = 1000  # held out: the training days are seeds 0..15
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from evgrid.cluster.runtime import connect
-
-    with connect(num_cpus=2):
-        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
-        yield ray
-
-
 def _episode(agent: StartTimeAgent, seed: int = EVAL_SEED):
     """One greedy episode: the observations the agent saw, its actions, and the result."""
     env = agent.make_env()
