@@ -546,9 +546,11 @@ def opf_case(feeder, n_step: int, n_ev: int, seed: int = 0, load_scale: float = 
 def bench_opf(feeders: Iterable[str] = ("ieee33",), horizons: Iterable[int] = (24, 96),
               evs: Iterable[int] = (300, 3000), formulations: Iterable[str] = ("lindistflow",), seed: int = 0,
               single_period: bool = True, ev_models: Iterable[str] = ("sessions",),
-              single_period_repeats: int = 15, ac_rounds: int = 0) -> Iterable[dict]:
+              single_period_repeats: int = 15, ac_rounds: int = 0,
+              methods: Iterable[str] = ("direct", "lazy")) -> Iterable[dict]:
     """Build + solve time of the multi-period OPF (LinDistFlow with ``ac_rounds`` AC correction rounds), with
-    its AC check, per problem, feeder, horizon, fleet and formulation; and a single-period OPF beside
+    its AC check, per problem, feeder, horizon, fleet, formulation and method (``lazy``: LinDistFlow only);
+    and a single-period OPF beside
     pandapower's ``runopp`` on the same problem, with one and with two AC rounds (``single_period_repeats``
     timed solves each)."""
     from evgrid.grid import opf
@@ -566,12 +568,16 @@ def bench_opf(feeders: Iterable[str] = ("ieee33",), horizons: Iterable[int] = (2
                               "seed001_stage1": opf.Objective(tie_target_kw=opf.flat_target_kw(
                                   hz.load_p_kw.sum(1) - hz.der_avail_kw.sum(1), ev_kwh, hz.dt_h))}
                 for problem, objective in objectives.items():
-                    for form, ev_model in itertools.product(formulations, ev_models):
+                    for form, ev_model, method in itertools.product(formulations, ev_models, methods):
+                        if method == "lazy" and form != "lindistflow":
+                            continue
                         t0 = time.perf_counter()
                         r = opf.solve_opf(net, hz, ss, objective, opf.OPFOptions(
-                            formulation=form, ev_model=ev_model, ac_rounds=ac_rounds if form == "lindistflow" else 0))
+                            formulation=form, ev_model=ev_model, ac_rounds=ac_rounds if form == "lindistflow" else 0,
+                            method=method))
                         yield {"bench": "opf", "problem": problem, "feeder": name, "horizon": T, "n_ev": n_ev,
-                               "formulation": form, "ev_model": ev_model, "ac_rounds": ac_rounds, "solver": r.solver,
+                               "formulation": form, "ev_model": ev_model, "method": method, "ac_rounds": ac_rounds,
+                               "solver": r.solver,
                                "build_s": r.build_s,
                                "solve_s": r.solve_s, "total_s": time.perf_counter() - t0,
                                "objective": r.objective, "max_dv_pu_vs_ac": r.ac.max_dv_pu,

@@ -3,6 +3,7 @@ schedule, AC checks, relaxation tightness, named infeasibility and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -44,6 +45,14 @@ def sessions(bus, start, end, need_kwh, *, p_max=7.0, v2g=0.0, cap=50.0, e0=10.0
 def horizon(f, scale, T):
     s = np.asarray(scale, float).reshape(T, 1)
     return opf.Horizon(DT, s * f.base_p_kw, s * f.base_q_kvar, np.zeros((T, len(f.der_kind))))
+
+
+def der_horizon(f, T, load_scale, renew_share):
+    """Flat load at ``load_scale`` x nominal; PV and wind at ``renew_share`` of their rating, diesel at its own."""
+    kinds = np.array(f.der_kind)
+    avail = np.tile(f.der_p_max_kw, (T, 1)) * np.where(kinds == "diesel", 1.0, renew_share)
+    return opf.Horizon(DT, np.full((T, 1), load_scale) * f.base_p_kw, np.full((T, 1), load_scale) * f.base_q_kvar,
+                       avail)
 
 
 def random_case(rng, T=24, n=40, scale=0.4):
@@ -88,6 +97,25 @@ def test_two_bus_voltage_limit_caps_charging_at_the_hand_computed_headroom():
     assert res.p_ch_kw[0, 0] == pytest.approx(headroom, rel=1e-5)
     assert res.p_ch_kw[0, 1] == pytest.approx(0.5 * headroom, rel=1e-5)
     assert res.vm_pu[0, 1] == pytest.approx(v_min, abs=1e-7)
+
+
+@pytest.mark.parametrize("method", opf.METHODS)
+def test_a_stationary_battery_spanning_the_horizon_buys_cheap_and_sells_dear_less_its_losses(method):
+    """Stationary storage is a session plugged in for the whole horizon that must end no emptier than it began:
+    at 0.3 then 1.0 per kWh it charges fully (50 kW, 2 steps: 25 kWh bought, 22.5 kWh stored) and gives back
+    what the cells hold, 22.5 x 0.9 = 20.25 kWh, at the dear price: 20.25 - 7.5 = 12.75 saved."""
+    f = two_bus(load_kw=500.0)
+    T = 4
+    hz = horizon(f, np.ones(T), T)
+    price = np.array([0.3, 0.3, 1.0, 1.0])
+    battery = sessions([1], [0], [T], 0.0, p_max=50.0, v2g=50.0, cap=100.0, e0=10.0, station=[-1])
+    options = dataclasses.replace(PLAIN, method=method)
+    alone = opf.solve_opf(f, hz, None, opf.Objective(energy_price_per_kwh=price), options)
+    res = opf.solve_opf(f, hz, battery, opf.Objective(energy_price_per_kwh=price), options)
+    np.testing.assert_allclose(res.p_ch_kw[0], [50.0, 50.0, 0.0, 0.0], atol=1e-6)
+    assert res.p_dis_kw[0, 2:].sum() * DT == pytest.approx(20.25, rel=1e-7)
+    np.testing.assert_allclose(res.e_kwh[0, [0, 2, 4]], [10.0, 32.5, 10.0], atol=1e-6)
+    assert alone.objective - res.objective == pytest.approx(12.75, rel=1e-7)
 
 
 def test_single_ev_fills_the_cheapest_steps_first():
@@ -152,13 +180,14 @@ def test_the_carbon_ladder_is_a_convex_staircase_and_the_model_prices_it_exactly
 # ---------------------------------------------------------------------------- residuals on random inputs
 
 
+@pytest.mark.parametrize("method", opf.METHODS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_schedules_keep_every_bound_and_agree_with_ac_power_flow(seed):
+def test_schedules_keep_every_bound_and_agree_with_ac_power_flow(seed, method):
     rng = np.random.default_rng(seed)
     f, hz, ss = random_case(rng)
     price = rng.uniform(0.2, 1.0, hz.n_step)
     res = opf.solve_opf(f, hz, ss, opf.Objective(energy_price_per_kwh=price, peak_valley_weight=0.05),
-                        opf.OPFOptions(station_ramp_kw=15.0))
+                        opf.OPFOptions(station_ramp_kw=15.0, method=method))
     tol = 1e-5
     plugged = np.zeros_like(res.p_ch_kw, dtype=bool)
     for k in range(ss.n):
@@ -183,6 +212,47 @@ def test_schedules_keep_every_bound_and_agree_with_ac_power_flow(seed):
     buy = np.maximum(res.tie_kw, 0)
     assert res.costs["purchase"] == pytest.approx(np.sum(price * buy) * DT, rel=1e-6)
     assert res.ac.converged and res.ac.max_dv_pu <= 0.005
+
+
+def _objectives(hz, T):
+    return {"price": opf.Objective(energy_price_per_kwh=np.where(np.arange(T) < T // 2, 1.0, 0.3)),
+            "peak_valley": opf.Objective(energy_price_per_kwh=np.full(T, 0.5), peak_valley_weight=0.2),
+            "tie_target": opf.Objective(tie_target_kw=opf.flat_target_kw(hz.load_p_kw.sum(1), 300.0, DT))}
+
+
+@pytest.mark.parametrize("objective", ["price", "peak_valley", "tie_target"])
+def test_the_lazy_method_reaches_the_direct_optimum_where_the_network_binds(objective):
+    """Loads at 47 % with the evening's price high: the cheap steps' charging would sag the far buses below
+    0.95 p.u., so the lazy model must find and add those voltage rows (and V2G sessions' stored-energy rows)."""
+    f, hz, ss = random_case(np.random.default_rng(2), scale=0.47)
+    obj = _objectives(hz, hz.n_step)[objective]
+    direct = opf.solve_opf(f, hz, ss, obj, opf.OPFOptions(method="direct"))
+    lazy = opf.solve_opf(f, hz, ss, obj, opf.OPFOptions(method="lazy"))
+    assert lazy.solver == "HIGHS"
+    assert lazy.objective == pytest.approx(direct.objective, rel=1e-6)
+    assert lazy.vm_pu.min() >= f.v_min_pu.min() - 1e-7
+    assert lazy.vm_pu.min() <= f.v_min_pu.min() + 1e-6, "the voltage limit binds: rows were added"
+    assert (lazy.e_kwh >= ss.e_min_kwh[:, None] - 1e-6).all() and (lazy.e_kwh <= ss.cap_kwh[:, None] + 1e-6).all()
+    assert lazy.ac.max_dv_pu <= 0.005
+
+
+def test_the_lazy_method_prices_quadratic_diesel_to_the_gap_and_keeps_ac_rounds():
+    f, T = build_feeder("ieee33", der=True), 12
+    kinds, hz = np.array(f.der_kind), der_horizon(f, T, load_scale=0.5, renew_share=0.5)
+    avail = hz.der_avail_kw
+    ss = sessions(np.arange(2, 32), np.zeros(30, int), np.full(30, T), 8.0, v2g=5.0)
+    obj = opf.Objective(energy_price_per_kwh=np.linspace(0.3, 1.2, T), curtail_cost_per_kwh=0.1,
+                        diesel_cost=(2e-3, 0.5))
+    ref = opf.solve_opf(f, hz, ss, obj, opf.OPFOptions(method="direct"))
+    res = opf.solve_opf(f, hz, ss, obj, opf.OPFOptions(method="lazy"))
+    diesel = res.der_kw[:, kinds == "diesel"]
+    assert ((diesel > 1.0) & (diesel < avail[:, kinds == "diesel"] - 1.0)).any(), "diesel runs part-loaded"
+    assert res.objective == pytest.approx(ref.objective, rel=1e-6)
+    assert res.costs["diesel"] == pytest.approx(np.sum(2e-3 * DT * diesel ** 2 + 0.5 * DT * diesel), rel=1e-9)
+    # an AC round re-solves the program with its cuts and tangents, from the corrected constants
+    rounds = opf.solve_opf(f, hz, ss, obj, opf.OPFOptions(method="lazy", ac_rounds=2))
+    assert rounds.ac.max_dv_pu < 1e-6 < res.ac.max_dv_pu
+    assert rounds.ac.max_loss_error_kw < 0.01 * res.ac.max_loss_error_kw
 
 
 def test_ac_correction_takes_the_model_to_the_ac_voltages():
@@ -217,11 +287,12 @@ def test_an_unreachable_energy_target_names_its_sessions():
         opf.solve_opf(f, hz, ss)
 
 
-def test_a_voltage_that_cannot_be_held_names_its_bus():
+@pytest.mark.parametrize("method", opf.METHODS)
+def test_a_voltage_that_cannot_be_held_names_its_bus(method):
     f = feeder("ieee33")
     hz = horizon(f, np.full(3, 1.2), 3)  # IEEE 33 at 120 % of its peak load sags below 0.95 p.u.
     with pytest.raises(opf.InfeasibleError, match=r"voltage below v_min_pu cannot be held at bus [0-9, .]+ \(as in Baran & Wu 1989.*\) at steps 0-2"):
-        opf.solve_opf(f, hz)
+        opf.solve_opf(f, hz, options=opf.OPFOptions(method=method))
     res = opf.solve_opf(f, hz, options=opf.OPFOptions(soft=True))
     assert res.slack["voltage_pu"] > 0 and res.slack["target_kwh"] == 0
 
@@ -232,6 +303,14 @@ def test_bad_input_names_the_field():
         opf.OPFOptions(solver="GUROBI")
     with pytest.raises(ValueError, match="formulation: expected one of"):
         opf.OPFOptions(formulation="dc")
+    with pytest.raises(ValueError, match="method: expected one of"):
+        opf.OPFOptions(method="benders")
+    with pytest.raises(ValueError, match="method: lazy needs formulation lindistflow and solver auto or HIGHS"):
+        opf.OPFOptions(method="lazy", formulation="socp")
+    with pytest.raises(ValueError, match="soft: method lazy .* cannot soften voltage_pu"):
+        opf.OPFOptions(method="lazy", soft=("voltage_pu", "target_kwh"))
+    with pytest.raises(ValueError, match="lazy_gap"):
+        opf.OPFOptions(lazy_gap=0.5)
     with pytest.raises(ValueError, match="penalties: expected kinds among"):
         opf.OPFOptions(penalties={"unmet": 1.0})
     with pytest.raises(ValueError, match="penalties.target_kwh"):
@@ -246,11 +325,9 @@ def test_bad_input_names_the_field():
 
 
 def test_der_curtailment_and_diesel_follow_their_costs():
-    f = build_feeder("ieee33", der=True)
-    T = 4
-    kinds = np.array(f.der_kind)
-    avail = np.tile(f.der_p_max_kw, (T, 1)) * np.where(kinds == "diesel", 1.0, 0.8)
-    hz = opf.Horizon(DT, np.full((T, 1), 0.2) * f.base_p_kw, np.full((T, 1), 0.2) * f.base_q_kvar, avail)
+    f, T = build_feeder("ieee33", der=True), 4
+    kinds, hz = np.array(f.der_kind), der_horizon(f, T, load_scale=0.2, renew_share=0.8)
+    avail = hz.der_avail_kw
     res = opf.solve_opf(f, hz, None, opf.Objective(energy_price_per_kwh=np.full(T, 1.0), curtail_cost_per_kwh=0.1,
                                                     diesel_cost=(0.0, 5.0)))
     renew = kinds != "diesel"
@@ -271,6 +348,11 @@ def test_bench_opf_reports_its_fields_on_every_feeder():
     assert {(r["feeder"], r["problem"], r["formulation"]) for r in multi} == {
         (f, p, m) for f in ("ieee33", "feeder14", "cigre_mv") for p in ("min_cost", "seed001_stage1")
         for m in ("lindistflow", "socp")}
+    by_method = {(r["feeder"], r["problem"], r["formulation"], r["method"]): r["objective"] for r in multi}
+    assert {k[2] for k in by_method if k[3] == "lazy"} == {"lindistflow"}
+    for (feeder_name, problem, form, method), objective in by_method.items():
+        if method == "lazy":
+            assert objective == pytest.approx(by_method[feeder_name, problem, form, "direct"], rel=1e-5)
     for r in multi:
         assert r["build_s"] > 0 and r["solve_s"] > 0 and np.isfinite(r["objective"])
         if r["formulation"] == "lindistflow":  # transformers (CIGRE MV) included, through the AC offsets
@@ -376,3 +458,10 @@ def test_aggregate_model_without_sessions_is_the_network_alone():
     agg = opf.solve_opf(f, hz, opf.Sessions.empty(), obj, opf.OPFOptions(ev_model="aggregate"))
     alone = opf.solve_opf(f, hz, opf.Sessions.empty(), obj)
     assert agg.p_ch_kw.shape == (0, 6) and agg.objective == pytest.approx(alone.objective, rel=1e-9)
+
+
+def test_running_sums_add_up_each_group_in_order():
+    group = np.array([3, 3, 3, 7, 9, 9])
+    x = np.arange(1.0, 7.0)
+    np.testing.assert_array_equal(opf._running_sums(group) @ x, [1, 3, 6, 4, 5, 11])
+    assert opf._running_sums(np.zeros(0, int)).shape == (0, 0)

@@ -51,6 +51,15 @@ def test_replay_settles_at_the_planned_cost_and_beats_every_rule():
         assert row["unmet_kwh"] <= rule["unmet_kwh"] + 1e-6, policy
 
 
+def test_the_lazy_method_plans_the_same_day_at_the_same_cost():
+    """``oracle.method: lazy`` adds the network's rows as the plan breaks them: the same optimum as the direct
+    model (two zones' purchases, the stepped carbon cost, the unmet energy's price)."""
+    direct = _plan(_cfg())[2]
+    lazy = _plan(_cfg(oracle={"method": "lazy"}))[2]
+    assert lazy.objective == pytest.approx(direct.objective, rel=1e-6)
+    assert all(r.solver == "HIGHS" for r in lazy.results)
+
+
 def test_peak_valley_objective_flattens_the_load_below_every_rule():
     cfg = _cfg(oracle={"objective": "peak_valley"})
     row, _ = next(orc.oracle_episodes(cfg, [1]))
@@ -131,6 +140,8 @@ def test_evaluate_runs_the_oracle_beside_the_rules(tmp_path):
     ({"oracle": {"v_margin_pu": 0.2}}, "oracle.v_margin_pu"),
     ({"oracle": {"rounds": 0}}, "oracle.rounds"),
     ({"oracle": {"solver": "GUROBI"}}, "oracle.solver"),
+    ({"oracle": {"method": "lazy", "formulation": "socp"}}, "oracle.*method: lazy needs formulation lindistflow"),
+    ({"oracle": {"method": "lazy", "soft": ["voltage_pu"]}}, "oracle.*method lazy .* cannot soften voltage_pu"),
     ({"oracle": {"unmet_price_per_kwh": -1.0}}, "oracle.unmet_price_per_kwh"),
 ])
 def test_bad_oracle_settings_name_the_field(over, match):

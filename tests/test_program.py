@@ -135,3 +135,55 @@ def test_resolving_after_fix_equals_a_fresh_program(solver, seed):
     fresh, _ = build(new)
     assert fresh.solve(solver) == "optimal"
     assert np.allclose(p.x, fresh.x, atol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1))
+def test_cutting_planes_reach_the_qp_optimum_with_rows_added_only_once_broken(seed):
+    """min Σ w_k (x_k - a_k)² + c·x over x in [0, 10]^n with Σ x >= s, and rows x_k <= u_k that ``separate``
+    adds only when broken: the cutting-plane solve meets Clarabel's optimum of the program with every row
+    from the start."""
+    rng = np.random.default_rng(seed)
+    n = 6
+    w, a, c = rng.uniform(0.5, 2.0, n), rng.uniform(0, 8, n), rng.uniform(-1, 1, n)
+    u, s = rng.uniform(2, 9, n), rng.uniform(5, 20)
+
+    def build(all_rows: bool):
+        p = Program()
+        x = p.var(n, 0.0, 10.0)
+        p.ge(x.sum(), s)
+        if all_rows:
+            p.le(x, u)
+        p.minimize([Quadratic((c * x).sum(), [(wk, x[[k]] - a[k]) for k, wk in enumerate(w)])])
+        return p, x
+
+    added = []
+
+    def separate(v):
+        k = np.flatnonzero(v[:n] > u + 1e-9)
+        added.extend(k)
+        return [(x[k], u[k])] if k.size else []
+
+    ref, _ = build(True)
+    ref.solve("CLARABEL", {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10})
+    p, x = build(False)
+    assert p.solve_cuts(separate, rel_gap=1e-9) == "optimal"
+    truth = lambda v: float(np.sum(w * (v[:n] - a) ** 2) + c @ v[:n])  # noqa: E731
+    assert truth(p.x) == pytest.approx(truth(ref.x), rel=1e-6, abs=1e-7)
+    assert (p.x[:n] <= u + 1e-6).all() and p.x[:n].sum() >= s - 1e-6
+    assert len(set(added)) == len(added), "a row is added once"
+    assert not p.objective.squares, "the squares became epigraphs under tangents"
+
+
+def test_cutting_planes_report_an_infeasible_cut_program():
+    p = Program()
+    x = p.var(2, 0.0, 5.0)
+    p.ge(x.sum(), 5.2)
+    p.minimize([Quadratic(x.sum())])
+    assert p.solve_cuts(lambda v: [(x[[0]], np.array([0.5]))] if v[0] > 0.5 + 1e-9 else []) == "optimal"
+    assert p.x[0] <= 0.5 + 1e-9 and p.x[:2].sum() == pytest.approx(5.2)
+    q = Program()
+    y = q.var(2, 0.0, 5.0)
+    q.ge(y.sum(), 5.2)
+    q.minimize([Quadratic(y.sum())])
+    assert q.solve_cuts(lambda v: [(y.sum(), np.array([5.0]))] if v[:2].sum() > 5.0 else []) == "infeasible"

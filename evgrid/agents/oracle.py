@@ -117,6 +117,7 @@ def plan_episode(sim: Sim, life: Lifecycle) -> Plan:
         res = opf.solve_opf(planned, _horizon(cfg, sim, f), ss, objective,
                             opf.OPFOptions(formulation=cfg.oracle.formulation, solver=cfg.oracle.solver,
                                            ac_rounds=cfg.oracle.ac_rounds, ev_model=cfg.oracle.ev_model,
+                                           method=cfg.oracle.method,
                                            station_p_max_kw=cfg.stations.p_max_kw, soft=cfg.oracle.soft,
                                            penalties=_penalties(cfg)))
         if not res.ac.converged:

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 FORMULATIONS = ("lindistflow", "socp")
 EV_MODELS = ("sessions", "aggregate")
 SOLVERS = ("auto", "CLARABEL", "HIGHS", "SCS")
+METHODS = ("direct", "lazy")
 _POLYGON_SIDES = 16
 # penalty per unit of slack when limits are softened (diagnosis, or ``soft=True``): dominates any cost
 SOFT_PENALTY = {"voltage_pu": 1e6, "voltage_high_pu": 1e6, "loading_kw": 1e3, "target_kwh": 1e3, "ramp_kw": 1e3}
@@ -410,6 +411,11 @@ class OPFOptions:
     an objective that does not grow with losses leaves the cone slack (the relaxation inexact); this small
     weight makes it tight at a negligible change of the optimum.  ``ac_offsets`` (``lindistflow``): start from
     the AC flow of the loads alone (transformer ratios, losses); off, the model is plain LinDistFlow.
+    ``method``: ``direct`` (every row at once) or ``lazy`` (``lindistflow``, HiGHS: cutting planes; the model
+    starts without the network's rows and adds each voltage and rating row a solution breaks, and squared
+    objective terms as tangents, re-solving from the last basis: the same optimum, to ``lazy_gap`` relative on
+    quadratic terms; on a day of thousands of EVs few network rows ever bind, so the problem stays the size of
+    the sessions).
     ``penalties``: per kind, the price of a unit of slack where it is softened, instead of :data:`SOFT_PENALTY`'s
     (e.g. ``{"target_kwh": 2.0}``: a kWh left unmet costs 2 in the objective, so the plan weighs it against
     what delivering it costs; the ``sessions`` model's slack is each session's shortfall at departure, the
@@ -425,11 +431,23 @@ class OPFOptions:
     ev_model: str = "sessions"
     socp_loss_weight: float = 1e-4
     penalties: Mapping[str, float] | None = None
+    method: str = "direct"
+    lazy_gap: float = 1e-7
 
     def __post_init__(self) -> None:
         check_choice("formulation", self.formulation, FORMULATIONS)
         check_choice("solver", self.solver, SOLVERS)
         check_choice("ev_model", self.ev_model, EV_MODELS)
+        check_choice("method", self.method, METHODS)
+        check_real("lazy_gap", self.lazy_gap, 0.0, 0.1)
+        if self.method == "lazy":
+            if self.formulation != "lindistflow" or self.solver not in ("auto", "HIGHS"):
+                raise ValueError(f"method: lazy needs formulation lindistflow and solver auto or HIGHS, got "
+                                 f"{self.formulation} and {self.solver}")
+            soft = [k for k in ("voltage_pu", "voltage_high_pu", "loading_kw") if self.softens(k)]
+            if soft:
+                raise ValueError(f"soft: method lazy adds network rows only once broken and cannot soften "
+                                 f"{', '.join(soft)}; use method direct")
         check_int("ac_rounds", self.ac_rounds, 0, 10)
         check_real("socp_loss_weight", self.socp_loss_weight, 0.0, 1e6)
         if not isinstance(self.soft, bool):
@@ -478,9 +496,13 @@ class _SessionVars:
     """EV sessions one by one: charging at every plugged step, discharge where the session allows V2G.
     ``xc``/``xd``: the variables; ``c_t``, ``c_bus``, ``c_station`` (and ``d_*``): each variable's step, bus and
     station (-1: none); ``cons``: each session's power bounds, energy target and capacity (V2G sessions, which
-    also discharge, at every step within [e_min_kwh, cap_kwh]), added to the program."""
+    also discharge, at every step within [e_min_kwh, cap_kwh]), added to the program.  ``lazy``: the V2G
+    sessions' stored energy ``soc`` is a running sum whose bounds ``soc_kwh`` :meth:`_Model.separate` adds as
+    rows once a solution breaks them (no per-step energy variable: the simplex would pivot each into its basis)."""
 
-    def __init__(self, prog: Program, ss: Sessions, T: int, dt: float, slack) -> None:
+    soc: Affine | None = None
+
+    def __init__(self, prog: Program, ss: Sessions, T: int, dt: float, slack, lazy: bool = False) -> None:
         sid, tt, first = _entries(ss)
         self.sid, self.tt = sid, tt
         n_ent = sid.size
@@ -497,11 +519,24 @@ class _SessionVars:
         e_end = ss.e0_kwh + s_c @ self.xc - s_d @ self.xd
         prog.ge(e_end + short, ss.e_target_kwh)
         prog.le(e_end, ss.cap_kwh)
-        if d.size:
+        if d.size and lazy:
+            self.soc = _running_sums(sid[d]) @ (gain[d] * self.xc[d] - loss_d * self.xd) + ss.e0_kwh[sid[d]]
+            self.soc_kwh = (ss.e_min_kwh[sid[d]], ss.cap_kwh[sid[d]])
+        elif d.size:
             e = prog.var(d.size, ss.e_min_kwh[sid[d]], ss.cap_kwh[sid[d]])
             prev = sp.eye(d.size, k=-1, format="csr").multiply((~first[d])[:, None]).tocsr()
             delta = gain[d] * self.xc[d] - loss_d * self.xd
             prog.eq(e - prev @ e, delta + np.where(first[d], ss.e0_kwh[sid[d]], 0.0))
+
+    def separate(self, x: np.ndarray, tol: float) -> list:
+        """``lazy``: the stored-energy rows ``x`` breaks by more than ``tol`` kWh."""
+        e = self.soc.at(x)
+        cuts = []
+        for sign, bound in zip((-1.0, 1.0), self.soc_kwh):
+            k = np.flatnonzero(sign * (e - bound) > tol)
+            if k.size:
+                cuts.append((sign * self.soc[k], sign * bound[k]))
+        return cuts
 
     def powers(self, prog: Program, ss: Sessions, T: int) -> tuple[np.ndarray, np.ndarray]:
         """Each session's charging and discharging power (n_session, T) at the solution."""
@@ -511,6 +546,17 @@ class _SessionVars:
         if self.idx_d.size:
             p_dis[self.sid[self.idx_d], self.tt[self.idx_d]] = np.maximum(prog.value(self.xd), 0.0)
         return p_ch, p_dis
+
+
+def _running_sums(group: np.ndarray) -> sp.csr_matrix:
+    """(n, n): row i sums the entries j <= i of i's group (the entries of a group consecutive)."""
+    n = group.size
+    start = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if n else np.zeros(0, np.int64)
+    first = np.repeat(start, np.diff(np.r_[start, n]))
+    count = np.arange(n) - first + 1
+    rows = np.repeat(np.arange(n), count)
+    cols = np.repeat(first, count) + np.arange(rows.size) - np.repeat(np.cumsum(count) - count, count)
+    return sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(n, n))
 
 
 def session_envelopes(ss: Sessions, T: int, dt: float) -> tuple[np.ndarray, ...]:
@@ -672,7 +718,10 @@ class _Model:
             return v
 
         # EV sessions, one variable per session and plugged step, or their aggregate per bus / station
-        ev = (_SessionVars if opt.ev_model == "sessions" else _AggregateVars)(prog, ss, T, dt, slack)
+        if opt.ev_model == "sessions":
+            ev = _SessionVars(prog, ss, T, dt, slack, lazy=opt.method == "lazy")
+        else:
+            ev = _AggregateVars(prog, ss, T, dt, slack)
         self.ev = ev
         p_ev = _sum_into(ev.c_t * nb + ev.c_bus, T * nb) @ ev.xc - _sum_into(ev.d_t * nb + ev.d_bus, T * nb) @ ev.xd
 
@@ -691,7 +740,10 @@ class _Model:
 
         self.p = hz.load_p_kw.reshape(-1) + p_ev - _at_buses(T, nb, f.der_bus) @ self.der  # (T n_bus,) net load, kW
         self.q = hz.load_q_kvar.reshape(-1) - _at_buses(T, nb, caps.bus) @ self.qc
-        tie, loss = self._network(eye, slack, opt.formulation == "socp")
+        if opt.method == "lazy":
+            tie, loss = self._network_lazy()
+        else:
+            tie, loss = self._network(eye, slack, opt.formulation == "socp")
         self.tie, self.loss = tie, loss
         if (opt.station_ramp_kw is not None or opt.station_p_max_kw is not None) and (ss.station >= 0).any():
             _station_limits(prog, ev, int(ss.station.max()) + 1, T, opt, slack)
@@ -759,6 +811,67 @@ class _Model:
                         lim + (topo.poly_rep @ over / kw if isinstance(over, Affine) else 0.0))
         return P[root] * kw + (0 if relaxed else self.loss_fixed), loss
 
+    def _network_lazy(self):
+        """LinDistFlow without rows (``method: lazy``): the tie line is the net load plus the fixed losses, and
+        each bus's squared voltage and each element's flow are sensitivities of the bus injections, rows
+        :meth:`separate` adds once a solution breaks them."""
+        net, f, T, prog = self.net, self.net.feeder, self.T, self.prog
+        t, n, nb, kw = f.tree, f.tree.n_node, f.n_bus, net.kw_per_pu
+        self.corr = prog.var(T * n, 0.0, 0.0)
+        self.loss_fixed = prog.var(T, 0.0, 0.0)
+        anc = net.paths
+        path = anc[t.node_of_bus]  # (n_bus, n_node): the branches on each bus's path
+        down = anc[t.node_of_bus][:, t.elem_node].T / kw  # (n_elem, n_bus): each element's flow per bus injection
+        # squared voltage per kW (kvar) drawn at each bus; the offsets sum along the path
+        self.sens = {"p": -2 * (path * t.r_pu) @ path.T / kw, "q": -2 * (path * t.x_pu) @ path.T / kw,
+                     "corr": path, "elem": down}
+        tie = _sum_into(np.repeat(np.arange(T), nb), T) @ self.p + self.loss_fixed
+        return tie, self.loss_fixed
+
+    def squared_voltages(self, x: np.ndarray | None = None) -> np.ndarray:
+        """(T, n_bus) each bus's squared voltage at ``x`` (default: the solution)."""
+        x = self.prog.x if x is None else x
+        if self.opt.method == "direct":
+            return self.v2.at(x).reshape(self.T, -1)
+        p, q, corr = (e.at(x).reshape(self.T, -1) for e in (self.p, self.q, self.corr))
+        s = self.sens
+        return self.net.v0_pu ** 2 + p @ s["p"].T + q @ s["q"].T + corr @ s["corr"].T
+
+    def separate(self, x: np.ndarray, tol: float = 1e-7) -> list:
+        """``method: lazy``: the rows ``x`` breaks by more than ``tol`` (p.u.², p.u., kWh) as ``(lhs, rhs)``
+        with ``lhs <= rhs``: bus voltages, element ratings and V2G sessions' stored energy."""
+        f, T, nb, s = self.net.feeder, self.T, self.net.feeder.n_bus, self.sens
+        v2 = self.squared_voltages(x)
+        cuts = []
+        if getattr(self.ev, "soc", None) is not None:
+            cuts += self.ev.separate(x, tol)
+        for sign, bound in ((-1.0, f.v_min_pu ** 2), (1.0, f.v_max_pu ** 2)):
+            tt, b = np.nonzero(sign * (v2 - bound) > tol)
+            if tt.size:
+                v2_rows = (self._rows(tt, s["p"][b], self.p, nb) + self._rows(tt, s["q"][b], self.q, nb)
+                           + self._rows(tt, s["corr"][b], self.corr, s["corr"].shape[1]))
+                cuts.append((sign * v2_rows, sign * (bound[b] - self.net.v0_pu ** 2)))
+        if s["elem"].size:
+            p, q = self.p.at(x).reshape(T, nb), self.q.at(x).reshape(T, nb)
+            pe, qe = p @ s["elem"].T, q @ s["elem"].T  # (T, n_elem), p.u.
+            ang = np.pi * (2 * np.arange(_POLYGON_SIDES) + 1) / _POLYGON_SIDES
+            lim = self.net.s_max_kva * np.cos(np.pi / _POLYGON_SIDES) / self.net.kw_per_pu
+            side = np.cos(ang)[:, None, None] * pe + np.sin(ang)[:, None, None] * qe  # (sides, T, n_elem)
+            k, tt, e = np.nonzero(side - lim > tol)
+            if k.size:
+                cuts.append((np.cos(ang[k]) * self._rows(tt, s["elem"][e], self.p, nb)
+                             + np.sin(ang[k]) * self._rows(tt, s["elem"][e], self.q, nb), lim[e]))
+        return cuts
+
+    @staticmethod
+    def _rows(tt: np.ndarray, coef: np.ndarray, x: Affine, width: int) -> Affine:
+        """Row r: ``coef[r] @`` the step ``tt[r]`` block (``width`` entries) of ``x``."""
+        k = tt.size
+        cols = tt[:, None] * width + np.arange(width)[None, :]
+        G = sp.csr_matrix((coef.reshape(-1), (np.repeat(np.arange(k), width), cols.reshape(-1))),
+                          shape=(k, x.size))
+        return G @ x
+
     def correct(self, flow, p_bus: np.ndarray, q_bus: np.ndarray) -> None:
         """Take the AC solution ``flow`` of the bus loads ``p_bus``, ``q_bus`` (T, n_bus) as the model's
         constants: each node's squared-voltage offset from the lossless linear model at those loads (so the
@@ -803,9 +916,12 @@ class _Model:
         diesel = np.flatnonzero(np.tile(kinds == "diesel", T))
         if obj.tie_target_kw is not None:
             target = _series("tie_target_kw", obj.tie_target_kw, T)
-            # through a variable of its own: a unit quadratic term, however the feeder's power base scales tie
-            dev = prog.var(T)
-            prog.eq(dev, (tie - target) / 1e3)
+            dev = (tie - target) / 1e3
+            if self.opt.method == "direct":
+                # through a variable of its own: a unit quadratic term, however the feeder's power base scales
+                # tie (the lazy method's tangents read the range of tie's own terms instead)
+                dev = prog.var(T)
+                prog.eq(dev, (tie - target) / 1e3)
             terms["tie_deviation_mw2"] = Quadratic(squares=[(1.0, dev)])
         buy = None
         if obj.energy_price_per_kwh is not None or obj.capacity_price_per_kw or obj.carbon is not None:
@@ -944,11 +1060,14 @@ def _solve(model: _Model, solver: str) -> None:
     if solver == "auto":
         # measured on IEEE 33, 96 steps, 300 EVs: HiGHS solves the LP in 0.7 s (Clarabel 6 s) but stalls on the
         # QP, which Clarabel solves in 5 s; OSQP fails to converge on both
-        solver = "HIGHS" if prog.is_lp else "CLARABEL"
+        solver = "HIGHS" if prog.is_lp or model.opt.method == "lazy" else "CLARABEL"
         model.solver = solver
-    if prog.is_mixed_integer and (solver != "HIGHS" or not prog.is_lp):
+    if prog.is_mixed_integer and (solver != "HIGHS" or not (prog.is_lp or model.opt.method == "lazy")):
         raise ValueError(f"capacitors.step_kvar: integer capacitor steps need a linear problem solved by HiGHS "
                          f"(formulation lindistflow, no quadratic term); got solver {solver}")
+    if model.opt.method == "lazy":
+        prog.solve_cuts(model.separate, model.opt.lazy_gap)
+        return
     prog.solve(solver)
     if prog.status == "solver_error" and solver == "CLARABEL":
         # Clarabel stops on a numerical error on a few of seed 001's ramp-limited days (a near-singular KKT
@@ -968,7 +1087,7 @@ def _first(idx: np.ndarray, n: int = 5) -> str:
 
 def _diagnose(net, hz, ss, obj, caps, opt, status) -> str:
     """Re-solve with every limit softened and name the limits that had to give."""
-    soft = _Model(net, hz, ss, obj, caps, dataclasses.replace(opt, soft=True))
+    soft = _Model(net, hz, ss, obj, caps, dataclasses.replace(opt, soft=True, method="direct"))
     _solve(soft, opt.solver)
     if soft.prog.status not in OPTIMAL:
         return f"problem {status} (solver {soft.solver}); the softened problem too ({soft.prog.status})"
@@ -1013,7 +1132,7 @@ def _read(m: _Model, build_s: float, solve_s: float) -> OPFResult:
         p_bus = p_bus + shift
     step = hz.dt_h * (ss.eta_ch[:, None] * p_ch - p_dis / ss.eta_dis[:, None])
     e = np.concatenate([ss.e0_kwh[:, None], ss.e0_kwh[:, None] + np.cumsum(step, axis=1)], axis=1)
-    v2 = _value(prog, m.v2, hz)
+    v2 = m.squared_voltages()
     costs = {k: v.value(prog.x) for k, v in m.terms.items()}
     slack = {k: float(np.sum(prog.value(v))) for k, v in m.slacks.items()}
     n_der, n_cap = len(f.der_kind), m.qc.size // T if T else 0

@@ -47,6 +47,10 @@ class Affine:
     def size(self) -> int:
         return self.c.size
 
+    def at(self, x: np.ndarray) -> np.ndarray:
+        """The rows' values at the variables ``x`` (a program's solution, or longer)."""
+        return self.M @ x[: self.M.shape[1]] + self.c
+
     def _pair(self, other: Affine) -> tuple[sp.csr_matrix, sp.csr_matrix]:
         n = max(self.M.shape[1], other.M.shape[1])
         return _widen(self.M, n), _widen(other.M, n)
@@ -123,12 +127,10 @@ class Quadratic:
     squares: list[tuple[float, Affine]] = field(default_factory=list)
 
     def value(self, x: np.ndarray) -> float:
-        v = float(_eval(self.lin, x).sum()) if self.lin is not None else 0.0
-        return v + sum(w * float(np.sum(_eval(e, x) ** 2)) for w, e in self.squares)
+        v = float(self.lin.at(x).sum()) if self.lin is not None else 0.0
+        return v + sum(w * float(np.sum(e.at(x) ** 2)) for w, e in self.squares)
 
 
-def _eval(e: Affine, x: np.ndarray) -> np.ndarray:
-    return e.M @ x[: e.M.shape[1]] + e.c
 
 
 class Program:
@@ -151,6 +153,8 @@ class Program:
         self._stacked: tuple | None = None
         self._conic_rows: tuple | None = None
         self._last_clarabel: tuple | None = None  # (A, settings, solver) of the last Clarabel solve
+        # (w, e, z, tangent points): solve_cuts's epigraphs z >= e², each with the points of its tangents so far
+        self._squares: list[tuple[float, Affine, Affine, list[np.ndarray]]] = []
 
     def var(self, n: int, lb=-np.inf, ub=np.inf, integer: bool = False) -> Affine:
         self._changed()
@@ -202,7 +206,7 @@ class Program:
         return any(i.any() for i in self._int)
 
     def value(self, e: Affine) -> np.ndarray:
-        return _eval(e, self.x)
+        return e.at(self.x)
 
     # ------------------------------------------------------------------------------------------ solving
 
@@ -246,12 +250,92 @@ class Program:
             self.status, self.x = "solver_error", None
         return self.status
 
-    def _highs(self, settings: dict) -> None:
+    def solve_cuts(self, separate, rel_gap: float = 1e-7, max_rounds: int = 100,
+                   settings: dict | None = None) -> str:
+        """HiGHS by cutting planes, each round re-solved from the last basis.  The rows ``separate(x)`` returns
+        (``[(lhs, rhs), ...]``, each meaning ``lhs <= rhs``; empty where ``x`` breaks none) join the program;
+        each squared objective term ``w e_k²`` becomes an epigraph variable under tangents of ``e_k²``, one more
+        at each solution's ``e_k`` while the tangents understate the objective by more than ``rel_gap`` of it.
+        The result is optimal for the whole program to within that gap (and the solver's tolerances).  The
+        program keeps the rows and
+        tangents (a later solve starts from them) and no longer has quadratic terms."""
+        # tangents of terms whose squares are small (MW² of a tie deviation, ~1e-3) sit within HiGHS's default
+        # tolerance (1e-7) of each other: at 1e-9 the optimum moved from 2e-6 to 4e-8 of Clarabel's (IEEE 33,
+        # 300 EVs, a flat tie target) at no cost in time.  The parallel dual simplex (strategy 2) re-solved
+        # the day of 3,000 EVs in 1.5 s instead of 1.95 s, and the flat-target day in 6.2 s instead of 7.4 s
+        settings = {**DEFAULT_SETTINGS["HIGHS"], "primal_feasibility_tolerance": 1e-9,
+                    "dual_feasibility_tolerance": 1e-9, "simplex_strategy": 2, **(settings or {})}
+        if self._soc:
+            raise ValueError("solver: HiGHS solves no second-order cones; use CLARABEL or SCS")
+        self._epigraphs()
+        h = self._highs(settings)
+        for _ in range(max_rounds):
+            if self.status != "optimal":
+                return self.status
+            cuts = separate(self.x) + self._tangents(self.x, rel_gap)
+            if not cuts:
+                return self.status
+            rows = stack([_diff(lhs, rhs) for lhs, rhs in cuts])
+            for lhs, rhs in cuts:
+                self.le(lhs, rhs)
+            A = _widen(rows.M, self.n).tocsr()
+            h.addRows(A.shape[0], np.full(A.shape[0], -highs_inf()), -rows.c, A.nnz, A.indptr[:-1].astype(np.int32),
+                      A.indices.astype(np.int32), A.data)
+            with quiet_stdout():
+                h.run()
+            self._read_highs(h)
+        log.warning("cutting planes: still cutting after %d rounds", max_rounds)
+        self.status, self.x = "solver_error", None
+        return self.status
+
+    def _epigraphs(self) -> None:
+        """Each row k of each squared term ``w ||e||²``: a variable z_k >= e_k², tangents at 0 and across the
+        range the variables' bounds give e_k; the objective then prices ``w z``."""
+        if not self.objective.squares:
+            return
+        lin = self.objective.lin
+        for w, e in self.objective.squares:
+            z = self.var(e.size, lb=0.0)
+            lo, hi = _range(e, np.concatenate(self._lb), np.concatenate(self._ub))
+            points = np.linspace(np.where(np.isfinite(lo), lo, 0.0), np.where(np.isfinite(hi), hi, 0.0), 9)
+            self._squares.append((w, e, z, list(points)))
+            for c in points:
+                self.le(2 * c * e - z, c * c)
+            lin = (w * z.sum()) if lin is None else lin + w * z.sum()
+        self.objective = Quadratic(lin)
+
+    def _tangents(self, x: np.ndarray, rel_gap: float) -> list[tuple[Affine, np.ndarray]]:
+        """Tangents at ``x``'s ``e_k`` of the squared terms, where the tangents understate the objective by more
+        than ``rel_gap`` of it (none otherwise).  The understatement is measured from the tangents themselves,
+        ``min_c (e_k - c)²``, not from z_k, which the solver holds to its tolerance only."""
+        if not self._squares:
+            return []
+        values = [e.at(x) for _, e, _, _ in self._squares]
+        under = [w * np.nanmin([(v - c) ** 2 for c in points], axis=0)
+                 for (w, _, _, points), v in zip(self._squares, values)]
+        total = sum(float(u.sum()) for u in under)
+        epigraphs = sum(w * float(z.at(x).sum()) for w, _, z, _ in self._squares)
+        objective = float(self.objective.lin.at(x).sum()) - epigraphs + sum(
+            w * float((v ** 2).sum()) for (w, *_), v in zip(self._squares, values))
+        allowed = rel_gap * max(abs(objective), 1e-9)
+        if total <= allowed:
+            return []
+        per_row = allowed / sum(e.size for _, e, _, _ in self._squares)
+        cuts = []
+        for (w, e, z, points), u, v in zip(self._squares, under, values):
+            k = u > per_row
+            if k.any():
+                c = np.where(k, v, np.nan)
+                points.append(c)  # nan where no tangent is added: nanmin skips it
+                cuts.append((2 * c[k] * e[k] - z[k], c[k] ** 2))
+        return cuts
+
+    def _highs(self, settings: dict):
         import highspy
 
         q, const, P, A, rhs, n_eq = self._matrices()
         A = A.tocsc()
-        inf = highspy.kHighsInf
+        inf = highs_inf()
         lp = highspy.HighsLp()
         lp.num_col_, lp.num_row_ = self.n, A.shape[0]
         lp.col_cost_, lp.offset_ = q, const
@@ -278,10 +362,15 @@ class Program:
                 h.setOptionValue(k, v)
             h.passModel(model)
             h.run()
-        st = h.getModelStatus()
+        self._read_highs(h)
+        return h
+
+    def _read_highs(self, h) -> None:
+        import highspy
+
         S = highspy.HighsModelStatus
         self.status = {S.kOptimal: "optimal", S.kInfeasible: "infeasible", S.kUnbounded: "unbounded",
-                       S.kUnboundedOrInfeasible: "infeasible"}.get(st, "solver_error")
+                       S.kUnboundedOrInfeasible: "infeasible"}.get(h.getModelStatus(), "solver_error")
         self.x = np.asarray(h.getSolution().col_value, dtype=float) if self.status == "optimal" else None
 
     def _conic(self):
@@ -348,6 +437,30 @@ class Program:
                        "infeasible_inaccurate": "infeasible", "unbounded": "unbounded",
                        "unbounded_inaccurate": "unbounded"}.get(st, "solver_error")
         self.x = np.asarray(sol["x"], dtype=float) if self.status in OPTIMAL else None
+
+
+def highs_inf() -> float:
+    import highspy
+
+    return highspy.kHighsInf
+
+
+def _range(e: Affine, lb: np.ndarray, ub: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The least and greatest value of each row of ``e`` over the variables' bounds (±inf where unbounded)."""
+    M = _widen(e.M, lb.size).tocsr()
+    pos, neg = M.maximum(0), M.minimum(0)
+    return e.c + _bounded(pos, lb) + _bounded(neg, ub), e.c + _bounded(pos, ub) + _bounded(neg, lb)
+
+
+def _bounded(M: sp.csr_matrix, b: np.ndarray) -> np.ndarray:
+    """``M @ b`` where an infinite bound under a nonzero coefficient gives that row ±inf (never nan)."""
+    finite = np.isfinite(b)
+    out = M @ np.where(finite, b, 0.0)
+    Mi = M[:, ~finite]
+    if Mi.nnz:
+        sign = Mi @ np.sign(b[~finite])  # coefficients are of one sign in M: no cancelling
+        out = np.where(Mi.getnnz(axis=1) > 0, np.sign(sign) * np.inf, out)
+    return out
 
 
 @contextlib.contextmanager
