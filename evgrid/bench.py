@@ -580,7 +580,8 @@ def bench_opf(feeders: Iterable[str] = ("ieee33",), horizons: Iterable[int] = (2
                                "solver": r.solver,
                                "build_s": r.build_s,
                                "solve_s": r.solve_s, "total_s": time.perf_counter() - t0,
-                               "objective": r.objective, "max_dv_pu_vs_ac": r.ac.max_dv_pu,
+                               "objective": r.objective, "optimality_gap": r.optimality_gap,
+                               "max_dv_pu_vs_ac": r.ac.max_dv_pu,
                                "max_loss_error_kw": r.ac.max_loss_error_kw, "cone_gap": r.ac.cone_gap,
                                "tracking_kwh": r.tracking_kwh}
         if single_period:

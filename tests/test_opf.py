@@ -230,6 +230,8 @@ def test_the_lazy_method_reaches_the_direct_optimum_where_the_network_binds(obje
     lazy = opf.solve_opf(f, hz, ss, obj, opf.OPFOptions(method="lazy"))
     assert lazy.solver == "HIGHS"
     assert lazy.objective == pytest.approx(direct.objective, rel=1e-6)
+    # the solvers' own certificates: each dual bound within the gap asked (and the solvers' tolerances)
+    assert abs(direct.optimality_gap) < 1e-7 and -1e-9 < lazy.optimality_gap < 1e-6
     assert lazy.vm_pu.min() >= f.v_min_pu.min() - 1e-7
     assert lazy.vm_pu.min() <= f.v_min_pu.min() + 1e-6, "the voltage limit binds: rows were added"
     assert (lazy.e_kwh >= ss.e_min_kwh[:, None] - 1e-6).all() and (lazy.e_kwh <= ss.cap_kwh[:, None] + 1e-6).all()
@@ -355,6 +357,7 @@ def test_bench_opf_reports_its_fields_on_every_feeder():
             assert objective == pytest.approx(by_method[feeder_name, problem, form, "direct"], rel=1e-5)
     for r in multi:
         assert r["build_s"] > 0 and r["solve_s"] > 0 and np.isfinite(r["objective"])
+        assert abs(r["optimality_gap"]) < 1e-5, r  # the solver's dual bound certifies the schedule
         if r["formulation"] == "lindistflow":  # transformers (CIGRE MV) included, through the AC offsets
             assert r["max_dv_pu_vs_ac"] <= 0.005, r
         else:

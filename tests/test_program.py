@@ -50,6 +50,7 @@ def test_lp_optimum_on_every_solver(solver):
     assert p.solve(solver) == "optimal"
     assert np.allclose(p.x, [1.5, 2.5], atol=1e-4)
     assert p.objective.value(p.x) == pytest.approx(-6.5, abs=1e-4)
+    assert p.dual_objective == pytest.approx(-6.5, abs=1e-4), "strong duality: the dual bound meets the optimum"
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -62,6 +63,10 @@ def test_qp_optimum_on_every_solver(solver):
     assert p.solve(solver) == "optimal"
     assert np.allclose(p.x, [2.5, -1.5], atol=1e-4)
     assert p.objective.value(p.x) == pytest.approx(0.5, abs=1e-4)
+    if solver == "HIGHS":  # its QP duals are not read (the OPF's QPs go to Clarabel or to solve_cuts)
+        assert p.dual_objective is None
+    else:
+        assert p.dual_objective == pytest.approx(0.5, abs=1e-4)
 
 
 @pytest.mark.parametrize("solver", ("CLARABEL", "SCS"))
@@ -172,6 +177,10 @@ def test_cutting_planes_reach_the_qp_optimum_with_rows_added_only_once_broken(se
     assert truth(p.x) == pytest.approx(truth(ref.x), rel=1e-6, abs=1e-7)
     assert (p.x[:n] <= u + 1e-6).all() and p.x[:n].sum() >= s - 1e-6
     assert len(set(added)) == len(added), "a row is added once"
+    assert ref.dual_objective == pytest.approx(truth(ref.x), rel=1e-7, abs=1e-7)
+    # the last relaxation's dual bound is below the optimum, and within the gap asked of the solution
+    assert p.dual_objective <= truth(ref.x) + 1e-7
+    assert p.objective_at(p.x) - p.dual_objective <= 1e-9 * abs(p.objective_at(p.x)) + 1e-7
     assert not p.objective.squares, "the squares became epigraphs under tangents"
 
 

@@ -367,6 +367,9 @@ class OPFResult:
     loss_kw: npt.NDArray[np.float64]  # (T,) model's losses
     slack: dict[str, float] = field(default_factory=dict)  # soft limits: total violation of each kind
     ac: ACCheck | None = None
+    # (program objective - the solver's dual bound) / |program objective| (the objective here plus any soft
+    # limits' penalties): how far from optimal the solution can be; None where the solver gives no duals (MIP)
+    optimality_gap: float | None = None
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -414,7 +417,7 @@ class OPFOptions:
     ``method``: ``direct`` (every row at once) or ``lazy`` (``lindistflow``, HiGHS: cutting planes; the model
     starts without the network's rows and adds each voltage and rating row a solution breaks, and squared
     objective terms as tangents, re-solving from the last basis: the same optimum, to ``lazy_gap`` relative on
-    quadratic terms; on a day of thousands of EVs few network rows ever bind, so the problem stays the size of
+    quadratic terms (and the solver's tolerances); on a day of thousands of EVs few network rows ever bind, so the problem stays the size of
     the sessions).
     ``penalties``: per kind, the price of a unit of slack where it is softened, instead of :data:`SOFT_PENALTY`'s
     (e.g. ``{"target_kwh": 2.0}``: a kWh left unmet costs 2 in the objective, so the plan weighs it against
@@ -1145,7 +1148,14 @@ def _read(m: _Model, build_s: float, solve_s: float) -> OPFResult:
         tracking_kwh=tracking_kwh, p_bus_kw=p_bus, q_bus_kvar=_value(prog, m.q, hz),
         tie_kw=prog.value(m.tie),
         vm_pu=np.sqrt(np.maximum(v2, 0.0)), loss_kw=prog.value(m.loss).reshape(T),
-        slack=slack)
+        slack=slack, optimality_gap=_gap(prog))
+
+
+def _gap(prog: Program) -> float | None:
+    if prog.dual_objective is None:
+        return None
+    primal = prog.objective_at(prog.x)
+    return (primal - prog.dual_objective) / max(abs(primal), 1e-9)
 
 
 def _with_ac(result: OPFResult, m: _Model, backend) -> OPFResult:

@@ -149,6 +149,9 @@ class Program:
         self.objective = Quadratic()
         self.status: str | None = None
         self.x: np.ndarray | None = None
+        # the solver's dual objective at its last solution: a lower bound on the optimum (None: no duals, e.g. a
+        # mixed-integer program); for solve_cuts, the bound of its last relaxation, which bounds the program too
+        self.dual_objective: float | None = None
         # the stacked matrices, kept while only bounds change (fix): the OPF's AC rounds re-solve for free
         self._stacked: tuple | None = None
         self._conic_rows: tuple | None = None
@@ -243,6 +246,7 @@ class Program:
             raise ValueError("solver: HiGHS solves no second-order cones; use CLARABEL or SCS")
         if self.is_mixed_integer and solver != "HIGHS":
             raise ValueError(f"solver: integer variables need HIGHS, got {solver}")
+        self.dual_objective = None
         try:
             {"HIGHS": self._highs, "CLARABEL": self._clarabel, "SCS": self._scs}[solver](settings)
         except (ValueError, ArithmeticError, RuntimeError) as e:  # a solver's own failure: the status says it
@@ -268,12 +272,14 @@ class Program:
         if self._soc:
             raise ValueError("solver: HiGHS solves no second-order cones; use CLARABEL or SCS")
         self._epigraphs()
-        h = self._highs(settings)
+        self.dual_objective = None
+        h = self._highs(settings, duals=False)
         for _ in range(max_rounds):
             if self.status != "optimal":
                 return self.status
             cuts = separate(self.x) + self._tangents(self.x, rel_gap)
             if not cuts:
+                self.dual_objective = _highs_dual_objective(h)
                 return self.status
             rows = stack([_diff(lhs, rhs) for lhs, rhs in cuts])
             for lhs, rhs in cuts:
@@ -330,7 +336,7 @@ class Program:
                 cuts.append((2 * c[k] * e[k] - z[k], c[k] ** 2))
         return cuts
 
-    def _highs(self, settings: dict):
+    def _highs(self, settings: dict, duals: bool = True):
         import highspy
 
         q, const, P, A, rhs, n_eq = self._matrices()
@@ -363,6 +369,9 @@ class Program:
             h.passModel(model)
             h.run()
         self._read_highs(h)
+        # an LP's dual objective; a QP's would need the Hessian's term (the OPF's QPs go to Clarabel or solve_cuts)
+        linear = not integer.any() and not P.nnz
+        self.dual_objective = _highs_dual_objective(h) if duals and linear and self.status == "optimal" else None
         return h
 
     def _read_highs(self, h) -> None:
@@ -425,6 +434,7 @@ class Program:
                        "AlmostPrimalInfeasible": "infeasible", "DualInfeasible": "unbounded",
                        "AlmostDualInfeasible": "unbounded"}.get(st, "solver_error")
         self.x = np.asarray(sol.x, dtype=float) if self.status in OPTIMAL else None
+        self.dual_objective = float(sol.obj_val_dual) + self._matrices()[1] if self.x is not None else None
 
     def _scs(self, settings: dict) -> None:
         import scs
@@ -437,6 +447,26 @@ class Program:
                        "infeasible_inaccurate": "infeasible", "unbounded": "unbounded",
                        "unbounded_inaccurate": "unbounded"}.get(st, "solver_error")
         self.x = np.asarray(sol["x"], dtype=float) if self.status in OPTIMAL else None
+        self.dual_objective = float(sol["info"]["dobj"]) + self._matrices()[1] if self.x is not None else None
+
+    def objective_at(self, x: np.ndarray) -> float:
+        """The objective at ``x``, squared terms exact (:meth:`solve_cuts`'s epigraph variables replaced by them)."""
+        v = self.objective.value(x)
+        for w, e, z, _ in self._squares:
+            v += w * float((e.at(x) ** 2).sum() - z.at(x).sum())
+        return v
+
+
+def _highs_dual_objective(h) -> float:
+    """The LP dual objective of HiGHS's solution (its sign convention: a positive dual prices a lower bound)."""
+    lp, sol = h.getLp(), h.getSolution()
+    total = float(lp.offset_)
+    for duals, lo, hi in ((sol.row_dual, lp.row_lower_, lp.row_upper_), (sol.col_dual, lp.col_lower_, lp.col_upper_)):
+        d, lo, hi = (np.asarray(a, dtype=float) for a in (duals, lo, hi))
+        bound = np.where(d > 0, lo, hi)
+        # a dual of the wrong sign at an infinite bound is solver noise within its tolerance, not a price
+        total += float(d @ np.where(np.isfinite(bound), bound, 0.0))
+    return total
 
 
 def highs_inf() -> float:
