@@ -547,7 +547,8 @@ def bench_opf(feeders: Iterable[str] = ("ieee33",), horizons: Iterable[int] = (2
               evs: Iterable[int] = (300, 3000), formulations: Iterable[str] = ("lindistflow",), seed: int = 0,
               single_period: bool = True, ev_models: Iterable[str] = ("sessions",),
               single_period_repeats: int = 15, ac_rounds: int = 0,
-              methods: Iterable[str] = ("direct", "lazy")) -> Iterable[dict]:
+              methods: Iterable[str] = ("direct", "lazy"),
+              problems: Iterable[str] = ("min_cost", "seed001_stage1")) -> Iterable[dict]:
     """Build + solve time of the multi-period OPF (LinDistFlow with ``ac_rounds`` AC correction rounds), with
     its AC check, per problem, feeder, horizon, fleet, formulation and method (``lazy``: LinDistFlow only);
     and a single-period OPF beside
@@ -567,7 +568,8 @@ def bench_opf(feeders: Iterable[str] = ("ieee33",), horizons: Iterable[int] = (2
                                                         diesel_cost=(1e-4, 0.8)),
                               "seed001_stage1": opf.Objective(tie_target_kw=opf.flat_target_kw(
                                   hz.load_p_kw.sum(1) - hz.der_avail_kw.sum(1), ev_kwh, hz.dt_h))}
-                for problem, objective in objectives.items():
+                for problem in problems:
+                    objective = objectives[problem]
                     for form, ev_model, method in itertools.product(formulations, ev_models, methods):
                         if method == "lazy" and form != "lindistflow":
                             continue

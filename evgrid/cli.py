@@ -234,7 +234,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         from evgrid.bench import bench_opf
 
         for r in bench_opf(args.feeder, args.horizons, args.evs or (300, 3000), args.formulations, seed=args.seed,
-                           ev_models=args.ev_models, ac_rounds=args.ac_rounds, methods=args.methods):
+                           ev_models=args.ev_models, ac_rounds=args.ac_rounds, methods=args.methods,
+                           problems=args.problems, single_period=not args.no_single_period):
             print(json.dumps(r) if args.json else
                   f"{r['problem']:<15}{r['feeder']:<10}{r['horizon']:>4} steps{r['n_ev']:>7} EVs {r['formulation']:<12}"
                   f"{r.get('ev_model', ''):<10}{r.get('method', ''):<7}"
@@ -363,6 +364,9 @@ def _add_bench(sub: Any) -> None:
                    help="opf: EVs one variable per session and step, or aggregated per bus and station")
     b.add_argument("--methods", nargs="+", default=["direct", "lazy"], choices=["direct", "lazy"],
                    help="opf: every row at once, or network rows added as a solution breaks them (LinDistFlow)")
+    b.add_argument("--problems", nargs="+", default=["min_cost", "seed001_stage1"],
+                   choices=["min_cost", "seed001_stage1"], help="opf: the multi-period problems")
+    b.add_argument("--no-single-period", action="store_true", help="opf: skip the single period beside runopp")
     b.add_argument("--ac-rounds", type=_int_in(0, 10), default=0,
                    help="opf: AC correction rounds of the multi-period LinDistFlow solves")
     b.add_argument("--steps", type=_int_in(1, 10_000), default=24, help="env: timed steps (from 17:00)")

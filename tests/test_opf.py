@@ -380,6 +380,10 @@ def test_bench_opf_json_output_is_json_only():
     rows = [json.loads(line) for line in out.splitlines()]
     assert {r["problem"] for r in rows} == {"min_cost", "seed001_stage1", "single_period"}
     assert any(r["solver"] == "HIGHS" for r in rows)
+    out = subprocess.run([sys.executable, "-m", "evgrid.cli", "bench", "opf", "--feeder", "feeder14", "--horizons", "4",
+                          "--evs", "5", "--problems", "min_cost", "--methods", "lazy", "--no-single-period", "--json"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert [(r["problem"], r["method"]) for r in map(json.loads, out.splitlines())] == [("min_cost", "lazy")]
 
 
 # ------------------------------------------------------------------------------------------ aggregate EV model
