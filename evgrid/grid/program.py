@@ -156,6 +156,10 @@ class Program:
         self._stacked: tuple | None = None
         self._conic_rows: tuple | None = None
         self._last_clarabel: tuple | None = None  # (A, settings, solver) of the last Clarabel solve
+        # HiGHS's model of the last solve while it holds every row and column (bounds follow fix): the next
+        # HiGHS solve starts from its basis
+        self._h = None
+        self._h_settings: dict | None = None
         # (w, e, z, tangent points): solve_cuts's epigraphs z >= e², each with the points of its tangents so far
         self._squares: list[tuple[float, Affine, Affine, list[np.ndarray]]] = []
 
@@ -172,11 +176,14 @@ class Program:
         """Fix the variables of ``x`` (a block from :meth:`var`) at ``values``: a model's constants that change
         between solves (the OPF's AC corrections) without rebuilding its rows."""
         lb, ub = np.concatenate(self._lb), np.concatenate(self._ub)
-        lb[x.M.indices] = ub[x.M.indices] = values
+        idx = x.M.indices
+        lb[idx] = ub[idx] = values
         self._lb, self._ub = [lb], [ub]
+        if self._h is not None:
+            self._h.changeColsBounds(idx.size, idx.astype(np.int32), lb[idx], ub[idx])
 
     def _changed(self) -> None:
-        self._stacked = self._conic_rows = self._last_clarabel = None
+        self._stacked = self._conic_rows = self._last_clarabel = self._h = None
 
     def eq(self, lhs, rhs=0.0) -> None:
         self._changed()
@@ -287,6 +294,7 @@ class Program:
             A = _widen(rows.M, self.n).tocsr()
             h.addRows(A.shape[0], np.full(A.shape[0], -highs_inf()), -rows.c, A.nnz, A.indptr[:-1].astype(np.int32),
                       A.indices.astype(np.int32), A.data)
+            self._h = h  # it holds the rows just added
             with quiet_stdout():
                 h.run()
             self._read_highs(h)
@@ -337,6 +345,22 @@ class Program:
         return cuts
 
     def _highs(self, settings: dict, duals: bool = True):
+        integer = np.concatenate(self._int) if self.n else np.zeros(0, bool)
+        if self._h is not None and self._h_settings == settings:
+            # only bounds moved since the last solve (fix: the OPF's AC rounds): from its basis
+            h = self._h
+            with quiet_stdout():
+                h.run()
+        else:
+            h = self._highs_model(settings, integer)
+        self._read_highs(h)
+        # an LP's dual objective; a QP's would need the Hessian's term (the OPF's QPs go to Clarabel or solve_cuts)
+        linear = not integer.any() and not self.objective.squares
+        self.dual_objective = _highs_dual_objective(h) if duals and linear and self.status == "optimal" else None
+        return h
+
+    def _highs_model(self, settings: dict, integer: np.ndarray):
+        """A HiGHS model of the program, solved."""
         import highspy
 
         q, const, P, A, rhs, n_eq = self._matrices()
@@ -351,7 +375,6 @@ class Program:
         lp.row_upper_ = rhs
         lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
         lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
-        integer = np.concatenate(self._int) if self.n else np.zeros(0, bool)
         if integer.any():
             lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
                                for i in integer]
@@ -368,10 +391,7 @@ class Program:
                 h.setOptionValue(k, v)
             h.passModel(model)
             h.run()
-        self._read_highs(h)
-        # an LP's dual objective; a QP's would need the Hessian's term (the OPF's QPs go to Clarabel or solve_cuts)
-        linear = not integer.any() and not P.nnz
-        self.dual_objective = _highs_dual_objective(h) if duals and linear and self.status == "optimal" else None
+        self._h, self._h_settings = h, settings
         return h
 
     def _read_highs(self, h) -> None:
