@@ -272,10 +272,11 @@ class Program:
         tangents (a later solve starts from them) and no longer has quadratic terms."""
         # tangents of terms whose squares are small (MW² of a tie deviation, ~1e-3) sit within HiGHS's default
         # tolerance (1e-7) of each other: at 1e-9 the optimum moved from 2e-6 to 4e-8 of Clarabel's (IEEE 33,
-        # 300 EVs, a flat tie target) at no cost in time.  The parallel dual simplex (strategy 2) re-solved
-        # the day of 3,000 EVs in 1.5 s instead of 1.95 s, and the flat-target day in 6.2 s instead of 7.4 s
+        # 300 EVs, a flat tie target) at no cost in time.  HiGHS's parallel dual simplex (simplex_strategy 2)
+        # re-solved the day of 3,000 EVs in 1.5 s instead of 1.9 s on an idle 2-core machine, but took 3-48 s
+        # while another process held the second core: the serial one stays
         settings = {**DEFAULT_SETTINGS["HIGHS"], "primal_feasibility_tolerance": 1e-9,
-                    "dual_feasibility_tolerance": 1e-9, "simplex_strategy": 2, **(settings or {})}
+                    "dual_feasibility_tolerance": 1e-9, **(settings or {})}
         if self._soc:
             raise ValueError("solver: HiGHS solves no second-order cones; use CLARABEL or SCS")
         self._epigraphs()
