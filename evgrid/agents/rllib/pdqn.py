@@ -367,13 +367,14 @@ class PDQNTorchRLModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
         """
         net = q_net or self.q_net
         obs = obs.float()
-        b = obs.shape[0]
+        # explicit sizes, no -1: a grouped module may pass no item at all (B = 0)
+        b, n_flat = obs.shape[0], self.n_mode * self.n_param
         if not self.multi_pass:
-            return net(torch.cat([obs, x_unit.reshape(b, -1)], dim=-1))
+            return net(torch.cat([obs, x_unit.reshape(b, n_flat)], dim=-1))
         # [B, 1, K, P] * [K, K, 1]: row k keeps mode k's parameters only
-        xs = (x_unit.unsqueeze(1) * self._pass_mask).reshape(b, self.n_mode, -1)
+        xs = (x_unit.unsqueeze(1) * self._pass_mask).reshape(b, self.n_mode, n_flat)
         inp = torch.cat([obs.unsqueeze(1).expand(b, self.n_mode, obs.shape[-1]), xs], dim=-1)
-        q = net(inp.reshape(b * self.n_mode, -1)).reshape(b, self.n_mode, self.n_mode)
+        q = net(inp.reshape(b * self.n_mode, obs.shape[-1] + n_flat)).reshape(b, self.n_mode, self.n_mode)
         return q.diagonal(dim1=1, dim2=2)
 
     def q_values_fixed_net(self, obs: torch.Tensor, x_unit: torch.Tensor) -> torch.Tensor:
@@ -520,7 +521,7 @@ class GroupedPDQNTorchRLModule(PDQNTorchRLModule):
         evs, ctx = obs["evs"].float(), obs["context"].float()
         b = evs.shape[0]
         idx = (obs["mask"].reshape(-1) > 0.5).nonzero().squeeze(-1)
-        items = torch.cat([evs.reshape(b * self.n_slot, -1).index_select(0, idx),
+        items = torch.cat([evs.reshape(b * self.n_slot, evs.shape[-1]).index_select(0, idx),
                            ctx.index_select(0, idx // self.n_slot)], dim=-1)
         return items, idx, b
 
@@ -576,8 +577,8 @@ def pdqn_losses(fwd_out: dict, batch: dict, *, gamma: float,
     """
     act = batch[Columns.ACTIONS]
     q_sel = fwd_out[QF_PREDS].gather(-1, act[MODE_KEY].long().unsqueeze(-1)).squeeze(-1)
-    b = q_sel.shape[0]
-    q_sel = q_sel.reshape(b, -1).sum(-1)
+    if q_sel.dim() > 1:  # a slot set: the sample's Q is the sum over its slots (empty ones hold 0)
+        q_sel = q_sel.sum(-1)
     n_step = batch.get("n_step")
     discount = gamma ** n_step.float() if n_step is not None else torch.full_like(q_sel, gamma)
     target = (batch[Columns.REWARDS].float()
@@ -587,7 +588,7 @@ def pdqn_losses(fwd_out: dict, batch: dict, *, gamma: float,
     per_sample = F.huber_loss(q_sel, target, reduction="none") if loss_fn == "huber" \
         else F.mse_loss(q_sel, target, reduction="none")
     q_loss = (weights * per_sample).mean()
-    actor_loss = -fwd_out[Q_ACTOR].reshape(b, -1).sum(-1).mean()
+    actor_loss = -fwd_out[Q_ACTOR].flatten(1).sum(-1).mean()
     return q_loss, actor_loss, (q_sel - target).abs().detach()
 
 
