@@ -289,3 +289,95 @@ def test_exploration_is_per_slot_and_stays_inside_the_space():
     sent = chosen_mode_action(a)
     assert sent["power"].shape == (N_SLOT,)
     assert sent["power"].tolist() == [a["power"][k, a["mode"][k]] for k in range(N_SLOT)]
+
+
+# ---- evgrid train ----------------------------------------------------------------------------------------------
+
+# 10 EVs from 16:00 on 3 stations of 8 slots: sets with empty slots, and steps with empty stations
+ENV = ["n_steps=24", "start_hour=16.0", "fleet.n_ev=10", "stations.ports=40", "agents.ev_view=grouped",
+       "agents.operator=rule", "agents.station=rule"]
+TRAIN = ["train.num_env_runners=0", "train.envs_per_runner=2", "train.rollout_fragment_length=24",
+         "train.train_batch_size=32", "train.minibatch_size=32", "train.learning_starts=24",
+         "train.training_intensity=2.0", "train.hidden=[32, 32]", "train.checkpoint_every=1"]
+
+
+@pytest.mark.parametrize("algorithm", ["PDQN", "MPDQN"])
+def test_grouped_pdqn_trains_checkpoints_evaluates_and_resumes(tmp_path, algorithm):
+    from evgrid.agents.rllib.algos import load_run_config
+    from evgrid.agents.rllib.policy import TrainedPolicy, load_modules
+    from evgrid.cli import main
+    from evgrid.envs.ev_grid import EVGridEnv
+
+    run = tmp_path / "run"
+    assert main(["train", "quickstart", *ENV, *TRAIN, f"train.algorithm={algorithm}", "train.iterations=2",
+                 "--run-dir", str(run)]) == 0
+    m = pd.read_parquet(run / "metrics.parquet")
+    assert sorted(m.iteration) == [1, 2] and set(m.module) == {"ev"}
+    assert np.isfinite(m.return_mean).all() and (m.ev_decisions > 0).all()
+    assert (m.learn_s > 0).all(), "no learner update ran"
+    modules = load_modules(run)
+    module = modules["ev"].unwrapped()
+    assert isinstance(module, GroupedPDQNTorchRLModule) and module.multi_pass is (algorithm == "MPDQN")
+    # greedy actions from the checkpoint: inside the env's space, each slot's chosen mode's power
+    env_cfg, _ = load_run_config("quickstart", ENV)
+    env = EVGridEnv(env_cfg)
+    obs, _ = env.reset(seed=1)
+    for _ in range(12):  # into the afternoon: EVs plugged in
+        obs, *_ = env.step(TrainedPolicy(modules, env).act(obs))
+    agents = list(env.agents)
+    acts = TrainedPolicy(modules, env).act(obs)
+    full = modules["ev"].forward_inference({Columns.OBS: _batch([obs[a] for a in agents])})[Columns.ACTIONS]
+    assert full["power"].shape == (len(agents), module.n_slot, 3)
+    assert sum(int((obs[a]["mask"] > 0).sum()) for a in agents) > 0
+    for i, a in enumerate(agents):
+        assert env.action_space(a).contains(acts[a])
+        mode = full["mode"][i].numpy()
+        assert np.array_equal(acts[a]["mode"], mode)
+        assert acts[a]["power"].tolist() == pytest.approx(
+            [float(full["power"][i, k, mode[k]]) for k in range(module.n_slot)])
+    env.step(acts)
+    assert main(["evaluate", "quickstart", *ENV, "--checkpoint", str(run), "--policy", "uncontrolled",
+                 "--episodes", "1", "--out", str(tmp_path / "eval")]) == 0
+    ev = pd.read_parquet(tmp_path / "eval" / "metrics.parquet")
+    assert list(ev.policy) == ["trained", "uncontrolled"] and np.isfinite(ev.operator_cost).all()
+    assert main(["train", "train.iterations=3", "--resume", str(run)]) == 0
+    m = pd.read_parquet(run / "metrics.parquet")
+    assert sorted(m.iteration) == [1, 2, 3]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001", "iter_000002", "iter_000003"]
+
+
+def test_env_gets_each_slots_chosen_power_and_the_episode_keeps_all_three():
+    from evgrid.agents.rllib.algos import load_run_config
+    from evgrid.agents.rllib.experiment import Experiment
+
+    env_cfg, train_cfg = load_run_config("quickstart", [*ENV, *TRAIN, "train.algorithm=PDQN"])
+    with Experiment(env_cfg, train_cfg) as exp:
+        runner = exp.algo.env_runner
+        pipeline = runner._module_to_env
+        outputs, sent = [], []
+
+        def recorded_pipeline(**kwargs):
+            out = pipeline(**kwargs)
+            outputs.append((out[Columns.ACTIONS], out[Columns.ACTIONS_FOR_ENV]))
+            return out
+
+        def recorded_step(actions, step=runner.env.step):
+            sent.extend((a, int(np.asarray(x["mode"]).sum()), x["power"].tolist()) for acts in actions
+                        for a, x in acts.items())
+            return step(actions)
+
+        runner._module_to_env, runner.env.step = recorded_pipeline, recorded_step
+        episodes = runner.sample(num_timesteps=48, random_actions=False)
+    chosen = []
+    for full, for_env in outputs:
+        for e, acts in enumerate(full):
+            assert acts.keys() == for_env[e].keys()
+            for agent, a in acts.items():
+                mode, power = np.asarray(a["mode"]), a["power"]
+                assert power.shape == (mode.shape[0], 3)
+                assert np.array_equal(for_env[e][agent]["mode"], mode)
+                assert for_env[e][agent]["power"].tolist() == [power[k, mode[k]] for k in range(mode.shape[0])]
+                chosen.append((agent, int(mode.sum()), for_env[e][agent]["power"].tolist()))
+    assert sorted(chosen) == sorted(sent)
+    stored = [p for ep in episodes for sa in ep.agent_episodes.values() for p in sa.get_actions()["power"]]
+    assert stored and all(p.shape[1:] == (3,) for p in stored)
