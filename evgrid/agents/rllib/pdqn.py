@@ -629,6 +629,10 @@ class PDQNTorchLearner(TorchLearner):
         # per-sample TD errors go back to a prioritised buffer (concatenated over learners)
         self.metrics.log_value((module_id, TD_ERROR_KEY), td_error, reduce="item_series")
         q_pred = fwd_out[QF_PREDS].detach()
+        if q_pred.dim() == 3:  # a slot set: the statistics of occupied slots (empty ones hold 0)
+            q_pred = q_pred[batch[Columns.OBS]["mask"] > 0.5]
+            if q_pred.numel() == 0:
+                q_pred = q_pred.new_zeros(1)
         self.metrics.log_dict({"qf_loss": q_loss, POLICY_LOSS_KEY: actor_loss, "qf_mean": q_pred.mean(),
                                "qf_max": q_pred.max(), "qf_min": q_pred.min(), "td_error_mean": td_error.mean()},
                               key=module_id, window=1)
