@@ -14,6 +14,8 @@ mode), every mode's parameter is sent and the environment reads the chosen one.
 Pieces: :class:`PDQNConfig` / :class:`MPDQNConfig` (settings), :class:`PDQN` / :class:`MPDQN` (the algorithm:
 sample, store in an episode replay buffer, update, sync), :class:`PDQNTorchRLModule` (networks, greedy and
 exploring actions) and :class:`PDQNTorchLearner` (two optimisers, the losses, target updates).
+:class:`GroupedPDQNTorchRLModule` applies the same networks to each occupied slot of a padded slot set (a
+station's EVs), the set's Q the sum of its slots' (value decomposition); the same learner trains it.
 
 Parameters travel in two scales: the environment's (Box units, what the replay buffer stores) and the unit
 scale [-1, 1] per coordinate that the networks see, so layer sizes and the exploration noise need not know the
@@ -24,7 +26,8 @@ Environments that take only the chosen mode's parameter (``power`` of shape (1,)
 it from :func:`chosen_mode_connector` (``config.env_runners(module_to_env_connector=chosen_mode_connector)``):
 the environment is sent the chosen mode's parameter while the episode keeps every mode's (the Q-loss needs them).
 
-Not supported: recurrent (stateful) modules, non-flat observations.  The replay buffer is not part of a
+Not supported: recurrent (stateful) modules, observations other than a flat Box (or the grouped module's slot
+set).  The replay buffer is not part of a
 checkpoint (RLlib 2.60's new-stack ``Algorithm.get_state`` leaves it out), so a restored run refills it before
 it learns again (``num_steps_sampled_before_learning_starts`` counts the buffer's content).
 """
