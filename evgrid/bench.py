@@ -20,6 +20,7 @@ import numpy as np
 
 from evgrid.grid.feeders import build_feeder
 from evgrid.grid.flow import PandapowerBackend, SweepBackend
+from evgrid.validate import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -458,42 +459,50 @@ def _time_sampling(runner, env_steps: int, repeats: int, transport: str | None, 
 
 
 def bench_train(views: Iterable[str] = ("grouped", "individual"), n_ev: int = 1000, *, env_runners: int = 0,
-                envs_per_runner: int = 8, iterations: int = 2, seed: int = 0) -> list[dict]:
-    """RLlib PPO sampling and learning throughput per EV view with ``n_ev`` EVs in every environment.
+                envs_per_runner: int = 8, iterations: int = 2, seed: int = 0, algorithm: str = "PPO") -> list[dict]:
+    """RLlib sampling and learning throughput per EV view with ``n_ev`` EVs in every environment.
 
-    The quickstart's operators, stations and EVs, all learned, with seed 001's household fleet arriving at
-    18:00, so all ``n_ev`` EVs are plugged in and decide at every step of the evening (18:00-24:00, 24 steps);
+    ``algorithm``: PPO (the quickstart's operators, stations and EVs, all learned) or PDQN / MPDQN (EVs only,
+    operators and stations on their rules; every timed iteration runs one update on a replayed minibatch of
+    as many transitions as it samples env steps).  Seed 001's household fleet arrives at 18:00, so all
+    ``n_ev`` EVs are plugged in and decide at every step of the evening (18:00-24:00, 24 steps);
     ``envs_per_runner`` environments per runner step together.  Times ``iterations`` training iterations
     after one warm-up (module build, first compile).  ``ev_decisions_per_s``: per-EV actions sampled per
     second of sampling; ``env_share_of_sampling``: seconds inside the env's step (simulator, power flow,
     observations) over sampling seconds; on the grouped row, ``ev_decisions_vs_individual`` divides its
     ``ev_decisions_per_s`` by the individual view's of the same run.
     """
-    from evgrid.agents.rllib.algos import load_run_config
+    from evgrid.agents.rllib.algos import HYBRID_ALGORITHMS, load_run_config
     from evgrid.agents.rllib.experiment import Experiment
     from evgrid.cluster.runtime import connect
 
+    check_choice("algorithm", algorithm, ("PPO", *HYBRID_ALGORITHMS))
     rows = []
     n_station = 6
     ports = int(np.ceil(n_ev / n_station * 1.3)) + 10  # a plug for every EV the station draws
     steps = 24
     batch = steps * envs_per_runner * max(env_runners, 1)
+    if algorithm == "PPO":
+        extra = [f"train.minibatch_size={batch}", "train.num_epochs=1"]
+    else:
+        # the buffer holds one iteration's steps after the warm-up, so every timed iteration updates once
+        extra = ["agents.operator=rule", "agents.station=rule", f"train.learning_starts={batch}",
+                 f"train.minibatch_size={batch}"]
     with connect():
         for view in views:
             env_cfg, train_cfg = load_run_config("quickstart", [
-                f"agents.ev_view={view}", "fleet.scenario=household_valley", f"fleet.n_ev={n_ev}",
-                "fleet.household_arrival_h=[18.0,0.0,18.0,18.0]", f"stations.n_station={n_station}",
-                f"stations.ports={ports}", f"n_steps={steps}", "start_hour=18.0",
+                f"train.algorithm={algorithm}", *extra, f"agents.ev_view={view}", "fleet.scenario=household_valley",
+                f"fleet.n_ev={n_ev}", "fleet.household_arrival_h=[18.0,0.0,18.0,18.0]",
+                f"stations.n_station={n_station}", f"stations.ports={ports}", f"n_steps={steps}", "start_hour=18.0",
                 f"train.num_env_runners={env_runners}", f"train.envs_per_runner={envs_per_runner}",
-                f"train.rollout_fragment_length={steps}", f"train.train_batch_size={batch}",
-                f"train.minibatch_size={batch}", "train.num_epochs=1", f"train.seed={seed}"])
+                f"train.rollout_fragment_length={steps}", f"train.train_batch_size={batch}", f"train.seed={seed}"])
             with Experiment(env_cfg, train_cfg) as exp:
                 exp.step()  # warm-up
                 timed = [exp.step() for _ in range(iterations)]
             ev_decisions, sample_s, learn_s, env_step_s = (sum(getattr(s, k) for s in timed) for k in (
                 "ev_decisions", "sample_s", "learn_s", "env_step_s"))
             env_steps = batch * iterations
-            rows.append(dict(bench="train", ev_view=view, n_ev=n_ev, env_runners=env_runners,
+            rows.append(dict(bench="train", algorithm=algorithm, ev_view=view, n_ev=n_ev, env_runners=env_runners,
                              envs_per_runner=envs_per_runner,
                              ev_decisions_per_step=round(ev_decisions / env_steps, 1),
                              env_steps_per_s=round(env_steps / sample_s, 2),
@@ -501,7 +510,7 @@ def bench_train(views: Iterable[str] = ("grouped", "individual"), n_ev: int = 10
                              sample_s=round(sample_s / iterations, 4),
                              learn_s=round(learn_s / iterations, 4),
                              env_share_of_sampling=round(env_step_s / sample_s, 4)))
-            log.info("bench train: %s done", view)
+            log.info("bench train: %s %s done", algorithm, view)
     by_view = {r["ev_view"]: r for r in rows}
     if {"grouped", "individual"} <= by_view.keys():
         g, i = by_view["grouped"], by_view["individual"]

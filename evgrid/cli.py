@@ -275,7 +275,7 @@ def _bench_ray(args: argparse.Namespace) -> list[dict]:
             rows += bench_actor_sampling(args.envs_per_runner, seed=args.seed)
         return rows
     return bench_train(args.views_train, args.n_ev, env_runners=args.env_runners,
-                       envs_per_runner=args.envs_per_runner, seed=args.seed)
+                       envs_per_runner=args.envs_per_runner, seed=args.seed, algorithm=args.algorithm)
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -385,6 +385,8 @@ def _add_bench(sub: Any) -> None:
                    help="train, actor: environments stepped together per runner (actor: 0 skips the sampling rows)")
     b.add_argument("--env-runners", type=_int_in(0, 4096), default=0,
                    help="train: RLlib env runners (0: sample in the driver)")
+    b.add_argument("--algorithm", default="PPO", choices=["PPO", "PDQN", "MPDQN"],
+                   help="train: PPO (every level learned) or PDQN / MPDQN (EVs learned, other levels on rules)")
 
 
 def _add_training(sub: Any) -> None:

@@ -140,8 +140,8 @@ def test_chosen_mode_piece_passes_other_modules_actions_through():
 
 
 @pytest.mark.parametrize("overrides,found", [
-    (["agents.ev_view=grouped"], "agents.ev_view is 'grouped'"),
     (["agents.operator=learned"], "agents.operator is learned"),
+    (["agents.ev_view=grouped", "agents.operator=learned"], "agents.operator is learned"),
     (["agents.ev_view=rule", "agents.station=learned"], "agents.station is learned"),
 ])
 def test_levels_pdqn_cannot_learn_are_refused_before_ray_starts(tmp_path, monkeypatch, overrides, found):
@@ -150,7 +150,7 @@ def test_levels_pdqn_cannot_learn_are_refused_before_ray_starts(tmp_path, monkey
 
     monkeypatch.setattr(runtime, "connect", lambda *a, **k: pytest.fail("Ray was started for a run that cannot work"))
     for algorithm in ("PDQN", "MPDQN"):
-        with pytest.raises(ConfigError, match=rf"^train\.algorithm: {algorithm} trains individual EVs only .*"
+        with pytest.raises(ConfigError, match=rf"^train\.algorithm: {algorithm} trains EVs only .*"
                                               rf"but {found}; use PPO or IMPALA"):
             runtime.train("quickstart", [*ENV, *overrides, f"train.algorithm={algorithm}"],
                           run_dir=tmp_path / "run", progress=False)

@@ -3,7 +3,8 @@
 Algorithms: PPO (default), IMPALA, DQN (double-Q) for configs whose
 learned levels all act discretely (operators with ``operator_action: level``,
 stations; EVs on their rule), and P-DQN / MP-DQN (:mod:`evgrid.agents.rllib.pdqn`)
-for individual EVs (``ev_view: individual``, operators and stations on their
+for EVs (``ev_view: individual``, or ``grouped``: one shared per-slot network,
+the station's Q the sum over its slots; operators and stations on their
 rules): a mode and a power per mode, the chosen mode's power sent to the env.
 RLlib 2.60 has no A2C: PPO with one epoch over the batch, no clipping
 (``clip_param`` large) and no KL term is its special case — ``algorithm: PPO``,
@@ -25,7 +26,7 @@ from evgrid.envs.config import EnvConfig
 from evgrid.validate import check_choice, check_int, check_real
 
 ALGORITHMS = ("PPO", "IMPALA", "DQN", "PDQN", "MPDQN")
-# the hybrid-action algorithms, for individual EVs only
+# the hybrid-action algorithms, for EVs only (individual or grouped)
 HYBRID_ALGORITHMS = ("PDQN", "MPDQN")
 
 # algorithms people ask for that this package does not run, and what to use instead
@@ -42,7 +43,7 @@ class TrainConfig:
     """How ``evgrid train`` trains the learned levels."""
 
     algorithm: str = "PPO"
-    """PPO, IMPALA, DQN (discrete levels only; double-Q), PDQN or MPDQN (individual EVs only)."""
+    """PPO, IMPALA, DQN (discrete levels only; double-Q), PDQN or MPDQN (EVs only, individual or grouped)."""
     iterations: int = 20
     """Training iterations, 1..1,000,000."""
     checkpoint_every: int = 5
@@ -180,8 +181,7 @@ def learned_levels(env: EnvConfig) -> list[str]:
 
 def check_run(env: EnvConfig, train: TrainConfig) -> None:
     """What would fail only once Ray and its workers run, raised before: nothing to learn, a network for a
-    level that runs its rule, DQN on a level with continuous actions, P-DQN on a level other than individual
-    EVs."""
+    level that runs its rule, DQN on a level with continuous actions, P-DQN on a level other than EVs."""
     learned = learned_levels(env)
     if not learned:
         raise ConfigError("agents: every level runs its rule, so there is nothing to train; set agents.operator "
@@ -199,21 +199,18 @@ def check_run(env: EnvConfig, train: TrainConfig) -> None:
                               f"{continuous[0]!r} is not (set agents.operator_action: level and agents.ev_view: "
                               f"rule, or use PPO)")
     if train.algorithm in HYBRID_ALGORITHMS:
-        _check_hybrid_levels(env, train.algorithm, learned)
+        _check_hybrid_levels(train.algorithm, learned)
 
 
-def _check_hybrid_levels(env: EnvConfig, algorithm: str, learned: list[str]) -> None:
-    """P-DQN learns individual EVs' hybrid actions only: operators and stations must run their rules."""
+def _check_hybrid_levels(algorithm: str, learned: list[str]) -> None:
+    """P-DQN learns EVs' hybrid actions only (individual or grouped): operators and stations must run their
+    rules."""
     others = [lv for lv in learned if lv != "ev"]
-    if others:
-        found = f"agents.{others[0]} is learned"
-    elif env.agents.ev_view != "individual":
-        found = f"agents.ev_view is {env.agents.ev_view!r}"
-    else:
+    if not others:
         return
-    raise ConfigError(f"train.algorithm: {algorithm} trains individual EVs only (agents.ev_view: individual, "
-                      f"agents.operator: rule, agents.station: rule), but {found}; use PPO or IMPALA for learned "
-                      f"operators, stations or grouped EVs")
+    raise ConfigError(f"train.algorithm: {algorithm} trains EVs only (agents.ev_view: individual or grouped, "
+                      f"agents.operator: rule, agents.station: rule), but agents.{others[0]} is learned; use PPO "
+                      f"or IMPALA for learned operators or stations")
 
 
 def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid",

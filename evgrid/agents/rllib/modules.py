@@ -4,8 +4,10 @@ Operators, stations and individual EVs use RLlib's default modules for their
 spaces; with P-DQN (``hybrid_evs``) individual EVs use
 :class:`evgrid.agents.rllib.pdqn.PDQNTorchRLModule` instead, acting in
 ``hybrid_action_space`` (one power per mode; the environment is sent the
-chosen mode's, see :class:`evgrid.agents.rllib.pdqn.ChosenModeParameter`).
-Grouped EVs (``evs_<j>``: a station's padded EV set) use
+chosen mode's, see :class:`evgrid.agents.rllib.pdqn.ChosenModeParameter`),
+and grouped EVs :class:`evgrid.agents.rllib.pdqn.GroupedPDQNTorchRLModule`
+(one shared per-slot P-DQN, the station's Q the sum over its occupied slots).
+Otherwise grouped EVs (``evs_<j>``: a station's padded EV set) use
 :class:`SlotSetModule`: **one shared per-EV network** applied to every slot,
 a per-slot hybrid action (mode ∈ {charge, idle, discharge} and a power
 fraction), and a value from the masked mean of the per-EV embeddings.  Its
@@ -35,7 +37,12 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from evgrid.agents.rllib.pdqn import PDQNTorchRLModule, hybrid_action_space
+from evgrid.agents.rllib.pdqn import (
+    GroupedPDQNTorchRLModule,
+    PDQNTorchRLModule,
+    grouped_hybrid_action_space,
+    hybrid_action_space,
+)
 
 _N_MODE = 3
 _PARAMS = _N_MODE + 2 + 1  # mode logits, two Beta concentrations (raw), mask
@@ -271,7 +278,8 @@ def policy_mapping_fn(agent_id: str, episode: Any = None, **kwargs: Any) -> str:
 
 def module_specs(env: Any, model_config: dict | None = None, *, hybrid_evs: bool = False) -> MultiRLModuleSpec:
     """A module spec per level present in ``env`` (an EVGridEnv or its RLlib adapter); ``hybrid_evs``:
-    individual EVs get a P-DQN module with a power per mode (mode charge, idle, discharge)."""
+    individual EVs get a P-DQN module with a power per mode (mode charge, idle, discharge), grouped EVs its slot
+    set version (one shared per-slot network, a power per mode and slot)."""
     inner = getattr(env, "env", env)
     specs: dict[str, RLModuleSpec] = {}
     for agent in inner.possible_agents:
@@ -284,6 +292,13 @@ def module_specs(env: Any, model_config: dict | None = None, *, hybrid_evs: bool
             n_mode, box = act_space["mode"].n, act_space["power"]
             cls = PDQNTorchRLModule
             act_space = hybrid_action_space(np.repeat(box.low, n_mode), np.repeat(box.high, n_mode))
+        elif hybrid_evs and agent.startswith("evs_"):
+            # every slot has the same modes and power range: one (K,) range per slot
+            nvec, box = np.asarray(act_space["mode"].nvec), act_space["power"]
+            n_mode = int(nvec[0])
+            cls = GroupedPDQNTorchRLModule
+            act_space = grouped_hybrid_action_space(len(nvec), np.full(n_mode, box.low[0]),
+                                                    np.full(n_mode, box.high[0]))
         specs[mid] = RLModuleSpec(module_class=cls, observation_space=obs_space, action_space=act_space,
                                   model_config=dict(model_config or {}))
     return MultiRLModuleSpec(rl_module_specs=specs)

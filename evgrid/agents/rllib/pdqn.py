@@ -14,6 +14,8 @@ mode), every mode's parameter is sent and the environment reads the chosen one.
 Pieces: :class:`PDQNConfig` / :class:`MPDQNConfig` (settings), :class:`PDQN` / :class:`MPDQN` (the algorithm:
 sample, store in an episode replay buffer, update, sync), :class:`PDQNTorchRLModule` (networks, greedy and
 exploring actions) and :class:`PDQNTorchLearner` (two optimisers, the losses, target updates).
+:class:`GroupedPDQNTorchRLModule` applies the same networks to each occupied slot of a padded slot set (a
+station's EVs), the set's Q the sum of its slots' (value decomposition); the same learner trains it.
 
 Parameters travel in two scales: the environment's (Box units, what the replay buffer stores) and the unit
 scale [-1, 1] per coordinate that the networks see, so layer sizes and the exploration noise need not know the
@@ -24,7 +26,8 @@ Environments that take only the chosen mode's parameter (``power`` of shape (1,)
 it from :func:`chosen_mode_connector` (``config.env_runners(module_to_env_connector=chosen_mode_connector)``):
 the environment is sent the chosen mode's parameter while the episode keeps every mode's (the Q-loss needs them).
 
-Not supported: recurrent (stateful) modules, non-flat observations.  The replay buffer is not part of a
+Not supported: recurrent (stateful) modules, observations other than a flat Box (or the grouped module's slot
+set).  The replay buffer is not part of a
 checkpoint (RLlib 2.60's new-stack ``Algorithm.get_state`` leaves it out), so a restored run refills it before
 it learns again (``num_steps_sampled_before_learning_starts`` counts the buffer's content).
 """
@@ -81,9 +84,10 @@ from torch.nn import functional as F  # noqa: N812
 
 from evgrid.validate import check_bool, check_choice, check_int, check_real, describe
 
-__all__ = ["MODE_KEY", "MPDQN", "ChosenModeParameter", "MPDQNConfig", "PARAM_KEY", "PDQN", "PDQNConfig",
-           "PDQNTorchLearner", "PDQNTorchRLModule", "QF_PREDS", "Q_ACTOR", "Q_NEXT", "chosen_mode_action",
-           "chosen_mode_connector", "hybrid_action_space", "pdqn_losses", "schedule_value"]
+__all__ = ["MODE_KEY", "MPDQN", "PARAM_KEY", "PDQN", "QF_PREDS", "Q_ACTOR", "Q_NEXT", "SLOT_KEYS",
+           "ChosenModeParameter", "GroupedPDQNTorchRLModule", "MPDQNConfig", "PDQNConfig", "PDQNTorchLearner",
+           "PDQNTorchRLModule", "chosen_mode_action", "chosen_mode_connector", "grouped_hybrid_action_space",
+           "hybrid_action_space", "pdqn_losses", "schedule_value"]
 
 log = logging.getLogger(__name__)
 
@@ -307,18 +311,30 @@ class PDQNTorchRLModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
                 or not isinstance(act[MODE_KEY], gym.spaces.Discrete) or not isinstance(act[PARAM_KEY], gym.spaces.Box):
             raise ValueError(f"action_space: PDQN expects Dict({MODE_KEY!r}: Discrete(K), {PARAM_KEY!r}: Box of "
                              f"shape (K,) or (K, P)), got {act}")
-        n_mode = int(act[MODE_KEY].n)
-        box = act[PARAM_KEY]
-        if box.shape[:1] != (n_mode,) or len(box.shape) > 2:
-            raise ValueError(f"action_space.{PARAM_KEY}: expected shape ({n_mode},) or ({n_mode}, P), one parameter "
+        self._build(int(obs.shape[0]), int(act[MODE_KEY].n), act[PARAM_KEY], PARAM_KEY)
+
+    def _build(self, n_obs: int, n_mode: int, box: gym.spaces.Box, where: str, lead: int = 0) -> None:
+        """The networks for items of ``n_obs`` features, each choosing one of ``n_mode`` modes and the
+        parameters ``box`` (its shape after ``lead`` leading axes: (K,) or (K, P)); ``where`` names the Box in
+        messages."""
+        shape = box.shape[lead:]
+        if shape[:1] != (n_mode,) or len(shape) > 2:
+            raise ValueError(f"action_space.{where}: expected shape ({n_mode},) or ({n_mode}, P), one parameter "
                              f"(vector) per mode, got {box.shape}")
         low, high = np.asarray(box.low, np.float64), np.asarray(box.high, np.float64)
         if not (np.isfinite(low).all() and np.isfinite(high).all() and (high > low).all()):
-            raise ValueError(f"action_space.{PARAM_KEY}: expected finite bounds with high > low, got low "
+            raise ValueError(f"action_space.{where}: expected finite bounds with high > low, got low "
                              f"{describe(box.low)}, high {describe(box.high)}")
+        if lead:
+            # one set of bounds for every item: the leading axes must repeat it
+            low, high = low.reshape(-1, *shape), high.reshape(-1, *shape)
+            if not ((low == low[0]).all() and (high == high[0]).all()):
+                raise ValueError(f"action_space.{where}: expected the same bounds for every slot, got low "
+                                 f"{describe(box.low)}, high {describe(box.high)}")
+            low, high = low[0], high[0]
         self.n_mode = n_mode
-        self.n_param = int(box.shape[1]) if len(box.shape) == 2 else 1
-        self.param_shape = tuple(box.shape)
+        self.n_param = int(shape[1]) if len(shape) == 2 else 1
+        self.param_shape = tuple(shape)  # one item's
         self.param_dtype = torch.float32 if box.dtype == np.float32 else torch.float64
         # buffers move with .to(device) but stay out of the state (they follow from the space)
         self.register_buffer("_low", torch.tensor(low.reshape(n_mode, self.n_param), dtype=torch.float32),
@@ -331,7 +347,6 @@ class PDQNTorchRLModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
         self.epsilon = _check_schedule("epsilon", cfg.get("epsilon", [[0, 1.0], [10_000, 0.05]]), 1.0)
         self.param_noise = _check_schedule("param_noise", cfg.get("param_noise", 0.1), 10.0)
         self.double_q = check_bool("double_q", cfg.get("double_q", False))
-        n_obs = int(obs.shape[0])
         n_flat = n_mode * self.n_param
         self.actor = _mlp(n_obs, _widths(cfg, "actor_hidden"), n_flat)
         self.q_net = _mlp(n_obs + n_flat, _widths(cfg, "q_hidden"), n_mode)
@@ -355,13 +370,14 @@ class PDQNTorchRLModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
         """
         net = q_net or self.q_net
         obs = obs.float()
-        b = obs.shape[0]
+        # explicit sizes, no -1: a grouped module may pass no item at all (B = 0)
+        b, n_flat = obs.shape[0], self.n_mode * self.n_param
         if not self.multi_pass:
-            return net(torch.cat([obs, x_unit.reshape(b, -1)], dim=-1))
+            return net(torch.cat([obs, x_unit.reshape(b, n_flat)], dim=-1))
         # [B, 1, K, P] * [K, K, 1]: row k keeps mode k's parameters only
-        xs = (x_unit.unsqueeze(1) * self._pass_mask).reshape(b, self.n_mode, -1)
+        xs = (x_unit.unsqueeze(1) * self._pass_mask).reshape(b, self.n_mode, n_flat)
         inp = torch.cat([obs.unsqueeze(1).expand(b, self.n_mode, obs.shape[-1]), xs], dim=-1)
-        q = net(inp.reshape(b * self.n_mode, -1)).reshape(b, self.n_mode, self.n_mode)
+        q = net(inp.reshape(b * self.n_mode, obs.shape[-1] + n_flat)).reshape(b, self.n_mode, self.n_mode)
         return q.diagonal(dim1=1, dim2=2)
 
     def q_values_fixed_net(self, obs: torch.Tensor, x_unit: torch.Tensor) -> torch.Tensor:
@@ -382,29 +398,34 @@ class PDQNTorchRLModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
 
     # ---- acting ---------------------------------------------------------------------------------------------
 
-    def _forward_inference(self, batch: dict, **kwargs: Any) -> dict:
+    def choose(self, obs: torch.Tensor, t: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mode ``[N]``, unit-scale parameters ``[N, K, P]``) for items ``obs`` ``[N, n_obs]``: greedy when ``t``
+        is None; otherwise ε-greedy over modes (a random mode comes with uniformly random parameters) and, for
+        the greedy ones, Gaussian noise on the parameters (``param_noise`` of the half range), clipped into
+        the Box, at exploration timestep ``t``."""
         with torch.no_grad():
-            obs = batch[Columns.OBS]
             x = self.params_unit(obs)
             mode = self.q_values(obs, x).argmax(dim=-1)
+            if t is None:
+                return mode, x
+            eps = schedule_value(self.epsilon, t)
+            sigma = schedule_value(self.param_noise, t)
+            n = obs.shape[0]
+            if sigma > 0.0:
+                x = (x + sigma * torch.randn_like(x)).clamp(-1.0, 1.0)
+            rand = torch.rand(n, device=obs.device) < eps
+            if rand.any():
+                mode = torch.where(rand, torch.randint(0, self.n_mode, (n,), device=obs.device), mode)
+                x = torch.where(rand.view(n, 1, 1), torch.rand_like(x) * 2.0 - 1.0, x)
+        return mode, x
+
+    def _forward_inference(self, batch: dict, **kwargs: Any) -> dict:
+        mode, x = self.choose(batch[Columns.OBS])
         return {Columns.ACTIONS: {MODE_KEY: mode, PARAM_KEY: self.to_env(x)}}
 
     def _forward_exploration(self, batch: dict, t: int = 0, **kwargs: Any) -> dict:
-        """ε-greedy over modes (a random mode comes with uniformly random parameters); otherwise the greedy mode
-        with Gaussian noise on the parameters (``param_noise`` of the half range), clipped into the Box."""
-        eps = schedule_value(self.epsilon, t)
-        sigma = schedule_value(self.param_noise, t)
-        with torch.no_grad():
-            obs = batch[Columns.OBS]
-            b = obs.shape[0]
-            x = self.params_unit(obs)
-            mode = self.q_values(obs, x).argmax(dim=-1)
-            if sigma > 0.0:
-                x = (x + sigma * torch.randn_like(x)).clamp(-1.0, 1.0)
-            rand = torch.rand(b, device=obs.device) < eps
-            if rand.any():
-                mode = torch.where(rand, torch.randint(0, self.n_mode, (b,), device=obs.device), mode)
-                x = torch.where(rand.view(b, 1, 1), torch.rand_like(x) * 2.0 - 1.0, x)
+        """See :meth:`choose`."""
+        mode, x = self.choose(batch[Columns.OBS], t)
         return {Columns.ACTIONS: {MODE_KEY: mode, PARAM_KEY: self.to_env(x)}}
 
     def _forward(self, batch: dict, **kwargs: Any) -> dict:
@@ -423,17 +444,18 @@ class PDQNTorchRLModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
         return out
 
     def forward_target(self, batch: dict, **kwargs: Any) -> dict:
-        """The bootstrap value at ``batch[NEXT_OBS]``: ``max_k Q_target(s', x_target(s'))``; with ``double_q``
-        the mode the online networks would pick, valued by the target networks."""
+        """The bootstrap value at ``batch[NEXT_OBS]`` (see :meth:`bootstrap_value`)."""
+        return {Q_NEXT: self.bootstrap_value(batch[Columns.NEXT_OBS])}
+
+    def bootstrap_value(self, nxt: torch.Tensor) -> torch.Tensor:
+        """``max_k Q_target(s', x_target(s'))`` per item ``[N]`` of ``nxt`` ``[N, n_obs]``; with ``double_q`` the
+        mode the online networks would pick, valued by the target networks."""
         with torch.no_grad():
-            nxt = batch[Columns.NEXT_OBS]
             q_target = self.q_values(nxt, self.params_unit(nxt, self._target_actor), self._target_q)
             if self.double_q:
                 best = self.q_values(nxt, self.params_unit(nxt)).argmax(dim=-1, keepdim=True)
-                value = q_target.gather(-1, best).squeeze(-1)
-            else:
-                value = q_target.max(dim=-1).values
-        return {Q_NEXT: value}
+                return q_target.gather(-1, best).squeeze(-1)
+            return q_target.max(dim=-1).values
 
     def make_target_networks(self) -> None:
         self._target_actor = make_target_network(self.actor)
@@ -446,17 +468,120 @@ class PDQNTorchRLModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
         return ["_target_actor", "_target_q"]
 
 
+SLOT_KEYS = ("evs", "mask", "context")
+
+
+def grouped_hybrid_action_space(n_slot: int, low: Any, high: Any) -> gym.spaces.Dict:
+    """The action space of :class:`GroupedPDQNTorchRLModule`: per slot one mode of ``len(low)`` and one
+    parameter per mode in [low_k, high_k] (arrays of shape (K,) or (K, P), the same for every slot)."""
+    lo = np.asarray(low, dtype=np.float32)
+    hi = np.asarray(high, dtype=np.float32)
+    return gym.spaces.Dict({MODE_KEY: gym.spaces.MultiDiscrete([lo.shape[0]] * n_slot),
+                            PARAM_KEY: gym.spaces.Box(np.broadcast_to(lo, (n_slot, *lo.shape)).copy(),
+                                                      np.broadcast_to(hi, (n_slot, *hi.shape)).copy(),
+                                                      dtype=np.float32)})
+
+
+class GroupedPDQNTorchRLModule(PDQNTorchRLModule):
+    """P-DQN / MP-DQN over a padded set of slots: one shared per-slot parameter actor and Q-network (and their
+    targets), the networks of :class:`PDQNTorchRLModule`, applied to each occupied slot's features and the
+    context.
+
+    Observation: ``Dict(evs=Box((S, F)), mask=Box((S,)), context=Box((C,)))`` (a slot is occupied where its
+    mask is > 0.5).  Action: :func:`grouped_hybrid_action_space`, ``Dict(mode=MultiDiscrete([K] * S),
+    power=Box((S, K) or (S, K, P)))``; :class:`ChosenModeParameter` sends the env each slot's chosen parameter.
+    Every slot picks its own mode and parameters (ε-greedy and parameter noise per slot); empty slots get mode 0
+    and mid-range parameters, which the env ignores.
+
+    Learning decomposes the set's value over its slots (VDN): ``Q(s, a) = sum_occupied Q_slot(s_i, k_i, x_i)``
+    and the bootstrap value ``sum over s''s occupied slots of max_k Q'_slot``; the actor maximises the sum of its
+    slots' Q-values.  Empty slots never enter a network: occupied slots are gathered, and their outputs
+    scattered into zero-filled ``[B, S, K]`` tensors, so padding contributes exactly zero to every loss and
+    gradient whatever it holds, and every weight stays in the graph (finite, possibly zero, gradients).
+    """
+
+    def setup(self) -> None:
+        obs, act = self.observation_space, self.action_space
+        if not isinstance(obs, gym.spaces.Dict) or set(obs.spaces) != set(SLOT_KEYS) \
+                or len(obs["evs"].shape) != 2 or obs["mask"].shape != obs["evs"].shape[:1] \
+                or len(obs["context"].shape) != 1:
+            raise ValueError(f"observation_space: grouped PDQN expects Dict(evs: Box (S, F), mask: Box (S,), "
+                             f"context: Box (C,)), got {obs}")
+        n_slot, n_feat = obs["evs"].shape
+        if not isinstance(act, gym.spaces.Dict) or set(act.spaces) != {MODE_KEY, PARAM_KEY} \
+                or not isinstance(act[MODE_KEY], gym.spaces.MultiDiscrete) or act[MODE_KEY].shape != (n_slot,) \
+                or len(set(np.asarray(act[MODE_KEY].nvec).tolist())) != 1 \
+                or not isinstance(act[PARAM_KEY], gym.spaces.Box) or act[PARAM_KEY].shape[:1] != (n_slot,):
+            raise ValueError(f"action_space: grouped PDQN expects Dict({MODE_KEY!r}: MultiDiscrete([K] * {n_slot}), "
+                             f"{PARAM_KEY!r}: Box of shape ({n_slot}, K) or ({n_slot}, K, P)), got {act}")
+        self.n_slot = int(n_slot)
+        self._build(int(n_feat) + int(obs["context"].shape[0]), int(act[MODE_KEY].nvec[0]), act[PARAM_KEY],
+                    PARAM_KEY, lead=1)
+
+    def slot_items(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The occupied slots' inputs ``[N, F + C]`` (features and context), their flat indices into
+        ``B * S``, and B."""
+        evs, ctx = obs["evs"].float(), obs["context"].float()
+        b = evs.shape[0]
+        idx = (obs["mask"].reshape(-1) > 0.5).nonzero().squeeze(-1)
+        items = torch.cat([evs.reshape(b * self.n_slot, evs.shape[-1]).index_select(0, idx),
+                           ctx.index_select(0, idx // self.n_slot)], dim=-1)
+        return items, idx, b
+
+    def _scatter(self, values: torch.Tensor, idx: torch.Tensor, b: int, fill: float) -> torch.Tensor:
+        """Per-occupied-slot ``values`` ``[N, ...]`` -> ``[B, S, ...]``, ``fill`` in empty slots (differentiable
+        towards ``values``)."""
+        full = values.new_full((b * self.n_slot, *values.shape[1:]), fill)
+        return full.index_copy(0, idx, values).reshape(b, self.n_slot, *values.shape[1:])
+
+    def _slot_actions(self, obs: dict, t: int | None) -> dict:
+        items, idx, b = self.slot_items(obs)
+        mode, x = self.choose(items, t)
+        mode = self._scatter(mode, idx, b, 0)
+        x = self._scatter(x, idx, b, 0.0).reshape(b * self.n_slot, self.n_mode, self.n_param)
+        return {MODE_KEY: mode, PARAM_KEY: self.to_env(x).reshape(b, self.n_slot, *self.param_shape)}
+
+    def _forward_inference(self, batch: dict, **kwargs: Any) -> dict:
+        return {Columns.ACTIONS: self._slot_actions(batch[Columns.OBS], None)}
+
+    def _forward_exploration(self, batch: dict, t: int = 0, **kwargs: Any) -> dict:
+        return {Columns.ACTIONS: self._slot_actions(batch[Columns.OBS], t)}
+
+    def _forward_train(self, batch: dict, **kwargs: Any) -> dict:
+        """Per slot Q at the stored actions and Q at the actor's parameters (Q-net fixed), ``[B, S, K]`` and zero
+        in empty slots, and the set's bootstrap value ``[B]``."""
+        if self.inference_only:
+            raise RuntimeError("GroupedPDQNTorchRLModule: an inference-only module (an env runner's) cannot train")
+        items, idx, b = self.slot_items(batch[Columns.OBS])
+        stored = batch[Columns.ACTIONS][PARAM_KEY].reshape(b * self.n_slot, *self.param_shape)
+        q = self.q_values(items, self.to_unit(stored.index_select(0, idx)))
+        q_actor = self.q_values_fixed_net(items, self.params_unit(items))
+        return {QF_PREDS: self._scatter(q, idx, b, 0.0), Q_ACTOR: self._scatter(q_actor, idx, b, 0.0),
+                Q_NEXT: self.forward_target(batch)[Q_NEXT]}
+
+    def forward_target(self, batch: dict, **kwargs: Any) -> dict:
+        """The sum over s''s occupied slots of each slot's :meth:`bootstrap_value` (0 for an empty set)."""
+        items, idx, b = self.slot_items(batch[Columns.NEXT_OBS])
+        value = self.bootstrap_value(items)
+        return {Q_NEXT: value.new_zeros(b).index_add(0, idx // self.n_slot, value)}
+
+
 def pdqn_losses(fwd_out: dict, batch: dict, *, gamma: float,
                 loss_fn: str = "huber") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q-loss, actor loss, |TD error| per sample) from :meth:`PDQNTorchRLModule._forward_train`'s output.
+    """(Q-loss, actor loss, |TD error| per sample) from a P-DQN module's ``_forward_train`` output.
 
-    Q-loss: ``weights * huber|mse(Q(s, x_b)[k_b], r + gamma^n (1 - terminated) q_next)`` averaged; it reaches
-    the Q-network only (the target is computed without gradients, the stored parameters are data).
-    Actor loss: ``-mean_b sum_k Q(s, x(s))[k]``; it reaches the actor only (the Q-network's weights were
-    detached in that forward pass).
+    ``QF_PREDS`` and ``Q_ACTOR`` are ``[B, K]`` (one decision per sample) or ``[B, S, K]`` (a set of S slots per
+    sample, zero in empty slots: :class:`GroupedPDQNTorchRLModule`); a sample's Q is the sum over its slots
+    (value decomposition), and ``Q_NEXT`` ``[B]`` is already that sum at s'.
+    Q-loss: ``weights * huber|mse(sum_slots Q(s, x_b)[k_b], r + gamma^n (1 - terminated) q_next)`` averaged; it
+    reaches the Q-network only (the target is computed without gradients, the stored parameters are data).
+    Actor loss: ``-mean_b sum_slots sum_k Q(s, x(s))[k]``; it reaches the actor only (the Q-network's weights
+    were detached in that forward pass).
     """
     act = batch[Columns.ACTIONS]
     q_sel = fwd_out[QF_PREDS].gather(-1, act[MODE_KEY].long().unsqueeze(-1)).squeeze(-1)
+    if q_sel.dim() > 1:  # a slot set: the sample's Q is the sum over its slots (empty ones hold 0)
+        q_sel = q_sel.sum(-1)
     n_step = batch.get("n_step")
     discount = gamma ** n_step.float() if n_step is not None else torch.full_like(q_sel, gamma)
     target = (batch[Columns.REWARDS].float()
@@ -466,7 +591,7 @@ def pdqn_losses(fwd_out: dict, batch: dict, *, gamma: float,
     per_sample = F.huber_loss(q_sel, target, reduction="none") if loss_fn == "huber" \
         else F.mse_loss(q_sel, target, reduction="none")
     q_loss = (weights * per_sample).mean()
-    actor_loss = -fwd_out[Q_ACTOR].sum(dim=-1).mean()
+    actor_loss = -fwd_out[Q_ACTOR].flatten(1).sum(-1).mean()
     return q_loss, actor_loss, (q_sel - target).abs().detach()
 
 
@@ -507,6 +632,10 @@ class PDQNTorchLearner(TorchLearner):
         # per-sample TD errors go back to a prioritised buffer (concatenated over learners)
         self.metrics.log_value((module_id, TD_ERROR_KEY), td_error, reduce="item_series")
         q_pred = fwd_out[QF_PREDS].detach()
+        if q_pred.dim() == 3:  # a slot set: the statistics of occupied slots (empty ones hold 0)
+            q_pred = q_pred[batch[Columns.OBS]["mask"] > 0.5]
+            if q_pred.numel() == 0:
+                q_pred = q_pred.new_zeros(1)
         self.metrics.log_dict({"qf_loss": q_loss, POLICY_LOSS_KEY: actor_loss, "qf_mean": q_pred.mean(),
                                "qf_max": q_pred.max(), "qf_min": q_pred.min(), "td_error_mean": td_error.mean()},
                               key=module_id, window=1)
@@ -533,16 +662,22 @@ class PDQNTorchLearner(TorchLearner):
 
 def chosen_mode_action(action: Mapping[str, Any]) -> dict[str, Any]:
     """One agent's action with every mode's parameter (numpy) -> the chosen mode's only: ``{"mode": k, "power":
-    power[k]}`` as a 1-D array (shape (1,) for one parameter per mode, (P,) for P)."""
+    power[k]}`` as a 1-D array (shape (1,) for one parameter per mode, (P,) for P).  A slot set's action
+    (``mode`` of shape (S,), ``power`` (S, K) or (S, K, P)) -> each slot's chosen parameter, (S,) or (S, P)."""
     mode = action[MODE_KEY]
-    return {MODE_KEY: mode, PARAM_KEY: np.array(np.asarray(action[PARAM_KEY])[int(mode)], ndmin=1)}
+    power = np.asarray(action[PARAM_KEY])
+    m = np.asarray(mode)
+    if m.ndim == 0:
+        return {MODE_KEY: mode, PARAM_KEY: np.array(power[int(mode)], ndmin=1)}
+    index = m.astype(np.int64).reshape(*m.shape, 1, *([1] * (power.ndim - m.ndim - 1)))
+    return {MODE_KEY: mode, PARAM_KEY: np.take_along_axis(power, index, axis=m.ndim).squeeze(m.ndim)}
 
 
 class ChosenModeParameter(ConnectorV2):
     """Module-to-env piece: ``Columns.ACTIONS_FOR_ENV`` gets, for the agents of :class:`PDQNTorchRLModule`
-    modules, :func:`chosen_mode_action` of their actions, and the actions unchanged for every other agent (the
-    env runner sends that column when it exists).  ``Columns.ACTIONS``, what the episodes store, keeps every
-    mode's parameter.
+    modules (grouped ones included: each slot's chosen parameter), :func:`chosen_mode_action` of their actions,
+    and the actions unchanged for every other agent (the env runner sends that column when it exists).
+    ``Columns.ACTIONS``, what the episodes store, keeps every mode's parameter.
 
     It runs among the user pieces of RLlib's default pipeline, after ``UnBatchToIndividualItems`` and
     ``ModuleToAgentUnmapping`` (so it sees one numpy action per agent) and before ``NormalizeAndClipActions``,

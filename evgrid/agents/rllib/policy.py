@@ -60,7 +60,8 @@ class TrainedPolicy:
         for mid, agents in by_module.items():
             module = self.modules[mid]
             actions = _to_numpy(_greedy(module, _stack([obs[a] for a in agents])))
-            # a P-DQN module gives every mode's power; the env takes the chosen mode's (ChosenModeParameter)
+            # a P-DQN module gives every mode's power (per slot, grouped); the env takes the chosen mode's
+            # (ChosenModeParameter)
             hybrid = isinstance(module.unwrapped(), PDQNTorchRLModule)
             for i, a in enumerate(agents):
                 action = _index(actions, i)
