@@ -557,7 +557,8 @@ def bench_opf(feeders: Iterable[str] = ("ieee33",), horizons: Iterable[int] = (2
               single_period: bool = True, ev_models: Iterable[str] = ("sessions",),
               single_period_repeats: int = 15, ac_rounds: int = 0,
               methods: Iterable[str] = ("direct", "lazy"),
-              problems: Iterable[str] = ("min_cost", "seed001_stage1")) -> Iterable[dict]:
+              problems: Iterable[str] = ("min_cost", "seed001_stage1"),
+              parallel_simplex: bool = False) -> Iterable[dict]:
     """Build + solve time of the multi-period OPF (LinDistFlow with ``ac_rounds`` AC correction rounds), with
     its AC check, per problem, feeder, horizon, fleet, formulation and method (``lazy``: LinDistFlow only);
     and a single-period OPF beside
@@ -585,9 +586,10 @@ def bench_opf(feeders: Iterable[str] = ("ieee33",), horizons: Iterable[int] = (2
                         t0 = time.perf_counter()
                         r = opf.solve_opf(net, hz, ss, objective, opf.OPFOptions(
                             formulation=form, ev_model=ev_model, ac_rounds=ac_rounds if form == "lindistflow" else 0,
-                            method=method))
+                            method=method, parallel_simplex=parallel_simplex))
                         yield {"bench": "opf", "problem": problem, "feeder": name, "horizon": T, "n_ev": n_ev,
-                               "formulation": form, "ev_model": ev_model, "method": method, "ac_rounds": ac_rounds,
+                               "formulation": form, "ev_model": ev_model, "method": method,
+                               "parallel_simplex": parallel_simplex, "ac_rounds": ac_rounds,
                                "solver": r.solver,
                                "build_s": r.build_s,
                                "solve_s": r.solve_s, "total_s": time.perf_counter() - t0,

@@ -235,7 +235,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
         for r in bench_opf(args.feeder, args.horizons, args.evs or (300, 3000), args.formulations, seed=args.seed,
                            ev_models=args.ev_models, ac_rounds=args.ac_rounds, methods=args.methods,
-                           problems=args.problems, single_period=not args.no_single_period):
+                           problems=args.problems, single_period=not args.no_single_period,
+                           parallel_simplex=args.parallel_simplex):
             print(json.dumps(r) if args.json else
                   f"{r['problem']:<15}{r['feeder']:<10}{r['horizon']:>4} steps{r['n_ev']:>7} EVs {r['formulation']:<12}"
                   f"{r.get('ev_model', ''):<10}{r.get('method', ''):<7}"
@@ -367,6 +368,8 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("--problems", nargs="+", default=["min_cost", "seed001_stage1"],
                    choices=["min_cost", "seed001_stage1"], help="opf: the multi-period problems")
     b.add_argument("--no-single-period", action="store_true", help="opf: skip the single period beside runopp")
+    b.add_argument("--parallel-simplex", action="store_true",
+                   help="opf: HiGHS's parallel dual simplex (faster on an idle machine, far slower on a busy one)")
     b.add_argument("--ac-rounds", type=_int_in(0, 10), default=0,
                    help="opf: AC correction rounds of the multi-period LinDistFlow solves")
     b.add_argument("--steps", type=_int_in(1, 10_000), default=24, help="env: timed steps (from 17:00)")

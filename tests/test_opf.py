@@ -251,6 +251,8 @@ def test_the_lazy_method_prices_quadratic_diesel_to_the_gap_and_keeps_ac_rounds(
     assert ((diesel > 1.0) & (diesel < avail[:, kinds == "diesel"] - 1.0)).any(), "diesel runs part-loaded"
     assert res.objective == pytest.approx(ref.objective, rel=1e-6)
     assert res.costs["diesel"] == pytest.approx(np.sum(2e-3 * DT * diesel ** 2 + 0.5 * DT * diesel), rel=1e-9)
+    parallel = opf.solve_opf(f, hz, ss, obj, opf.OPFOptions(method="lazy", parallel_simplex=True))
+    assert parallel.objective == pytest.approx(res.objective, rel=1e-7)
     # an AC round re-solves the program with its cuts and tangents, from the corrected constants
     rounds = opf.solve_opf(f, hz, ss, obj, opf.OPFOptions(method="lazy", ac_rounds=2))
     assert rounds.ac.max_dv_pu < 1e-6 < res.ac.max_dv_pu
@@ -313,6 +315,8 @@ def test_bad_input_names_the_field():
         opf.OPFOptions(method="lazy", soft=("voltage_pu", "target_kwh"))
     with pytest.raises(ValueError, match="lazy_gap"):
         opf.OPFOptions(lazy_gap=0.5)
+    with pytest.raises(ValueError, match="parallel_simplex"):
+        opf.OPFOptions(parallel_simplex="yes")
     with pytest.raises(ValueError, match="penalties: expected kinds among"):
         opf.OPFOptions(penalties={"unmet": 1.0})
     with pytest.raises(ValueError, match="penalties.target_kwh"):

@@ -272,9 +272,7 @@ class Program:
         tangents (a later solve starts from them) and no longer has quadratic terms."""
         # tangents of terms whose squares are small (MW² of a tie deviation, ~1e-3) sit within HiGHS's default
         # tolerance (1e-7) of each other: at 1e-9 the optimum moved from 2e-6 to 4e-8 of Clarabel's (IEEE 33,
-        # 300 EVs, a flat tie target) at no cost in time.  HiGHS's parallel dual simplex (simplex_strategy 2)
-        # re-solved the day of 3,000 EVs in 1.5 s instead of 1.9 s on an idle 2-core machine, but took 3-48 s
-        # while another process held the second core: the serial one stays
+        # 300 EVs, a flat tie target) at no cost in time
         settings = {**DEFAULT_SETTINGS["HIGHS"], "primal_feasibility_tolerance": 1e-9,
                     "dual_feasibility_tolerance": 1e-9, **(settings or {})}
         if self._soc:
