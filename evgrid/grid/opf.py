@@ -417,8 +417,9 @@ class OPFOptions:
     ``method``: ``direct`` (every row at once) or ``lazy`` (``lindistflow``, HiGHS: cutting planes; the model
     starts without the network's rows and adds each voltage and rating row a solution breaks, and squared
     objective terms as tangents, re-solving from the last basis: the same optimum, to ``lazy_gap`` relative on
-    quadratic terms (and the solver's tolerances); on a day of thousands of EVs few network rows ever bind, so the problem stays the size of
-    the sessions).
+    quadratic terms (and the solver's tolerances); on a day of thousands of EVs few network rows ever bind, so
+    the problem stays the size of the sessions; where V2G cycling or the network binds at most steps, it can be
+    slower than ``direct``).
     ``parallel_simplex``: HiGHS's parallel dual simplex for its LPs (the lazy method's included): on an idle
     2-core machine the day of 3,000 EVs took 1.6-1.9 s instead of 2.0-2.6 s serially, but 3-48 s while another
     process held the second core, so it is off unless asked for.

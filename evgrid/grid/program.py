@@ -268,8 +268,7 @@ class Program:
         each squared objective term ``w e_k²`` becomes an epigraph variable under tangents of ``e_k²``, one more
         at each solution's ``e_k`` while the tangents understate the objective by more than ``rel_gap`` of it.
         The result is optimal for the whole program to within that gap (and the solver's tolerances).  The
-        program keeps the rows and
-        tangents (a later solve starts from them) and no longer has quadratic terms."""
+        program keeps the rows and tangents (a later solve starts from them) and no longer has quadratic terms."""
         # tangents of terms whose squares are small (MW² of a tie deviation, ~1e-3) sit within HiGHS's default
         # tolerance (1e-7) of each other: at 1e-9 the optimum moved from 2e-6 to 4e-8 of Clarabel's (IEEE 33,
         # 300 EVs, a flat tie target) at no cost in time
@@ -327,10 +326,7 @@ class Program:
         under = [w * np.nanmin([(v - c) ** 2 for c in points], axis=0)
                  for (w, _, _, points), v in zip(self._squares, values)]
         total = sum(float(u.sum()) for u in under)
-        epigraphs = sum(w * float(z.at(x).sum()) for w, _, z, _ in self._squares)
-        objective = float(self.objective.lin.at(x).sum()) - epigraphs + sum(
-            w * float((v ** 2).sum()) for (w, *_), v in zip(self._squares, values))
-        allowed = rel_gap * max(abs(objective), 1e-9)
+        allowed = rel_gap * max(abs(self.objective_at(x)), 1e-9)
         if total <= allowed:
             return []
         per_row = allowed / sum(e.size for _, e, _, _ in self._squares)
