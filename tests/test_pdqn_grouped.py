@@ -167,7 +167,6 @@ def test_grouped_policy_reaches_the_optimum_and_ignores_the_padding(cls, trainin
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(taken, taken_garbage))
 
 
-
 # ---- padding in the losses, the shared networks ------------------------------------------------------------
 
 
