@@ -31,6 +31,7 @@ from evgrid.agents.rllib.pdqn import (  # noqa: E402
     hybrid_action_space,
     pdqn_losses,
 )
+from tests.test_pdqn_train import evaluates_and_resumes  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -338,14 +339,7 @@ def test_grouped_pdqn_trains_checkpoints_evaluates_and_resumes(tmp_path, algorit
         assert acts[a]["power"].tolist() == pytest.approx(
             [float(full["power"][i, k, mode[k]]) for k in range(module.n_slot)])
     env.step(acts)
-    assert main(["evaluate", "quickstart", *ENV, "--checkpoint", str(run), "--policy", "uncontrolled",
-                 "--episodes", "1", "--out", str(tmp_path / "eval")]) == 0
-    ev = pd.read_parquet(tmp_path / "eval" / "metrics.parquet")
-    assert list(ev.policy) == ["trained", "uncontrolled"] and np.isfinite(ev.operator_cost).all()
-    assert main(["train", "train.iterations=3", "--resume", str(run)]) == 0
-    m = pd.read_parquet(run / "metrics.parquet")
-    assert sorted(m.iteration) == [1, 2, 3]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001", "iter_000002", "iter_000003"]
+    evaluates_and_resumes(run, ENV, tmp_path)
 
 
 def test_env_gets_each_slots_chosen_power_and_the_episode_keeps_all_three():

@@ -58,15 +58,7 @@ def test_pdqn_trains_individual_evs_checkpoints_evaluates_and_resumes(tmp_path, 
         assert int(acts[a]["mode"]) == int(full["mode"][i])
         assert acts[a]["power"].tolist() == pytest.approx([float(full["power"][i, int(full["mode"][i])])])
     env.step(acts)
-    assert main(["evaluate", "quickstart", *ENV, "--checkpoint", str(run), "--policy", "uncontrolled",
-                 "--episodes", "1", "--out", str(tmp_path / "eval")]) == 0
-    ev = pd.read_parquet(tmp_path / "eval" / "metrics.parquet")
-    assert list(ev.policy) == ["trained", "uncontrolled"] and np.isfinite(ev.operator_cost).all()
-    # resuming continues from the last checkpoint
-    assert main(["train", "train.iterations=3", "--resume", str(run)]) == 0
-    m = pd.read_parquet(run / "metrics.parquet")
-    assert sorted(m.iteration) == [1, 2, 3]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001", "iter_000002", "iter_000003"]
+    evaluates_and_resumes(run, ENV, tmp_path)
 
 
 def test_env_gets_the_chosen_modes_power_and_the_episode_keeps_all_three(ray_local):
@@ -168,3 +160,18 @@ def test_bad_pdqn_settings_name_the_field(field, value, expected):
         TrainConfig(algorithm="PDQN", **{field: value})
     with pytest.raises(ValueError, match=rf"^train\.{field}: expected"):
         load_run_config("quickstart", [f"train.{field}={value}"])
+
+
+def evaluates_and_resumes(run, env_overrides: list[str], tmp_path) -> None:
+    """The run of two iterations in ``run`` evaluates beside a rule on ``env_overrides`` and resumes to three."""
+    from evgrid.cli import main
+
+    assert main(["evaluate", "quickstart", *env_overrides, "--checkpoint", str(run), "--policy", "uncontrolled",
+                 "--episodes", "1", "--out", str(tmp_path / "eval")]) == 0
+    ev = pd.read_parquet(tmp_path / "eval" / "metrics.parquet")
+    assert list(ev.policy) == ["trained", "uncontrolled"] and np.isfinite(ev.operator_cost).all()
+    # resuming continues from the last checkpoint
+    assert main(["train", "train.iterations=3", "--resume", str(run)]) == 0
+    m = pd.read_parquet(run / "metrics.parquet")
+    assert sorted(m.iteration) == [1, 2, 3]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001", "iter_000002", "iter_000003"]

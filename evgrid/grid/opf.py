@@ -842,15 +842,23 @@ class _Model:
         x = self.prog.x if x is None else x
         if self.opt.method == "direct":
             return self.v2.at(x).reshape(self.T, -1)
-        p, q, corr = (e.at(x).reshape(self.T, -1) for e in (self.p, self.q, self.corr))
+        return self._lazy_v2(x, *self._injections(x))
+
+    def _injections(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(T, n_bus) each bus's net active and reactive load at ``x``."""
+        return self.p.at(x).reshape(self.T, -1), self.q.at(x).reshape(self.T, -1)
+
+    def _lazy_v2(self, x: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
         s = self.sens
+        corr = self.corr.at(x).reshape(self.T, -1)
         return self.net.v0_pu ** 2 + p @ s["p"].T + q @ s["q"].T + corr @ s["corr"].T
 
     def separate(self, x: np.ndarray, tol: float = 1e-7) -> list:
         """``method: lazy``: the rows ``x`` breaks by more than ``tol`` (p.u.², p.u., kWh) as ``(lhs, rhs)``
         with ``lhs <= rhs``: bus voltages, element ratings and V2G sessions' stored energy."""
-        f, T, nb, s = self.net.feeder, self.T, self.net.feeder.n_bus, self.sens
-        v2 = self.squared_voltages(x)
+        f, nb, s = self.net.feeder, self.net.feeder.n_bus, self.sens
+        p, q = self._injections(x)
+        v2 = self._lazy_v2(x, p, q)
         cuts = []
         if getattr(self.ev, "soc", None) is not None:
             cuts += self.ev.separate(x, tol)
@@ -861,7 +869,6 @@ class _Model:
                            + self._rows(tt, s["corr"][b], self.corr, s["corr"].shape[1]))
                 cuts.append((sign * v2_rows, sign * (bound[b] - self.net.v0_pu ** 2)))
         if s["elem"].size:
-            p, q = self.p.at(x).reshape(T, nb), self.q.at(x).reshape(T, nb)
             pe, qe = p @ s["elem"].T, q @ s["elem"].T  # (T, n_elem), p.u.
             ang = np.pi * (2 * np.arange(_POLYGON_SIDES) + 1) / _POLYGON_SIDES
             lim = self.net.s_max_kva * np.cos(np.pi / _POLYGON_SIDES) / self.net.kw_per_pu
