@@ -99,7 +99,7 @@ class EVGridVectorEnv:
         sc = self.cfg.stations
         box = functools.partial(spaces.Box, -np.inf, np.inf, dtype=np.float32)
         if kind == "operator":
-            return box((len(ft.OPERATOR),))
+            return box((len(ft.operator_features(self.sim.layout.storage.n > 0)),))
         if kind == "station":
             return box(((sc.c_max + 1) * (sc.e_max + 1) + len(ft.STATION_CONTEXT),))
         if kind == "ev":
@@ -115,9 +115,7 @@ class EVGridVectorEnv:
         kind = agent.split("_")[0]
         m = self.cfg.market
         if kind == "operator":
-            if self.cfg.agents.operator_action == "level":
-                return spaces.Discrete(len(m.price_levels))
-            return spaces.Box(np.float32(m.price_multiplier_min), np.float32(m.price_multiplier_max), (1,), np.float32)
+            return self._operator_action_space()
         if kind == "station":
             return spaces.Discrete(len(self.cfg.stations.fraction_levels))
         if kind == "ev":
@@ -126,6 +124,19 @@ class EVGridVectorEnv:
             return spaces.Dict({"mode": spaces.MultiDiscrete([3] * self.n_slots),
                                 "power": spaces.Box(0.0, 1.0, (self.n_slots,), np.float32)})
         raise KeyError(f"agent: unknown agent {agent!r}")
+
+    def _operator_action_space(self) -> gymnasium.Space:
+        """A price multiplier or level; with storage, paired with the zone's storage set-point (share of
+        ``p_max_kw``, > 0 charges)."""
+        m, storage = self.cfg.market, self.cfg.storage if self.sim.layout.storage.n else None
+        if self.cfg.agents.operator_action == "level":
+            if storage is None:
+                return spaces.Discrete(len(m.price_levels))
+            return spaces.MultiDiscrete([len(m.price_levels), len(storage.levels)])
+        if storage is None:
+            return spaces.Box(np.float32(m.price_multiplier_min), np.float32(m.price_multiplier_max), (1,), np.float32)
+        return spaces.Box(np.array([m.price_multiplier_min, -1.0], np.float32),
+                          np.array([m.price_multiplier_max, 1.0], np.float32), (2,), np.float32)
 
     # ------------------------------------------------------------------ API
 
@@ -199,7 +210,7 @@ class EVGridVectorEnv:
 
     def state(self, e: int = 0) -> npt.NDArray[np.float32]:
         """Global state of environment ``e`` for centralised critics: bus voltages, line loadings, zone loads,
-        prices, time."""
+        prices, time, storage SOC (with storage)."""
         sim, lay, rec = self.sim, self.sim.layout, self.sim.last
         n_branch = sum(f.n_line + f.n_trafo for f in lay.feeders)
         vm = rec.vm_pu[e] if rec is not None else np.ones(lay.n_bus)
@@ -208,7 +219,8 @@ class EVGridVectorEnv:
         t = min(sim.t, sim.n_steps - 1)
         clock = 2 * np.pi * sim.day.clock_h[t] / 24
         return np.concatenate([vm, np.nan_to_num(loading), zl, sim.prices.current[e], sim.prices.next[e],
-                               np.eye(3)[sim.day.period[t]], [np.sin(clock), np.cos(clock)]]).astype(np.float32)
+                               np.eye(3)[sim.day.period[t]], [np.sin(clock), np.cos(clock)],
+                               sim.fleet.storage_soc[e]]).astype(np.float32)
 
     def ev_decisions(self) -> npt.NDArray[np.int64]:
         """Per-EV actions the learned EVs take in the coming step, per environment: one per plugged EV."""
@@ -365,7 +377,10 @@ EVGridEnv.__doc__ = f"""Multi-agent EV charging on a distribution feeder with a 
     Every action must lie in its space; anything else is a ValueError naming the agent.
 
     * operator: ``Box(multiplier_min, multiplier_max, (1,))`` price multiplier for the next step, or
-      ``Discrete(len(price_levels))`` with ``operator_action: level``.
+      ``Discrete(len(price_levels))`` with ``operator_action: level``.  With ``storage``, the zone's storage
+      set-point for this step joins it, as a share of each unit's ``p_max_kw`` (> 0 charges; the unit's power
+      and SOC bounds hold, what they hold back is recorded): ``Box([multiplier_min, -1], [multiplier_max, 1])``,
+      or ``MultiDiscrete([len(price_levels), len(storage.levels)])``.
     * station: ``Discrete(len(fraction_levels))``: its power limit as a share of ``p_max_kw`` (dispatch
       ``equal``), the share of its EVs that may charge (``llf``), or each EV's power level (``cap``).
     * ev: ``Dict(mode=Discrete(3), power=Box(0, 1, (1,)))``; mode 0 charge, 1 idle, 2 discharge; power is a
@@ -378,6 +393,10 @@ EVGridEnv.__doc__ = f"""Multi-agent EV charging on a distribution feeder with a 
     operator, ``Box({len(ft.OPERATOR)},)`` float32:
 
 {_indent(ft.OPERATOR.table())}
+
+    With ``storage``, ``Box({len(ft.operator_features(True))},)``: these follow.
+
+{_indent(ft.OPERATOR_STORAGE.table(len(ft.OPERATOR)))}
 
     station, ``Box(N + {len(ft.STATION_CONTEXT)},)`` with ``N = (c_max+1)(e_max+1)``: seed 002's count matrix
     ``N[c, e]`` per port (flattened, c = remaining charge slots, e = remaining parking slots, the last

@@ -198,6 +198,9 @@ def check_run(env: EnvConfig, train: TrainConfig) -> None:
             raise ConfigError(f"train.algorithm: DQN needs discrete actions for every learned level; "
                               f"{continuous[0]!r} is not (set agents.operator_action: level and agents.ev_view: "
                               f"rule, or use PPO)")
+        if "operator" in learned and env.storage is not None:
+            raise ConfigError("train.algorithm: DQN needs one discrete action per agent, but with storage an "
+                              "operator picks a (price level, storage level) pair; use PPO, or drop storage")
     if train.algorithm in HYBRID_ALGORITHMS:
         _check_hybrid_levels(train.algorithm, learned)
 
