@@ -257,8 +257,9 @@ def test_seed003_quick_reproduction_holds_the_papers_directions(tmp_path):
 def test_seed001_quick_reproduction_trains_every_algorithm_and_reports_the_papers_measures(tmp_path):
     """The whole quick pipeline (stage 1, PPO / A2C / DQN on embedded Ray for a few thousand steps each, in
     the paper's setting and in ours, evaluation beside random and greedy, voltages before / after; about 4 min on
-    2 cores).  A few thousand steps do not order the algorithms; what the stages must show whatever the budget is
-    checked."""
+    2 cores).  A few thousand steps do not order the algorithms (PPO's policy is still near uniform, its argmax
+    a lottery); what the stages must show whatever the budget is checked, and that the off-policy slot-scoring
+    DQN has learned."""
     out = common.reproduce("seed001", quick=True, out=tmp_path, address=None)
     rows = pq.read_table(out / "results.parquet").to_pylist()
     v = {(r["method"], r["metric"]): r["value"] for r in rows}
@@ -273,6 +274,8 @@ def test_seed001_quick_reproduction_trains_every_algorithm_and_reports_the_paper
         assert v[m, "train_timesteps"] >= 4000 and v[m, "wall_s"] > 0 and 0 < v[m, "decision_ms"] < 50
     # greedy copies the optimal profile step by step: better than a uniform start
     assert v["greedy", "total_reward"] > v["random", "total_reward"]
+    # the slot-scoring DQN learns within the quick budget (822-831 on training seeds 0-2 against random's 717)
+    assert v["DQN_ours", "total_reward"] > v["random", "total_reward"] + 50
     # stage 1's optimal profiles and any start-time schedule raise the night's nadir above charging at plug-in
     assert v["oracle", "vm_min_pu"] > v["after", "vm_min_pu"] > v["before", "vm_min_pu"]
     assert v["oracle", "vm_swing_pu_node4"] < v["before", "vm_swing_pu_node4"]
@@ -306,7 +309,7 @@ def test_seed001_claims_read_the_orderings_off_the_rows():
         return c.holds
 
     assert holds("total reward PPO > A2C > DQN > random") is False  # A2C 850 beats PPO, DQN 700 < random
-    assert holds("ours (score observation, slot-scoring PPO and A2C): PPO > A2C > DQN > random") is True
+    assert holds("ours (score observation, slot-scoring networks): PPO > A2C > DQN > random") is True
     assert holds("every trained algorithm beats random") is False
     assert holds("ours: every trained algorithm beats random") is True
     assert holds("PPO's mean deviation from the optimal profile is below random's") is True
