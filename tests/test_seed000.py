@@ -47,6 +47,7 @@ def _rows() -> list[dict]:
             out.append(row("seed000", "PDQN", seed, metric, pdqn))
             out.append(row("seed000", "MPDQN", seed, metric, base * 1.1))
     out.append(row("seed000", "PDQN", 0, "unmet_kwh", 3.0))
+    out.append(row("seed000", s0.BASELINE, 0, "unmet_kwh", 2.0))
     return out
 
 
@@ -59,8 +60,8 @@ def test_change_rows_and_claims_on_hand_made_rows():
     assert all(r["paper_value"] is None for r in changes if r["method"] == "MPDQN")
     assert not any(r["metric"].startswith("unmet") for r in changes)
     claims = s0.claims(_rows() + changes)
-    assert len(claims) == 8
-    assert all(c.holds for c in claims if c.text.startswith("PDQN"))
+    assert len(claims) == 9  # four headline metrics per method, and PDQN's undelivered energy
+    assert all(c.holds for c in claims[:4]) and claims[8].holds is False and "3 vs 2 kWh" in claims[8].text
     assert not any(c.holds for c in claims if c.text.startswith("MPDQN"))
     assert "-22.5 %" in claims[0].text and "95% CI" in claims[0].text and "n=2" in claims[0].text
 

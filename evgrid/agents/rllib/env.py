@@ -102,9 +102,9 @@ def _all_flags(term: dict, trunc: dict, over: bool) -> None:
 class RLlibEVGrid(MultiAgentEnv):
     """``env_config``: ``{"config": <EnvConfig | YAML path | mapping>, "overrides": {...},
     "state_in_infos": False, "grid_factory": None, "operator_policy": None}``; overrides as for ``evgrid.make``;
-    ``operator_policy``: a picklable :class:`evgrid.envs.ev_grid.OperatorPolicy` acting for the operators.  ``grid_factory``:
-    a picklable callable, called with the config's ``GridConfig`` in the process that builds the env, returning
-    the power-flow service (e.g. a client of the shared actor); None solves in-process."""
+    ``grid_factory``: a picklable callable, called with the config's ``GridConfig`` in the process that builds
+    the env, returning the power-flow service (e.g. a client of the shared actor); None solves in-process.
+    ``operator_policy``: a picklable :class:`evgrid.envs.ev_grid.OperatorPolicy` acting for the operators."""
 
     def __init__(self, env_config: dict[str, Any] | None = None) -> None:
         super().__init__()
