@@ -19,7 +19,7 @@ Metric columns (other tools read these names):
 | carbon_cost | the stepped carbon cost part of operator_cost |
 | cost_with_unmet | operator_cost + reward.ev_unmet_per_kwh × unmet_kwh: a cheap day that leaves EVs short is not cheap (what the oracle's ``operator_cost`` plan minimises) |
 | ev_cost_per_user | what EV users paid (V2G income netted) / the sessions that plugged in |
-| storage_deficit_cost | (storage energy at the start − at the end, kWh) × the mean purchase price; not in operator_cost |
+| storage_deficit_cost | (storage energy at the start − at the end, kWh) × mean purchase price; not in operator_cost |
 """
 
 from __future__ import annotations

@@ -249,13 +249,19 @@ class EVGridVectorEnv:
         """(actions, live agents) with the operator policy's actions added (unchanged without one)."""
         if self._op_policy is None:
             return actions, self.agents
-        n_zone = len(self._ops)
-        flat = self._op_obs.reshape(self.n_env * n_zone, -1)
-        chosen = np.asarray(self._op_policy(flat)).reshape(self.n_env, n_zone, -1)
-        if not isinstance(actions, list | tuple) or len(actions) != self.n_env:
+        if not isinstance(actions, list | tuple) or len(actions) != self.n_env \
+                or not all(isinstance(acts, dict) for acts in actions):
             return actions, self.agents  # the decoder names the problem
-        full = [{**dict(zip(self._ops, chosen[e])), **acts} if isinstance(acts, dict) else acts
-                for e, acts in enumerate(actions)]
+        taken = [a for acts in actions for a in acts if a in self._ops]
+        if taken:
+            raise ValueError(f"actions: {taken[0]!r} acts by the operator_policy; it is not an agent")
+        n = self.n_env * len(self._ops)
+        chosen = np.asarray(self._op_policy(self._op_obs.reshape(n, -1)))
+        if chosen.ndim == 0 or chosen.shape[0] != n:
+            raise ValueError(f"operator_policy: expected one action per operator observation ({n} rows), got "
+                             f"shape {chosen.shape}")
+        chosen = chosen.reshape(self.n_env, len(self._ops), *chosen.shape[1:])
+        full = [{**acts, **dict(zip(self._ops, chosen[e]))} for e, acts in enumerate(actions)]
         return full, [self._ops + ag for ag in self.agents]
 
     def state(self, e: int = 0) -> npt.NDArray[np.float32]:
@@ -478,12 +484,13 @@ EVGridEnv.__doc__ = f"""Multi-agent EV charging on a distribution feeder with a 
     ``step_records`` holds the simulator records of every step the last call ran.
 
     ## Arguments
-    ``EVGridEnv(config=None, powerflow=None, **overrides)``: ``config`` an :class:`EnvConfig`, a YAML path,
-    a shipped experiment's name or a mapping; overrides are config fields as nested mappings
-    (``fleet={{"n_ev": 500}}``), ``section__field=value`` keywords, or the shortcut ``ev_view=...``, merged
-    field by field; ``powerflow`` the solver service (default: in-process,
-    :class:`evgrid.grid.service.LocalGrid`).  :class:`EVGridVectorEnv` runs several of these in lock-step
-    with one batched power flow per step.
+    ``EVGridEnv(config=None, powerflow=None, operator_policy=None, **overrides)``: ``config`` an
+    :class:`EnvConfig`, a YAML path, a shipped experiment's name or a mapping; overrides are config fields as
+    nested mappings (``fleet={{"n_ev": 500}}``), ``section__field=value`` keywords, or the shortcut
+    ``ev_view=...``, merged field by field; ``powerflow`` the solver service (default: in-process,
+    :class:`evgrid.grid.service.LocalGrid`); ``operator_policy`` a fixed :class:`OperatorPolicy` acting for
+    the operators inside the env (they are then no agents).  :class:`EVGridVectorEnv` runs several of these in
+    lock-step with one batched power flow per step.
 
     ## Version History
     * v0: initial version.
