@@ -25,8 +25,9 @@ def test_relative_change_in_percent_and_its_edge_cases():
     assert s0.relative_change_pct(-5.0, -10.0) == pytest.approx(50.0)  # against |baseline|
     assert s0.relative_change_pct(0.0, 0.0) == 0.0
     assert math.isnan(s0.relative_change_pct(3.0, 0.0))
+    assert math.isnan(s0.relative_change_pct(float("nan"), 1.0))
     with pytest.raises(ValueError, match="ours"):
-        s0.relative_change_pct(float("nan"), 1.0)
+        s0.relative_change_pct(float("inf"), 1.0)
 
 
 def test_mean_and_t_interval_by_hand():

@@ -20,8 +20,8 @@ Methods: ``PDQN``, ``MPDQN``, ``tou_uncontrolled`` (the baseline, ours: TOU reta
 EV at full power from plug-in), ``oracle`` (perfect-foresight schedule, :mod:`evgrid.agents.oracle`),
 ``operators_ppo`` (step 1 alone: learned operators, EVs on the ``tou`` rule) and ``tou_rules`` (no learning:
 TOU price, storage charged in the valley and discharged in the peak, EVs on the ``tou`` rule).  Every method
-runs on the same held-out days; each value is a mean over those days for one training seed.  Metrics: ``operator_cost`` (the
-zones' purchase + diesel + carbon + curtailment cost plus the storage's end-of-day deficit valued at the day's
+runs on the same held-out days; each value is a mean over those days for one training seed.  Metrics:
+``operator_cost`` (the zones' purchase + diesel + carbon + curtailment cost plus the storage's end-of-day deficit valued at the day's
 mean purchase price), ``peak_valley_kw``, ``voltage_violations`` (bus-steps outside the limits on the flow of
 the decisions, before enforcement), ``ev_cost_per_user``; ``<metric>_change_pct`` is the change against
 ``tou_uncontrolled`` of the same seed, whose mean and 95 % t-interval over seeds the claims report.
@@ -67,10 +67,13 @@ def default_seeds(quick: bool) -> tuple[int, ...]:
 
 
 def relative_change_pct(ours: float, baseline: float) -> float:
-    """100 (ours - baseline) / |baseline|; 0 where both are 0, NaN where only the baseline is (no scale)."""
+    """100 (ours - baseline) / |baseline|; 0 where both are 0, NaN where only the baseline is (no scale) or
+    either is NaN (a metric that could not be measured, as in :func:`evgrid.studies.common.row`)."""
     for name, x in (("ours", ours), ("baseline", baseline)):
-        if not math.isfinite(x):
-            raise ValueError(f"{name}: expected a finite number, got {x}")
+        if math.isinf(x):
+            raise ValueError(f"{name}: expected a finite number or NaN, got {x}")
+    if math.isnan(ours) or math.isnan(baseline):
+        return math.nan
     if baseline == 0:
         return 0.0 if ours == 0 else math.nan
     return 100.0 * (ours - baseline) / abs(baseline)
@@ -266,6 +269,11 @@ def _notes(ctx: Context) -> list[str]:
         "empties the storage.",
         "ev_cost_per_user: what the EV users paid (V2G income netted) / sessions that plugged in; unmet_kwh "
         "shows what a cheap policy leaves undelivered.",
+        "Known weaknesses (a diagnostic run, seed 0, quick budgets, day 1000): the P-DQN EVs pick 'charge' in "
+        "every slot (mean power 0.87 of the limit), and the operators' multiplier sits at its floor 0.5 nearly "
+        "all day: PPO's Gaussian starts at mean 0, which the env clips to the floor, and the budgets hardly move "
+        "it.  The fall of the cost per user is that flat discount, not learned pricing; the operating cost rises "
+        "because the operators' storage, trained beside tou EVs, charges in the day while these EVs charge too.",
         "Changes (<metric>_change_pct) are per seed against the baseline on the same days; the claims give their "
         f"mean and {CONFIDENCE:.0%} t-interval over seeds.  A change is NaN where the baseline's value is 0.",
     ]
