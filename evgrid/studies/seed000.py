@@ -21,9 +21,9 @@ EV at full power from plug-in), ``oracle`` (perfect-foresight schedule, :mod:`ev
 ``operators_ppo`` (step 1 alone: learned operators, EVs on the ``tou`` rule) and ``tou_rules`` (no learning:
 TOU price, storage charged in the valley and discharged in the peak, EVs on the ``tou`` rule).  Every method
 runs on the same held-out days; each value is a mean over those days for one training seed.  Metrics:
-``operator_cost`` (the zones' purchase + diesel + carbon + curtailment cost plus the storage's end-of-day deficit valued at the day's
-mean purchase price), ``peak_valley_kw``, ``voltage_violations`` (bus-steps outside the limits on the flow of
-the decisions, before enforcement), ``ev_cost_per_user``; ``<metric>_change_pct`` is the change against
+``operator_cost`` (the zones' purchase + diesel + carbon + curtailment cost plus the storage's end-of-day
+deficit valued at the day's mean purchase price), ``peak_valley_kw``, ``voltage_violations`` (bus-steps outside
+the limits on the flow of the decisions, before enforcement), ``ev_cost_per_user``; ``<metric>_change_pct`` is the change against
 ``tou_uncontrolled`` of the same seed, whose mean and 95 % t-interval over seeds the claims report.
 """
 
