@@ -23,8 +23,9 @@ TOU price, storage charged in the valley and discharged in the peak, EVs on the 
 runs on the same held-out days; each value is a mean over those days for one training seed.  Metrics:
 ``operator_cost`` (the zones' purchase + diesel + carbon + curtailment cost plus the storage's end-of-day
 deficit valued at the day's mean purchase price), ``peak_valley_kw``, ``voltage_violations`` (bus-steps outside
-the limits on the flow of the decisions, before enforcement), ``ev_cost_per_user``; ``<metric>_change_pct`` is the change against
-``tou_uncontrolled`` of the same seed, whose mean and 95 % t-interval over seeds the claims report.
+the limits on the flow of the decisions, before enforcement), ``ev_cost_per_user``; ``<metric>_change_pct`` is
+the change against ``tou_uncontrolled`` of the same seed, whose mean and 95 % t-interval over seeds the claims
+report.
 """
 
 from __future__ import annotations
