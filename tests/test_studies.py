@@ -100,7 +100,8 @@ def test_summaries_in_numbers():
 
 
 def test_unknown_study_names_the_allowed_ones(tmp_path):
-    with pytest.raises(ConfigError, match="study: expected one of seed001, seed003, got 'seed999'"):
+    names = ", ".join(common.STUDIES)  # seed000, seed001, ...: every registered study
+    with pytest.raises(ConfigError, match=f"study: expected one of {names}, got 'seed999'"):
         common.reproduce("seed999", quick=True, out=tmp_path, address=None)
 
 

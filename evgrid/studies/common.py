@@ -54,6 +54,7 @@ T = TypeVar("T")
 
 # study name -> module path; imported only when that study runs, so a missing module fails that study alone
 STUDIES: dict[str, str] = {
+    "seed000": "evgrid.studies.seed000",
     "seed001": "evgrid.studies.seed001",
     "seed003": "evgrid.studies.seed003",
 }

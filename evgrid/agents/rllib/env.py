@@ -45,7 +45,7 @@ from evgrid.config import keyword_overrides
 from evgrid.envs.config import EnvConfig, load_config
 from evgrid.envs.ev_grid import EVGridEnv, EVGridVectorEnv
 
-_ENV_CONFIG_KEYS = ("config", "overrides", "state_in_infos", "grid_factory")
+_ENV_CONFIG_KEYS = ("config", "overrides", "state_in_infos", "grid_factory", "operator_policy")
 ENV_NAME = "evgrid"
 
 
@@ -58,7 +58,8 @@ def register_env(name: str = ENV_NAME) -> None:
 
 
 def _parse_env_config(env_config: dict[str, Any] | None) -> tuple[EnvConfig, Any, bool]:
-    """(config with its overrides, power-flow service or None, state_in_infos) from an RLlib ``env_config``."""
+    """(config with its overrides, power-flow service or None, state_in_infos) from an RLlib ``env_config``
+    (its ``operator_policy``: :func:`_operator_policy`)."""
     worker = getattr(env_config, "worker_index", None)  # set where RLlib builds the env (an EnvContext)
     env_config = dict(env_config or {})
     unknown = set(env_config) - set(_ENV_CONFIG_KEYS)
@@ -75,6 +76,12 @@ def _parse_env_config(env_config: dict[str, Any] | None) -> tuple[EnvConfig, Any
                          f"power-flow service, or None, got {factory!r}")
     service = factory(cfg.grid) if factory is not None else None
     return cfg, service, bool(env_config.get("state_in_infos", False))
+
+
+def _operator_policy(env_config: dict[str, Any] | None) -> Any:
+    """The fixed operator policy of an RLlib ``env_config`` (:class:`evgrid.envs.ev_grid.OperatorPolicy`), or
+    None: the operators are agents (or on their rule)."""
+    return dict(env_config or {}).get("operator_policy")
 
 
 def clip_action(a: Any, space: gym.Space) -> Any:
@@ -94,14 +101,15 @@ def _all_flags(term: dict, trunc: dict, over: bool) -> None:
 
 class RLlibEVGrid(MultiAgentEnv):
     """``env_config``: ``{"config": <EnvConfig | YAML path | mapping>, "overrides": {...},
-    "state_in_infos": False, "grid_factory": None}``; overrides as for ``evgrid.make``.  ``grid_factory``:
-    a picklable callable, called with the config's ``GridConfig`` in the process that builds the env, returning
-    the power-flow service (e.g. a client of the shared actor); None solves in-process."""
+    "state_in_infos": False, "grid_factory": None, "operator_policy": None}``; overrides as for ``evgrid.make``;
+    ``grid_factory``: a picklable callable, called with the config's ``GridConfig`` in the process that builds
+    the env, returning the power-flow service (e.g. a client of the shared actor); None solves in-process.
+    ``operator_policy``: a picklable :class:`evgrid.envs.ev_grid.OperatorPolicy` acting for the operators."""
 
     def __init__(self, env_config: dict[str, Any] | None = None) -> None:
         super().__init__()
         config, service, self.state_in_infos = _parse_env_config(env_config)
-        self.env = EVGridEnv(config, powerflow=service)
+        self.env = EVGridEnv(config, powerflow=service, operator_policy=_operator_policy(env_config))
         self.possible_agents = list(self.env.possible_agents)
         self.observation_spaces = {a: self.env.observation_space(a) for a in self.possible_agents}
         self.action_spaces = {a: self.env.action_space(a) for a in self.possible_agents}
@@ -170,7 +178,8 @@ class RLlibEVGridVector(VectorMultiAgentEnv):
     def __init__(self, env_config: dict[str, Any] | None = None, num_envs: int = 1) -> None:
         super().__init__()
         config, service, self.state_in_infos = _parse_env_config(env_config)
-        self.vec = EVGridVectorEnv(config, num_envs, powerflow=service)
+        self.vec = EVGridVectorEnv(config, num_envs, powerflow=service,
+                                   operator_policy=_operator_policy(env_config))
         self.num_envs = self.vec.n_env
         self._stride = int(getattr(env_config, "num_workers", 0) or 0) + 1
         possible = self.vec.possible_agents

@@ -94,3 +94,21 @@ def _index(x: Any, i: int) -> Any:
     if isinstance(x, dict):
         return {k: _index(v, i) for k, v in x.items()}
     return x[i]
+
+
+class FrozenOperatorPolicy:
+    """A trained operator module as an :class:`evgrid.envs.ev_grid.OperatorPolicy`: greedy actions for a batch
+    of operator observations, clipped into ``action_space`` (a PPO module's Gaussian mean may leave the box).
+    Picklable, so RLlib ships it to its env runners, where it acts inside every env."""
+
+    def __init__(self, module: Any, action_space: Any) -> None:
+        self.module = module.unwrapped() if hasattr(module, "unwrapped") else module
+        self.action_space = action_space
+
+    @torch.no_grad()
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        actions = _to_numpy(_greedy(self.module, torch.as_tensor(np.asarray(obs, dtype=np.float32))))
+        space = self.action_space
+        if hasattr(space, "low"):  # Box: one row per operator
+            return np.clip(actions.astype(space.dtype), space.low, space.high)
+        return actions.astype(np.int64)
