@@ -120,6 +120,59 @@ def test_bad_seeds_and_a_used_run_directory_fail_before_work(tmp_path):
         common.check_reproduce("seed003", out=tmp_path, seeds=None, address=None)
 
 
+def test_resume_continues_a_run_directory_of_the_same_study_and_budget_only(tmp_path):
+    with pytest.raises(ConfigError, match="resume: continues the run directory given by out; got no out"):
+        common.check_reproduce("seed001", out=None, seeds=None, address=None, resume=True)
+    with pytest.raises(ConfigError, match="out: .* is not a run directory to resume"):
+        common.check_reproduce("seed001", out=tmp_path, seeds=None, address=None, resume=True)
+    (tmp_path / "config.yaml").write_text("study: seed001\nquick: true\n", encoding="utf-8")
+    (tmp_path / "report.md").write_text("")  # a finished run may be resumed too (it rewrites its outputs)
+    with pytest.raises(ConfigError, match=r"holds a run of \('seed001', 'quick'\); resume expected one of "
+                                          r"\('seed001', 'full'\)"):
+        common.check_reproduce("seed001", out=tmp_path, seeds=None, address=None, resume=True)
+    with pytest.raises(ConfigError, match=r"resume expected one of \('seed003', 'quick'\)"):
+        common.check_reproduce("seed003", out=tmp_path, seeds=None, address=None, resume=True, quick=True)
+    assert common.check_reproduce("seed001", out=tmp_path, seeds=[2], address=None, resume=True,
+                                  quick=True) == (tmp_path, (2,))
+
+
+def test_seed001_resume_keeps_the_agents_the_interrupted_run_finished(tmp_path, monkeypatch):
+    """An agent saved whole (curve.json beside it) is restored with its curve; one without is trained again,
+    and so is everything without ``resume``."""
+    import contextlib
+
+    import evgrid.agents.rllib.start_time as st
+    import evgrid.cluster.runtime as runtime
+    from evgrid.studies import seed001
+
+    class Fake:
+        timesteps, wall_s = 10, 0.1
+
+        def stop(self):
+            pass
+
+    trained = []
+
+    def train(algo, *, out_dir, progress, **kw):
+        trained.append(out_dir.name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        progress(10, 5.0)
+        return Fake()
+
+    monkeypatch.setattr(st, "train_start_time", train)
+    monkeypatch.setattr(st.StartTimeAgent, "restore", classmethod(lambda cls, path: ("restored", path.name)))
+    monkeypatch.setattr(runtime, "connect", lambda *a, **k: contextlib.nullcontext())
+    ctx = Context(study="seed001", quick=True, out_dir=tmp_path, address=None, seeds=(0,))
+    curves: dict = {}
+    seed001._train_all(ctx, 0, curves)
+    assert trained == [f"{m}-seed0" for m in seed001.METHODS] and curves["DQN", 0] == [(10, 5.0)]
+    (tmp_path / "agents" / "A2C-seed0" / seed001.CURVE_FILE).unlink()  # interrupted before its curve
+    trained.clear()
+    agents = seed001._train_all(Context(**{**ctx.__dict__, "resume": True}), 0, curves)
+    assert trained == ["A2C-seed0"] and agents["PPO"] == ("restored", "PPO-seed0")
+    assert curves["PPO", 0] == [(10, 5.0)]
+
+
 @pytest.fixture
 def toy_study(monkeypatch):
     """A registered study ``toy`` whose run records its context."""

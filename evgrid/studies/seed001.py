@@ -22,6 +22,7 @@ Every value is a mean over the evaluation days of one training seed; the report'
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -44,6 +45,7 @@ METHODS = {**{a: (a, "paper", "mlp") for a in ALGORITHMS},
            "DQN_ours": ("DQN", "scores", "slots")}
 EVAL_DAYS = {True: range(1000, 1002), False: range(1000, 1010)}
 SWING_NODE = 4
+CURVE_FILE = "curve.json"  # an agent's training curve, (env steps, mean return per node) pairs, beside it
 PAPER = {
     "total_reward": {"PPO": 937.0, "A2C": 908.0, "DQN": 825.0, "random": 600.0},
     "total_reward_node": {"PPO": {5: 939.5, 9: 923.1, 13: 946.6}},
@@ -77,21 +79,28 @@ def run(ctx: Context) -> StudyOutput:
 
 def _train_all(ctx: Context, seed: int, curves: dict[tuple[str, int], list[tuple[int, float]]]) -> dict[str, Any]:
     """Every method's agent for training seed ``seed``, trained on one Ray (a start costs seconds), each
-    Algorithm stopped once its module is copied out."""
-    from evgrid.agents.rllib.start_time import train_start_time
+    Algorithm stopped once its module is copied out.  With ``ctx.resume``, an agent the interrupted run saved
+    whole (its ``curve.json`` is written last) is restored instead of trained again."""
+    from evgrid.agents.rllib.start_time import StartTimeAgent, train_start_time
     from evgrid.cluster.runtime import connect
 
     agents = {}
     with connect(ctx.address, pinned=True):
         for method in ctx.progress(METHODS, desc=f"seed {seed}: training"):
             algo, observation, policy = METHODS[method]
+            where = ctx.out_dir / "agents" / f"{method}-seed{seed}"
+            if ctx.resume and (where / CURVE_FILE).is_file():
+                agents[method] = StartTimeAgent.restore(where)
+                curves[method, seed] = [tuple(p) for p in json.loads((where / CURVE_FILE).read_text("utf-8"))]
+                log.info("seed %d: %s kept from the interrupted run (%s)", seed, method, where)
+                continue
             curve = curves.setdefault((method, seed), [])
             agents[method] = agent = train_start_time(
                 algo, timesteps=QUICK_TIMESTEPS[algo] if ctx.quick else PAPER_TIMESTEPS, seed=seed,
-                address=ctx.address, out_dir=ctx.out_dir / "agents" / f"{method}-seed{seed}",
-                progress=lambda n, ret, c=curve: c.append((n, ret)), policy=policy,
-                start_time=None if observation == "paper" else {"observation": observation})
+                address=ctx.address, out_dir=where, progress=lambda n, ret, c=curve: c.append((n, ret)),
+                policy=policy, start_time=None if observation == "paper" else {"observation": observation})
             agent.stop()
+            (where / CURVE_FILE).write_text(json.dumps(curve), encoding="utf-8")
             log.info("seed %d: %s trained, %d steps in %.1f s", seed, method, agent.timesteps, agent.wall_s)
     return agents
 
