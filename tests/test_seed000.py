@@ -139,11 +139,12 @@ def test_a_frozen_module_acts_inside_its_box_and_pickles():
     cfg = algo_config(load_config("seed000", SMALL), TrainConfig(hidden=(8,)))
     spaces = {mid: (s.observation_space, s.action_space) for mid, s in cfg.rl_module_spec.rl_module_specs.items()}
     module = cfg.get_multi_rl_module_spec(spaces=spaces).build()["operator"]
-    policy = pickle.loads(pickle.dumps(FrozenOperatorPolicy(module, module.action_space)))
+    space = EVGridEnv("seed000", **SMALL).action_space("operator_0")  # the module learns in [-1, 1]
+    policy = pickle.loads(pickle.dumps(FrozenOperatorPolicy(module, space)))
     obs = np.random.default_rng(0).normal(size=(6, module.observation_space.shape[0])).astype(np.float32) * 50
     a = policy(obs)
-    space = module.action_space
     assert a.shape == (6, 2) and np.all(a >= space.low) and np.all(a <= space.high)
+    assert module.action_space.low.min() == -1.0 and space.low[0] > 0  # scaled into the multiplier's range
     env = EVGridEnv("seed000", operator_policy=policy, **SMALL)
     env.reset(seed=0)  # the env takes its actions
 

@@ -204,12 +204,14 @@ def _learned(ctx: Context, base: Any, stage1: Any, seed: int, days: range,
              curves: dict[tuple[str, int], list[tuple[float, float]]]) -> list[dict[str, Any]]:
     """Stage 1 (PPO operators), then each P-DQN variant under its operators; their metric rows."""
     from evgrid.agents.rllib.policy import FrozenOperatorPolicy, TrainedPolicy
+    from evgrid.envs.ev_grid import EVGridVectorEnv
     from evgrid.evaluate import policy_episodes
 
     it1, it2 = ITERATIONS[ctx.quick]
     ops, wall1 = train_stage(stage1, train_config("PPO", it1, seed), curves.setdefault(("operators_ppo", seed), []))
     log.info("seed %d: operators trained in %.1f s", seed, wall1)
-    op_policy = FrozenOperatorPolicy(ops["operator"], ops["operator"].action_space)
+    # the module learns in [-1, 1]; the policy scales its actions into the env's operator space
+    op_policy = FrozenOperatorPolicy(ops["operator"], EVGridVectorEnv(stage1).action_space("operator_0"))
     results = {"operators_ppo": list(policy_episodes(stage1, lambda env: TrainedPolicy(ops, env), days))}
     walls = {"operators_ppo": wall1}
     for algo in LEARNED:
