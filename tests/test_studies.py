@@ -100,7 +100,7 @@ def test_summaries_in_numbers():
 
 
 def test_unknown_study_names_the_allowed_ones(tmp_path):
-    with pytest.raises(ConfigError, match="study: expected one of seed001, seed003, got 'seed999'"):
+    with pytest.raises(ConfigError, match="study: expected one of seed001, seed002, seed003, got 'seed999'"):
         common.reproduce("seed999", quick=True, out=tmp_path, address=None)
 
 
