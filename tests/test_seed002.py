@@ -169,7 +169,7 @@ def test_claims_read_the_orderings_off_the_rows():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """The whole quick pipeline once: DDQN for the three reward weightings at 1,000 and 1,250 EVs, greedy
-    beside them, the participation sweep (about 4 min on 2 cores)."""
+    beside them, the participation sweep (about 3 min on 2 cores)."""
     return common.reproduce("seed002", quick=True, out=tmp_path_factory.mktemp("seed002"), address=None)
 
 
