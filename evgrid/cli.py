@@ -293,7 +293,8 @@ def _check_reproduce(args: argparse.Namespace) -> None:
 
     if args.overrides:
         raise ConfigError(f"overrides: reproduce runs a study from its own config, got {' '.join(args.overrides)}")
-    args.out, args.seeds = check_reproduce(args.study, out=args.out, seeds=args.seeds, address=args.address)
+    args.out, args.seeds = check_reproduce(args.study, out=args.out, seeds=args.seeds, address=args.address,
+                                           resume=args.resume, quick=args.quick)
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
@@ -301,7 +302,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 
     with _log_file(args.out / "logs" / "reproduce.log"):
         out = reproduce(args.study, quick=args.quick, out=args.out, address=args.address, seeds=args.seeds,
-                        ray_log=not args.verbose)
+                        ray_log=not args.verbose, resume=args.resume)
     print(read_table(out), end="")
     print(f"run directory: {out}  report: {out / 'report.md'}  results: {out / 'results.parquet'}")
     return 0
@@ -443,6 +444,8 @@ def _add_reproduce(sub: Any) -> None:
                    "(default: embedded)")
     r.add_argument("--seeds", nargs="+", type=_int_in(0, 2**32 - 1), default=None,
                    help="seeds to run (default: the study's; one with --quick)")
+    r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (same study and "
+                   "budget), keeping what it finished (seed001: its trained agents)")
 
 
 def build_parser() -> argparse.ArgumentParser:

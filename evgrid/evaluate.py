@@ -19,6 +19,8 @@ Metric columns (other tools read these names):
 | spatial_std_kw | multi-network: mean over steps of the std of network loads; NaN on one feeder |
 | carbon_cost | the stepped carbon cost part of operator_cost |
 | cost_with_unmet | operator_cost + reward.ev_unmet_per_kwh × unmet_kwh: a cheap day that leaves EVs short is not cheap (what the oracle's ``operator_cost`` plan minimises) |
+| ev_cost_per_user | what EV users paid (V2G income netted) / the sessions that plugged in |
+| storage_deficit_cost | (storage energy at the start − at the end, kWh) × mean purchase price; not in operator_cost |
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import pyarrow.parquet as pq
 from evgrid.agents.baselines import EVALUATE_POLICIES
 from evgrid.config import ConfigError
 from evgrid.envs.config import EnvConfig, load_config
-from evgrid.envs.sim import DEPARTED, TRUNCATED, TURNED_AWAY, Sim, StepRecord
+from evgrid.envs.market import purchase_price_per_kwh
+from evgrid.envs.sim import DEPARTED, PLUGGED, TRUNCATED, TURNED_AWAY, Sim, StepRecord
 from evgrid.validate import check_int
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,8 @@ log = logging.getLogger(__name__)
 METRICS = ("operator_cost", "ev_cost_per_kwh", "user_paid", "peak_valley_kw", "voltage_violations",
            "violations_enforced",
            "max_line_loading",
-           "curtailed_kwh", "unmet_kwh", "owed_kwh", "slvtpr", "spatial_std_kw", "carbon_cost", "cost_with_unmet")
+           "curtailed_kwh", "unmet_kwh", "owed_kwh", "slvtpr", "spatial_std_kw", "carbon_cost", "cost_with_unmet",
+           "ev_cost_per_user", "storage_deficit_cost")
 
 
 class EpisodeMetrics:
@@ -63,6 +67,8 @@ class EpisodeMetrics:
         self.curtailed = np.zeros(e)
         self.slvtpr = np.zeros(e)
         self.spatial_std = np.zeros(e)
+        self.storage_in_kwh = np.zeros(e)  # net energy into the storage cells
+        self.purchase_price_sum = 0.0
         self.steps = 0
 
     def add(self, rec: StepRecord) -> None:
@@ -81,6 +87,8 @@ class EpisodeMetrics:
             hi = fl.max(axis=1)
             self.slvtpr += np.where(hi > 0, fl.min(axis=1) / np.where(hi > 0, hi, 1.0), 0.0)
             self.spatial_std += fl.std(axis=1)
+        self.storage_in_kwh += rec.storage_e_kwh.sum(axis=1)
+        self.purchase_price_sum += float(purchase_price_per_kwh(rec.period, self.sim.cfg.market))
         self.steps += 1
 
     def rows(self) -> list[dict[str, float]]:
@@ -90,8 +98,11 @@ class EpisodeMetrics:
         owed = np.bincount(env, np.where(fleet.status == TRUNCATED, np.nan_to_num(fleet.unmet_kwh), 0.0), sim.n_env)
         drawn = np.bincount(env, np.maximum(fleet.e_grid_kwh, 0.0), sim.n_env)
         paid = np.bincount(env, fleet.cost, sim.n_env)
+        served = (fleet.status == PLUGGED) | (fleet.status == DEPARTED) | (fleet.status == TRUNCATED)
+        users = np.bincount(env, served.astype(float), sim.n_env)
         multi = len(sim.layout.feeders) > 1
         n = max(self.steps, 1)
+        deficit = -self.storage_in_kwh * self.purchase_price_sum / n
         return [dict(operator_cost=float(self.op_cost[e]),
                      ev_cost_per_kwh=float(paid[e] / drawn[e]) if drawn[e] > 0 else float("nan"),
                      user_paid=float(paid[e]),
@@ -103,7 +114,9 @@ class EpisodeMetrics:
                      slvtpr=float(self.slvtpr[e] / n) if multi else float("nan"),
                      spatial_std_kw=float(self.spatial_std[e] / n) if multi else float("nan"),
                      carbon_cost=float(self.carbon[e]),
-                     cost_with_unmet=float(self.op_cost[e] + sim.cfg.reward.ev_unmet_per_kwh * unmet[e]))
+                     cost_with_unmet=float(self.op_cost[e] + sim.cfg.reward.ev_unmet_per_kwh * unmet[e]),
+                     ev_cost_per_user=float(paid[e] / users[e]) if users[e] > 0 else float("nan"),
+                     storage_deficit_cost=float(deficit[e]))
                 for e in range(sim.n_env)]
 
 
@@ -135,12 +148,15 @@ def rule_episodes(cfg: EnvConfig, seeds: Iterable[int], log_dir: str | os.PathLi
 
 
 def policy_episodes(cfg: EnvConfig, make_policy: Callable[[Any], Any], seeds: Iterable[int],
-                    log_dir: str | os.PathLike[str] | None = None) -> Iterator[dict[str, float]]:
+                    log_dir: str | os.PathLike[str] | None = None, *,
+                    operator_policy: Any = None) -> Iterator[dict[str, float]]:
     """Episodes of an :class:`EVGridEnv` whose learned agents follow ``make_policy(env)`` (anything with
-    ``act(obs) -> actions``), one metric row each; with ``log_dir``, the env's step and session logs there."""
+    ``act(obs) -> actions``), one metric row each; with ``log_dir``, the env's step and session logs there;
+    ``operator_policy``: acts for the operators inside the env (:class:`evgrid.envs.ev_grid.OperatorPolicy`)."""
     from evgrid.envs.ev_grid import EVGridEnv
 
-    env = EVGridEnv(load_config(cfg, {"log_dir": None if log_dir is None else os.fspath(log_dir)}))
+    env = EVGridEnv(load_config(cfg, {"log_dir": None if log_dir is None else os.fspath(log_dir)}),
+                    operator_policy=operator_policy)
     try:
         policy = make_policy(env)
         for seed in seeds:

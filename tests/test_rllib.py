@@ -10,6 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.pre_checks.env import check_multiagent_environments
 
@@ -530,3 +533,36 @@ def test_training_and_actor_benchmarks_report_their_fields(ray_local, tmp_path, 
     assert {(r["mode"], r["transport"], r["clients"], r["scenarios_per_call"]) for r in calls} >= {
         ("local", None, 2, 4), ("actor", "socket", 2, 4), ("actor", "ray", 2, 4)}
     assert all(r["scenarios_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] for r in calls)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float64, (5, 2), elements=st.floats(-1e3, 1e3)))
+def test_operator_actions_are_learned_in_unit_range_and_scaled_into_their_box(raw):
+    """An operator's module acts in [-1, 1] per component; the adapter scales it affinely onto the env's box
+    (0 mid-range, +-1 the bounds, beyond clipped), batch or single; a module in the env's own space (an older
+    checkpoint) is clipped as before."""
+    from evgrid.agents.rllib.env import operator_module_space, to_env_action
+
+    env = gym.spaces.Box(np.array([0.5, -1.0], np.float32), np.array([2.0, 1.0], np.float32))
+    mod = operator_module_space(env)
+    assert mod == gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    out = to_env_action(raw, mod, env)
+    x = np.clip(raw, -1, 1)
+    np.testing.assert_allclose(out, np.column_stack([1.25 + 0.75 * x[:, 0], x[:, 1]]), rtol=1e-6, atol=1e-6)
+    assert all(env.contains(row) for row in out)
+    np.testing.assert_allclose(to_env_action(raw[0], mod, env), out[0])
+    np.testing.assert_allclose(to_env_action(raw[0], env, env), np.clip(raw[0], env.low, env.high).astype(np.float32))
+    assert operator_module_space(gym.spaces.Discrete(3)) == gym.spaces.Discrete(3)
+
+
+def test_operator_modules_and_the_vector_env_use_the_unit_range():
+    env_config = {"config": "quickstart", "overrides": {"agents": {"station": "rule", "ev_view": "rule"}}}
+    vec = RLlibEVGridVector(env_config, num_envs=1)
+    spec = module_specs(vec.vec)
+    unit = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    assert spec.rl_module_specs["operator"].action_space == unit
+    assert vec.single_action_spaces["operator_0"] == unit and vec.vec.action_space("operator_0").low[0] == 0.5
+    vec.reset(seed=0)
+    obs, *_ = vec.step([{a: np.array([1.0], np.float32) for a in vec.vec.agents[0]}])
+    top = vec.vec.action_space("operator_0").high[0]
+    np.testing.assert_allclose(vec.vec.sim.prices.next, top)  # +1 -> the multiplier's ceiling, announced ahead

@@ -213,3 +213,24 @@ def test_ac_flow_of_the_optimal_profiles_is_stage1s_own(env):
     vm, tie = env.ac_flow(env.stage1.p_opt_kw)
     np.testing.assert_allclose(vm, env.stage1.vm_opt_pu, atol=1e-6)
     np.testing.assert_allclose(tie, env.stage1.tie_opt_kw, rtol=1e-6)
+
+
+def test_stage1_is_solved_once_per_process_and_travels_to_other_processes(monkeypatch):
+    """Envs of one process share a day's stage 1; an env in another process (RLlib's runners) takes the
+    driver's solutions through ``preload_stage1`` and solves nothing; a different stage setting is not shared."""
+    import evgrid.envs.start_time as st
+
+    a, b = StartTimeEnv("seed001"), StartTimeEnv("seed001")
+    a.reset(seed=321)
+    solved = a.stage1_days([321, 322])
+    monkeypatch.setattr(st, "_STAGE1_CACHE", type(st._STAGE1_CACHE)())  # a fresh process
+    monkeypatch.setattr(st, "solve_stage1", lambda *a, **k: pytest.fail("stage 1 solved again"))
+    b.preload_stage1(solved)
+    b.reset(seed=322)
+    assert b.stage1 is solved[322][0]
+    b.reset(seed=321)
+    np.testing.assert_array_equal(b.stage1.p_opt_kw, a.stage1.p_opt_kw)
+    other = StartTimeEnv("seed001", start_time={"station_ramp_kw": 10.0})
+    other.preload_stage1({})
+    with pytest.raises(pytest.fail.Exception, match="stage 1 solved again"):
+        other.reset(seed=321)

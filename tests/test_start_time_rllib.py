@@ -93,7 +93,7 @@ def test_an_unknown_algorithm_names_the_allowed_ones():
 
 def test_ppo_trains_acts_inside_the_mask_and_restores_to_the_same_actions(ray_local, tmp_path):
     calls = []
-    agent = train_start_time("PPO", timesteps=2 * 2048, seed=0, num_env_runners=0, out_dir=tmp_path / "ppo",
+    agent = train_start_time("PPO", timesteps=2 * 2048, seed=0, num_env_runners=0, num_envs=2, out_dir=tmp_path / "ppo",
                              progress=lambda steps, ret: calls.append((steps, ret)))
     try:
         assert [s for s, _ in calls] == [2048, 4096] and agent.timesteps == 4096
@@ -184,7 +184,32 @@ def test_slot_scoring_policy_trains_acts_inside_the_mask_and_restores(ray_local,
     for name in ("slots", "paper", "random"):
         np.testing.assert_array_equal(out[name][0].p_opt_kw, out["greedy"][0].p_opt_kw)
     assert back.decision_ms > 0 and paper.decision_ms > 0
-    with pytest.raises(ValueError, match="policy: 'slots' scores start slots for PPO and A2C"):
-        train_start_time("DQN", timesteps=10, start_time=scores, policy="slots")
-    with pytest.raises(ValueError, match="observation 'paper'"):
-        train_start_time("PPO", timesteps=10, policy="slots")
+    for algorithm in ("PPO", "DQN"):
+        with pytest.raises(ValueError, match="policy: 'slots' scores start slots from start_time.observation 'scores', "
+                                             "got observation 'paper'"):
+            train_start_time(algorithm, timesteps=10, policy="slots")
+
+
+def test_slot_scoring_dqn_learns_its_slot_network_and_its_target_copy(ray_local, tmp_path):
+    """DQN with ``policy="slots"``: the Q-value of each slot comes from the slot network (the module's ``af``),
+    whose target copy RLlib syncs; the masked slots' Q is -inf; it acts inside the mask and restores."""
+    agent = train_start_time("DQN", timesteps=500, seed=0, num_env_runners=0, num_envs=2, out_dir=tmp_path / "dqn",
+                             start_time={"observation": "scores"}, policy="slots")
+    try:
+        assert type(agent.module).__name__ == "SlotScoreDQNModule"
+        learned = agent.algo.learner_group._learner.module[MODULE_ID]  # local learner: the one with target copies
+        (enc, enc_t), (af, af_t) = learned.get_target_network_pairs()
+        assert not list(enc.parameters()) and [p.shape for p in af.parameters()] == [p.shape for p in af_t.parameters()]
+        before = agent.algo.learner_group.get_weights()[MODULE_ID]
+        res = agent.algo.train()["learners"][MODULE_ID]
+        after = agent.algo.learner_group.get_weights()[MODULE_ID]
+        assert math.isfinite(res["qf_loss"])
+        assert {k for k in after if k.startswith("af.") and not np.array_equal(after[k], before[k])}, \
+            "the slot network did not learn"
+        seen, actions, out = _episode(agent)
+        masks = np.stack([o["action_mask"] for o in seen])
+        assert masks[np.arange(len(actions)), actions].all() and out.n_moved == 0
+        back = StartTimeAgent.restore(tmp_path / "dqn")
+        assert [back.act(o) for o in seen[:100]] == actions[:100].tolist()
+    finally:
+        agent.stop()

@@ -18,6 +18,10 @@ track them (least flexible EVs first, each at the start that brings its station'
 target, charging above it weighted more): a heuristic for the start-time problem, whose exact form is an
 integer program.
 
+Stationary storage (``storage``) is the operators' and enters the plan as the OPF models it: a session plugged
+in for the whole episode, within its SOC window, that must end no emptier than it began (so the plan cannot
+earn by selling the energy it started with); the replay sets each unit to its planned power.
+
 Sessions whose target is out of reach (too little time plugged in) are planned to charge all they can; an EV
 still plugged in when the episode ends must by then hold what it could not charge between the end and its
 departure (what the rules, which charge nothing after the end either, are held to by the unmet-energy metric).
@@ -76,7 +80,8 @@ class Lifecycle:
 class Plan:
     """The oracle's schedule of one episode: each session's grid-side power per step (S, T), kW (> 0 charges),
     the OPF results per feeder, for uninterruptible sessions the chosen start step (-1: none), which sessions
-    the plan covers, and the cost no decision changes (diesel at its fixed output)."""
+    the plan covers, the cost no decision changes (diesel at its fixed output) and each storage unit's
+    grid-side power per step (U, T), kW."""
 
     p_kw: FloatArray
     start_step: IntArray
@@ -84,6 +89,7 @@ class Plan:
     results: tuple[opf.OPFResult, ...]
     fixed_cost: float
     solve_s: float
+    storage_kw: FloatArray
 
     @property
     def objective(self) -> float:
@@ -100,6 +106,7 @@ def plan_episode(sim: Sim, life: Lifecycle) -> Plan:
         raise ValueError(f"n_env: the oracle plans one environment at a time, got {sim.n_env}")
     T, n_sess = sim.n_steps, day.sessions.n
     p_kw = np.zeros((n_sess, T))
+    storage_kw = np.zeros((layout.storage.n, T))
     results = []
     fixed = 0.0
     t0 = time.perf_counter()
@@ -109,7 +116,8 @@ def plan_episode(sim: Sim, life: Lifecycle) -> Plan:
         local = life.plugged & (life.station >= 0) & (life.plug_step < life.dep_step)
         local &= layout.station_feeder[np.maximum(life.station, 0) % m] == f
         idx = np.flatnonzero(local)
-        ss = _sessions(cfg, sim, life, idx, int(sl.start))
+        units, batteries = _storage_sessions(sim, f, int(sl.start))
+        ss = _concat(_sessions(cfg, sim, life, idx, int(sl.start)), batteries)
         margin = cfg.oracle.v_margin_pu
         planned = dataclasses.replace(feeder, v_min_pu=feeder.v_min_pu + margin, v_max_pu=feeder.v_max_pu - margin)
         objective, fixed_f = _objective(cfg, sim, f)
@@ -126,14 +134,16 @@ def plan_episode(sim: Sim, life: Lifecycle) -> Plan:
             if amount > 1e-6:
                 log.warning("oracle, feeder %d: the plan gives way on %s by %.4g in all (oracle.soft)", f, kind,
                             amount)
-        p_kw[idx] = res.p_ch_kw - res.p_dis_kw
+        p_net = res.p_ch_kw - res.p_dis_kw  # EV sessions first, then the storage units
+        p_kw[idx] = p_net[:idx.size]
+        storage_kw[units] = p_net[idx.size:]
         results.append(res)
     start = np.full(n_sess, -1, dtype=np.int64)
     if cfg.fleet.uninterruptible:
         p_kw, start = _start_times(sim, life, p_kw)
     planned = np.zeros(n_sess, dtype=bool)
     planned[np.flatnonzero(life.plugged & (life.station >= 0))] = True
-    return Plan(p_kw, start, planned, tuple(results), fixed, time.perf_counter() - t0)
+    return Plan(p_kw, start, planned, tuple(results), fixed, time.perf_counter() - t0, storage_kw)
 
 
 def _sessions(cfg: EnvConfig, sim: Sim, life: Lifecycle, idx: IntArray, bus0: int) -> opf.Sessions:
@@ -156,6 +166,23 @@ def _sessions(cfg: EnvConfig, sim: Sim, life: Lifecycle, idx: IntArray, bus0: in
                         p_ch_max_kw=p_ch, p_dis_max_kw=np.where(v2g, s.p_dis_max_kw[idx], 0.0), cap_kwh=cap,
                         e0_kwh=e0, e_target_kwh=target, e_min_kwh=e_min, eta_ch=s.eta_ch[idx],
                         eta_dis=s.eta_dis[idx], station=life.station[idx] % m)
+
+
+def _storage_sessions(sim: Sim, f: int, bus0: int) -> tuple[IntArray, opf.Sessions]:
+    """Feeder ``f``'s storage units (their numbers) and the same as OPF sessions: plugged in for the whole
+    horizon, stored energy within [soc_min, soc_max] of capacity, ending with at least the energy of ``soc0``."""
+    u, T = sim.layout.storage, sim.n_steps
+    k = np.flatnonzero(sim.layout.feeder_of_bus[u.bus] == f)
+    e0 = u.soc0[k] * u.e_kwh[k]
+    return k, opf.Sessions(bus=u.bus[k] - bus0, start=np.zeros(k.size, np.int64), end=np.full(k.size, T),
+                           p_ch_max_kw=u.p_max_kw[k], p_dis_max_kw=u.p_max_kw[k], cap_kwh=u.soc_max[k] * u.e_kwh[k],
+                           e0_kwh=e0, e_target_kwh=e0, e_min_kwh=u.soc_min[k] * u.e_kwh[k], eta_ch=u.eta_ch[k],
+                           eta_dis=u.eta_dis[k], station=np.full(k.size, -1, np.int64))
+
+
+def _concat(a: opf.Sessions, b: opf.Sessions) -> opf.Sessions:
+    return opf.Sessions(**{f.name: np.concatenate([getattr(a, f.name), getattr(b, f.name)])
+                           for f in dataclasses.fields(opf.Sessions)})
 
 
 def _horizon(cfg: EnvConfig, sim: Sim, f: int) -> opf.Horizon:
@@ -268,7 +295,8 @@ def _miss(residual: FloatArray) -> FloatArray:
 
 def actions(plan: Plan, sim: Sim) -> SimActions:
     """The EVs' actions of the current step: the planned power as a mode and a fraction of the charger's
-    limit; an EV the plan does not know (routed elsewhere) charges at full power, as uncontrolled EVs do."""
+    limit; an EV the plan does not know (routed elsewhere) charges at full power, as uncontrolled EVs do.  The
+    storage units' set-points are their planned power."""
     s, t = sim.day.sessions, sim.t
     p = plan.p_kw[:, t]
     if sim.cfg.fleet.uninterruptible:
@@ -277,7 +305,7 @@ def actions(plan: Plan, sim: Sim) -> SimActions:
     frac = np.where(p >= 0, p / np.maximum(s.p_ch_max_kw, 1e-12), -p / np.maximum(s.p_dis_max_kw, 1e-12))
     mode[~plan.planned] = CHARGE
     frac[~plan.planned] = 1.0
-    return SimActions(ev_mode=mode, ev_power=np.clip(frac, 0.0, 1.0))
+    return SimActions(ev_mode=mode, ev_power=np.clip(frac, 0.0, 1.0), storage_kw=plan.storage_kw[None, :, t])
 
 
 def oracle_config(cfg: EnvConfig) -> EnvConfig:

@@ -18,6 +18,7 @@ from evgrid.envs.fleet import FleetConfig
 from evgrid.envs.market import MarketConfig
 from evgrid.envs.routing import RoutingConfig
 from evgrid.envs.stations import StationConfig
+from evgrid.envs.storage import STORAGE_RULES, StorageConfig
 from evgrid.grid.config import FEEDER_BUS_NUMBERS, GridConfig
 from evgrid.grid.opf import EV_MODELS, FORMULATIONS, METHODS, SOFT_PENALTY, SOLVERS, OPFOptions
 
@@ -47,6 +48,9 @@ class AgentsConfig:
     """Rule for EVs when ``ev_view`` is ``rule``: ``uncontrolled`` (full power on arrival), ``tou`` (wait for the valley) or ``random``."""
     ev_slots: int | None = None
     """Padded EV slots per station in the grouped view (None: the station's ports), 1..4096."""
+    storage_rule: str = "idle"
+    """Rule for the stationary storage (``storage``) of rule operators: ``idle`` (0 kW) or ``tou`` (charge in the
+    tariff's valley, discharge in its peak, as fast as the bounds allow).  Learned operators set it themselves."""
 
     def __post_init__(self) -> None:
         check_choice("operator", self.operator, LEVEL_MODES)
@@ -57,6 +61,7 @@ class AgentsConfig:
         check_choice("ev_rule", self.ev_rule, EV_RULES)
         if self.ev_slots is not None:
             check_int("ev_slots", self.ev_slots, 1, 4096)
+        check_choice("storage_rule", self.storage_rule, STORAGE_RULES)
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,7 @@ class OracleConfig:
 
 @dataclass(frozen=True)
 class EnvConfig:
-    """One EVGrid environment: time, grid, stations, fleet, market, routing, agents, rewards, oracle."""
+    """One EVGrid environment: time, grid, stations, fleet, market, routing, storage, agents, rewards, oracle."""
 
     name: str = "quickstart"
     """A label for runs and logs."""
@@ -166,6 +171,8 @@ class EnvConfig:
     market: MarketConfig = field(default_factory=MarketConfig)
     routing: RoutingConfig | None = None
     """Station selection (seed 002); None: sessions come with their station."""
+    storage: StorageConfig | None = None
+    """Stationary storage of the zone operators (seed 000); None: none."""
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)
@@ -189,21 +196,28 @@ class EnvConfig:
         self._check_stations()
 
     def _check_stations(self) -> None:
-        """What the sections say of each other's stations, checked before anything is built."""
-        n, buses = self.stations.n_station, self.stations.buses
-        if buses is not None:
-            if self.grid.feeder == "city":
-                raise ValueError("stations.buses: a city's stations go one per network in turn; leave buses out")
-            first, last = FEEDER_BUS_NUMBERS[self.grid.feeder]
-            bad = [b for b in buses if not first <= b <= last]
-            if bad:
-                raise ValueError(f"stations.buses: {bad[0]} is not a bus of feeder {self.grid.feeder!r}, whose buses "
-                                 f"are numbered {first}-{last} in its source's own numbering (Feeder.numbering)")
+        """What the sections say of each other's stations and the storage's buses, checked before anything is built."""
+        n = self.stations.n_station
+        self._check_buses("stations.buses", self.stations.buses, "a city's stations go one per network in turn")
+        if self.storage is not None:
+            self._check_buses("storage.buses", self.storage.buses, "a city's storage goes one unit per zone")
         for name in ("station_counts", "station_weights"):
             given = getattr(self.fleet, name)
             if given is not None and len(given) != n:
                 raise ValueError(f"fleet.{name}: expected {n} values (one per station, stations.n_station), got "
                                  f"{len(given)}")
+
+    def _check_buses(self, name: str, buses: tuple[int, ...] | None, city: str) -> None:
+        """Configured bus numbers exist on the feeder (checked before anything is built)."""
+        if buses is None:
+            return
+        if self.grid.feeder == "city":
+            raise ValueError(f"{name}: {city}; leave buses out")
+        first, last = FEEDER_BUS_NUMBERS[self.grid.feeder]
+        bad = [b for b in buses if not first <= b <= last]
+        if bad:
+            raise ValueError(f"{name}: {bad[0]} is not a bus of feeder {self.grid.feeder!r}, whose buses are "
+                             f"numbered {first}-{last} in its source's own numbering (Feeder.numbering)")
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | EnvConfig | None = None,

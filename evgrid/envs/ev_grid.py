@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import gymnasium
 import numpy as np
@@ -31,6 +31,24 @@ from evgrid.grid.service import GridService
 log = logging.getLogger(__name__)
 
 
+class OperatorPolicy(Protocol):
+    """A fixed policy acting for the zone operators inside the env (e.g. a trained one, while another level
+    learns): ``(n, F)`` operator observations -> ``(n, A)`` actions inside the operator action space."""
+
+    def __call__(self, obs: npt.NDArray[np.float32]) -> npt.ArrayLike: ...
+
+
+def _check_operator_policy(policy: Any, operator_level: str) -> None:
+    if policy is None:
+        return
+    if not callable(policy):
+        raise ValueError(f"operator_policy: expected a callable (n, F) observations -> (n, A) actions, or None, "
+                         f"got {type(policy).__name__}")
+    if operator_level != "learned":
+        raise ConfigError(f"agents.operator: an operator_policy acts for the operators, so expected learned, got "
+                          f"{operator_level!r}")
+
+
 class EVGridVectorEnv:
     """``n_env`` lock-stepped EVGrid environments over one :class:`evgrid.envs.sim.Sim` with ``n_env`` scenarios.
 
@@ -48,12 +66,17 @@ class EVGridVectorEnv:
     environment has one run inside ``reset`` and ``step`` (the rules carry the day on), so ``agents`` is
     empty in every environment only once the episode is over.  ``step_records`` holds the records of all the
     simulator steps the last ``reset`` or ``step`` ran.
+
+    ``operator_policy`` (:class:`OperatorPolicy`, with ``agents.operator: learned``): the operators act by it
+    inside the env, as a rule would, and are not agents (no observations, rewards or actions outside): how a
+    trained operator policy is held fixed while the EVs learn.
     """
 
     def __init__(self, config: Any = None, n_env: int = 1, powerflow: GridService | None = None,
-                 **overrides: Any) -> None:
+                 operator_policy: OperatorPolicy | None = None, **overrides: Any) -> None:
         self.cfg = cfg = load_config(config, keyword_overrides(overrides))
         a = cfg.agents
+        _check_operator_policy(operator_policy, a.operator)
         if a.operator == "rule" and a.station == "rule" and a.ev_view == "rule":
             raise ConfigError("agents: every level runs its rule, so the env has no agents; "
                               "drive evgrid.envs.sim.Sim directly (evgrid evaluate does)")
@@ -70,7 +93,11 @@ class EVGridVectorEnv:
         self._stns = [f"station_{j}" for j in range(lay.n_station)] if a.station == "learned" else []
         evs = {"individual": [f"ev_{k}" for k in range(cfg.fleet.n_ev)],
                "grouped": [f"evs_{j}" for j in range(lay.n_station)]}.get(a.ev_view, [])
-        self.possible_agents = self._ops + self._stns + evs
+        # a fixed operator policy acts inside the env: its operators are no agents of the outside world
+        self._op_policy = operator_policy
+        self._op_obs: npt.NDArray[np.float32] | None = None  # (E, Z, F) operators' last observation
+        self._shown_ops = [] if operator_policy is not None else self._ops
+        self.possible_agents = self._shown_ops + self._stns + evs
         self.agents: list[list[str]] = [[] for _ in range(self.n_env)]  # live agents per environment
         self.step_records: list[StepRecord] = []  # the simulator steps of the last reset() or step()
         self._observe = Observer(sim, self._ops, self._stns, a.ev_view)
@@ -97,7 +124,7 @@ class EVGridVectorEnv:
         sc = self.cfg.stations
         box = functools.partial(spaces.Box, -np.inf, np.inf, dtype=np.float32)
         if kind == "operator":
-            return box((len(ft.OPERATOR),))
+            return box((len(ft.operator_features(self.sim.layout.storage.n > 0)),))
         if kind == "station":
             return box(((sc.c_max + 1) * (sc.e_max + 1) + len(ft.STATION_CONTEXT),))
         if kind == "ev":
@@ -113,9 +140,7 @@ class EVGridVectorEnv:
         kind = agent.split("_")[0]
         m = self.cfg.market
         if kind == "operator":
-            if self.cfg.agents.operator_action == "level":
-                return spaces.Discrete(len(m.price_levels))
-            return spaces.Box(np.float32(m.price_multiplier_min), np.float32(m.price_multiplier_max), (1,), np.float32)
+            return self._operator_action_space()
         if kind == "station":
             return spaces.Discrete(len(self.cfg.stations.fraction_levels))
         if kind == "ev":
@@ -124,6 +149,19 @@ class EVGridVectorEnv:
             return spaces.Dict({"mode": spaces.MultiDiscrete([3] * self.n_slots),
                                 "power": spaces.Box(0.0, 1.0, (self.n_slots,), np.float32)})
         raise KeyError(f"agent: unknown agent {agent!r}")
+
+    def _operator_action_space(self) -> gymnasium.Space:
+        """A price multiplier or level; with storage, paired with the zone's storage set-point (share of
+        ``p_max_kw``, > 0 charges)."""
+        m, storage = self.cfg.market, self.cfg.storage if self.sim.layout.storage.n else None
+        if self.cfg.agents.operator_action == "level":
+            if storage is None:
+                return spaces.Discrete(len(m.price_levels))
+            return spaces.MultiDiscrete([len(m.price_levels), len(storage.levels)])
+        if storage is None:
+            return spaces.Box(np.float32(m.price_multiplier_min), np.float32(m.price_multiplier_max), (1,), np.float32)
+        return spaces.Box(np.array([m.price_multiplier_min, -1.0], np.float32),
+                          np.array([m.price_multiplier_max, 1.0], np.float32), (2,), np.float32)
 
     # ------------------------------------------------------------------ API
 
@@ -143,10 +181,10 @@ class EVGridVectorEnv:
         if self._log is not None:
             self._log.start(sim.episode)
         self.step_records = []
+        obs = self._observe_all(None, self.agents)
         if not any(self.agents):  # nobody acts before the first EV plugs in: the rules run until then
             obs = self._skip_idle(None)[0]
             return obs, [{a: {} for a in o} for o in obs]
-        obs = self._observe(None, self.agents, self.slots.owner)
         return obs, [{a: {} for a in ag} for ag in self.agents]
 
     def step(self, actions: list[dict[str, Any]]) -> tuple[list[dict], ...]:
@@ -170,7 +208,7 @@ class EVGridVectorEnv:
 
     def _step_once(self, actions: list[dict[str, Any]]) -> tuple[list[dict], ...]:
         sim = self.sim
-        act = self._decoder.decode(actions, self.agents, self.slots.owner)
+        act = self._decoder.decode(*self._with_operators(actions), self.slots.owner)
         plugged_before = sim.plugged()
         rec = sim.step(act)
         self.step_records.append(rec)
@@ -188,7 +226,7 @@ class EVGridVectorEnv:
         # value bootstrap at truncation should see), and the same set of slots the last action was taken for
         live_next = [[] for _ in range(self.n_env)] if truncate else self._live_agents()
         reported = [list(dict.fromkeys(now + nxt)) for now, nxt in zip(self.agents, live_next)]
-        obs = self._observe(rec, reported, self.slots.owner, left)
+        obs = self._observe_all(rec, reported, left)
         terminated = [{a: a in g for a in rep} for rep, g in zip(reported, gone)]
         truncated = [{a: truncate for a in rep} for rep in reported]
         rew = [{a: float(r.get(a, 0.0)) for a in rep} for rep, r in zip(reported, rewards)]
@@ -198,9 +236,38 @@ class EVGridVectorEnv:
             self._log.end_episode()
         return obs, rew, terminated, truncated, info
 
+    def _observe_all(self, rec: StepRecord | None, reported: list[list[str]],
+                     left: npt.NDArray[np.int64] | None = None) -> list[dict[str, Any]]:
+        """The observations of ``reported``; with an operator policy, its operators' too, kept for its next
+        decision."""
+        if self._op_policy is None:
+            return self._observe(rec, reported, self.slots.owner, left)
+        obs = self._observe(rec, [self._ops + r for r in reported], self.slots.owner, left)
+        self._op_obs = np.stack([np.stack([o.pop(a) for a in self._ops]) for o in obs])
+        return obs
+
+    def _with_operators(self, actions: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[list[str]]]:
+        """(actions, live agents) with the operator policy's actions added (unchanged without one)."""
+        if self._op_policy is None:
+            return actions, self.agents
+        if not isinstance(actions, list | tuple) or len(actions) != self.n_env \
+                or not all(isinstance(acts, dict) for acts in actions):
+            return actions, self.agents  # the decoder names the problem
+        taken = [a for acts in actions for a in acts if a in self._ops]
+        if taken:
+            raise ValueError(f"actions: {taken[0]!r} acts by the operator_policy; it is not an agent")
+        n = self.n_env * len(self._ops)
+        chosen = np.asarray(self._op_policy(self._op_obs.reshape(n, -1)))
+        if chosen.ndim == 0 or chosen.shape[0] != n:
+            raise ValueError(f"operator_policy: expected one action per operator observation ({n} rows), got "
+                             f"shape {chosen.shape}")
+        chosen = chosen.reshape(self.n_env, len(self._ops), *chosen.shape[1:])
+        full = [{**acts, **dict(zip(self._ops, chosen[e]))} for e, acts in enumerate(actions)]
+        return full, [self._ops + ag for ag in self.agents]
+
     def state(self, e: int = 0) -> npt.NDArray[np.float32]:
         """Global state of environment ``e`` for centralised critics: bus voltages, line loadings, zone loads,
-        prices, time."""
+        prices, time, storage SOC (with storage)."""
         sim, lay, rec = self.sim, self.sim.layout, self.sim.last
         n_branch = sum(f.n_line + f.n_trafo for f in lay.feeders)
         vm = rec.vm_pu[e] if rec is not None else np.ones(lay.n_bus)
@@ -209,7 +276,8 @@ class EVGridVectorEnv:
         t = min(sim.t, sim.n_steps - 1)
         clock = 2 * np.pi * sim.day.clock_h[t] / 24
         return np.concatenate([vm, np.nan_to_num(loading), zl, sim.prices.current[e], sim.prices.next[e],
-                               np.eye(3)[sim.day.period[t]], [np.sin(clock), np.cos(clock)]]).astype(np.float32)
+                               np.eye(3)[sim.day.period[t]], [np.sin(clock), np.cos(clock)],
+                               sim.fleet.storage_soc[e]]).astype(np.float32)
 
     def ev_decisions(self) -> npt.NDArray[np.int64]:
         """Per-EV actions the learned EVs take in the coming step, per environment: one per plugged EV."""
@@ -234,7 +302,7 @@ class EVGridVectorEnv:
         return [idx[run] for run in self._env_runs(idx)]
 
     def _live_agents(self) -> list[list[str]]:
-        fixed = self._ops + self._stns
+        fixed = self._shown_ops + self._stns
         view = self.cfg.agents.ev_view
         if view == "individual":
             sim = self.sim
@@ -275,7 +343,7 @@ class EVGridVectorEnv:
             r = rw.station_rewards(rec, self.cfg, lay, self._disparity)
             for e in range(n_env):
                 out[e].update(zip(self._stns, r[e]))
-        if self._ops:
+        if self._shown_ops:
             r = rw.operator_rewards(rec, self.cfg.reward, lay)
             for e in range(n_env):
                 out[e].update(zip(self._ops, r[e]))
@@ -286,9 +354,10 @@ class EVGridEnv(ParallelEnv, EzPickle):
     # the docstring is assembled below from the feature declarations
     metadata = {"name": "EVGrid-v0", "render_modes": [], "is_parallelizable": True}
 
-    def __init__(self, config: Any = None, powerflow: GridService | None = None, **overrides: Any) -> None:
-        EzPickle.__init__(self, config, None, **overrides)
-        self.vec = EVGridVectorEnv(config, 1, powerflow, **overrides)
+    def __init__(self, config: Any = None, powerflow: GridService | None = None,
+                 operator_policy: OperatorPolicy | None = None, **overrides: Any) -> None:
+        EzPickle.__init__(self, config, None, operator_policy, **overrides)
+        self.vec = EVGridVectorEnv(config, 1, powerflow, operator_policy, **overrides)
         self.cfg = self.vec.cfg
         self.sim = self.vec.sim
         self.possible_agents = self.vec.possible_agents
@@ -366,7 +435,10 @@ EVGridEnv.__doc__ = f"""Multi-agent EV charging on a distribution feeder with a 
     Every action must lie in its space; anything else is a ValueError naming the agent.
 
     * operator: ``Box(multiplier_min, multiplier_max, (1,))`` price multiplier for the next step, or
-      ``Discrete(len(price_levels))`` with ``operator_action: level``.
+      ``Discrete(len(price_levels))`` with ``operator_action: level``.  With ``storage``, the zone's storage
+      set-point for this step joins it, as a share of each unit's ``p_max_kw`` (> 0 charges; the unit's power
+      and SOC bounds hold, what they hold back is recorded): ``Box([multiplier_min, -1], [multiplier_max, 1])``,
+      or ``MultiDiscrete([len(price_levels), len(storage.levels)])``.
     * station: ``Discrete(len(fraction_levels))``: its power limit as a share of ``p_max_kw`` (dispatch
       ``equal``), the share of its EVs that may charge (``llf``), or each EV's power level (``cap``).
     * ev: ``Dict(mode=Discrete(3), power=Box(0, 1, (1,)))``; mode 0 charge, 1 idle, 2 discharge; power is a
@@ -379,6 +451,10 @@ EVGridEnv.__doc__ = f"""Multi-agent EV charging on a distribution feeder with a 
     operator, ``Box({len(ft.OPERATOR)},)`` float32:
 
 {_indent(ft.OPERATOR.table())}
+
+    With ``storage``, ``Box({len(ft.operator_features(True))},)``: these follow.
+
+{_indent(ft.OPERATOR_STORAGE.table(len(ft.OPERATOR)))}
 
     station, ``Box(N + {len(ft.STATION_CONTEXT)},)`` with ``N = (c_max+1)(e_max+1)``: seed 002's count matrix
     ``N[c, e]`` per port (flattened, c = remaining charge slots, e = remaining parking slots, the last
@@ -409,12 +485,13 @@ EVGridEnv.__doc__ = f"""Multi-agent EV charging on a distribution feeder with a 
     ``step_records`` holds the simulator records of every step the last call ran.
 
     ## Arguments
-    ``EVGridEnv(config=None, powerflow=None, **overrides)``: ``config`` an :class:`EnvConfig`, a YAML path,
-    a shipped experiment's name or a mapping; overrides are config fields as nested mappings
-    (``fleet={{"n_ev": 500}}``), ``section__field=value`` keywords, or the shortcut ``ev_view=...``, merged
-    field by field; ``powerflow`` the solver service (default: in-process,
-    :class:`evgrid.grid.service.LocalGrid`).  :class:`EVGridVectorEnv` runs several of these in lock-step
-    with one batched power flow per step.
+    ``EVGridEnv(config=None, powerflow=None, operator_policy=None, **overrides)``: ``config`` an
+    :class:`EnvConfig`, a YAML path, a shipped experiment's name or a mapping; overrides are config fields as
+    nested mappings (``fleet={{"n_ev": 500}}``), ``section__field=value`` keywords, or the shortcut
+    ``ev_view=...``, merged field by field; ``powerflow`` the solver service (default: in-process,
+    :class:`evgrid.grid.service.LocalGrid`); ``operator_policy`` a fixed :class:`OperatorPolicy` acting for
+    the operators inside the env (they are then no agents).  :class:`EVGridVectorEnv` runs several of these in
+    lock-step with one batched power flow per step.
 
     ## Version History
     * v0: initial version.

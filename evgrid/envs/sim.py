@@ -7,19 +7,22 @@ A step (``../DESIGN.md``'s data flow), each phase a function with typed inputs a
 
 1. :func:`requests` — each plugged EV's power request: its agent's (mode, fraction) or the EV rule, inside
    its physical bounds (charger, SOC window, V2G permission); uninterruptible sessions keep charging;
-2. :func:`dispatch` — stations share their limit among their EVs (equal share, LLF, cap);
-3. :func:`injections` — bus injections: base load + EV power − PV − wind − diesel;
+2. :func:`dispatch` — stations share their limit among their EVs (equal share, LLF, cap); :func:`storage_dispatch`
+   — the operators' storage set-points (or ``agents.storage_rule``) within each unit's power and SOC bounds;
+3. :func:`injections` — bus injections: base load + EV power + storage − PV − wind − diesel;
 4. :func:`solve_and_enforce` — power flow per feeder, all environments in one batch, warm-started; limit
    enforcement curtails EV charging (or adds V2G) under low voltages and overloads, and curtails PV / wind
-   above ``v_max``, on reverse overloads and beyond the export limit;
+   above ``v_max``, on reverse overloads and beyond the export limit; storage is the operators' firm schedule,
+   counted in the flow but never curtailed (the limits act on EVs and PV / wind around it);
 5. :func:`settle` — enforcement's curtailment and added V2G passed back to the EVs at each bus pro rata;
    SOC, energy, costs;
-6. :func:`account` — zone loads, operating costs, carbon, violations: the :class:`StepRecord`.
+6. :func:`account` — zone loads (storage included: the operators buy and sell its energy at the zone's
+   purchase price), operating costs, carbon, violations: the :class:`StepRecord`.
 
 Then the clock advances: EVs whose stay ends leave, new ones arrive (routed first when a routing policy is
 configured) and plug in while ports are free.  Operators' price multipliers are announced one step ahead.
 
-Sign convention: EV power ``p_kw`` > 0 charges (a load), < 0 discharges.
+Sign convention: EV and storage power ``p_kw`` > 0 charges (a load), < 0 discharges.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from evgrid.envs import fleet as fl
 from evgrid.envs import market as mk
 from evgrid.envs import routing as rt
 from evgrid.envs import stations as st
+from evgrid.envs import storage as sg
 from evgrid.envs.config import EnvConfig
 from evgrid.envs.state import (CHARGE, DEPARTED, DISCHARGE, FUTURE, PLUGGED, STATUS, TRAVELLING, TRUNCATED,
                                TURNED_AWAY, Day, FleetState, Layout, SimActions, StepRecord, build_layout, draw_day)
@@ -82,7 +86,8 @@ class Sim:
         self.episode += 1
         self.day = draw_day(self.cfg, self.layout, self.n_env, seed)
         self.zone_period = _zone_periods(self.cfg, self.day, self.base_zone_load_kw())
-        self.fleet = FleetState.start(self.day, self.n_env, self.layout.n_zone, self.layout.n_station)
+        self.fleet = FleetState.start(self.day, self.n_env, self.layout.n_zone, self.layout.n_station,
+                                      self.layout.storage)
         if self.cfg.routing is not None:
             self.fleet.station[:] = -1  # routing chooses (a station a scenario drew is not the EV's choice)
         if stations is not None:
@@ -108,10 +113,13 @@ class Sim:
         price_zone = self.retail_price()  # (E, Z) in effect this step
         req = requests(cfg, layout, day, fleet, t, act, self.prices.current)
         p_ev = dispatch(cfg, layout, day, fleet, t, req, act.station_fraction)
-        inj = injections(cfg, layout, day, t, req, p_ev)
+        sto = storage_dispatch(cfg, layout, day, fleet, t, act.storage_kw)
+        inj = injections(cfg, layout, day, t, req, p_ev, sto.p_kw)
         out = solve_and_enforce(self.grid, layout, inj)
         ev = settle(cfg, layout, day, fleet, req, inj, out, p_ev, price_zone)
-        self.last = rec = account(cfg, layout, day, fleet, t, req, inj, out, ev, price_zone, self.prices.current)
+        fleet.storage_soc = sto.soc  # not curtailed: the bounded set-point is what flowed
+        self.last = rec = account(cfg, layout, day, fleet, t, req, inj, out, ev, sto, price_zone,
+                                  self.prices.current)
         self.prices.advance()
         self.t += 1
         if self.t >= self.n_steps:
@@ -296,6 +304,16 @@ def dispatch(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int
     return out + np.minimum(req.req_kw, 0.0)
 
 
+def storage_dispatch(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int,
+                     setpoint_kw: FloatArray | None) -> sg.StorageStep:
+    """Phase 2, storage: the learned operators' set-points (E, U), or ``agents.storage_rule``'s, within each
+    unit's bounds; the SOC it returns is the step's (storage is not curtailed)."""
+    units, dt_h = layout.storage, cfg.dt_min / 60.0
+    if setpoint_kw is None:
+        setpoint_kw = sg.rule_setpoint_kw(cfg.agents.storage_rule, units, fleet.storage_soc, int(day.period[t]), dt_h)
+    return sg.step(units, fleet.storage_soc, setpoint_kw, dt_h)
+
+
 # ---------------------------------------------------------------------- phase 3: injections
 
 
@@ -313,8 +331,9 @@ class Injections(NamedTuple):
     spare_v2g_kw: FloatArray  # (P,) discharge each EV could still add
 
 
-def injections(cfg: EnvConfig, layout: Layout, day: Day, t: int, req: Requests, p_ev: FloatArray) -> Injections:
-    """Phase 3: the bus injections of every environment."""
+def injections(cfg: EnvConfig, layout: Layout, day: Day, t: int, req: Requests, p_ev: FloatArray,
+               storage_kw: FloatArray) -> Injections:
+    """Phase 3: the bus injections of every environment; ``storage_kw`` (E, U): the storage units' power."""
     n_env, n_bus = day.n_env, layout.n_bus
     lin = req.env * n_bus + req.bus
     width = n_env * n_bus
@@ -331,8 +350,11 @@ def injections(cfg: EnvConfig, layout: Layout, day: Day, t: int, req: Requests, 
     ds_kw = layout.der_kw["diesel"]
     np.add.at(gen, (slice(None), layout.der_bus["diesel"]),
               np.broadcast_to(cfg.grid.diesel_output * ds_kw, (n_env, ds_kw.size)))
-    return Injections(layout.base_p_kw * load_pu + ev_bus - gen, layout.base_q_kvar * load_pu, flex_c, flex_v,
-                      renewable, gen - renewable, lin, charge, spare_v2g)
+    p_kw = layout.base_p_kw * load_pu + ev_bus - gen
+    if layout.storage.n:
+        np.add.at(p_kw, (slice(None), layout.storage.bus), storage_kw)
+    return Injections(p_kw, layout.base_q_kvar * load_pu, flex_c, flex_v, renewable, gen - renewable, lin, charge,
+                      spare_v2g)
 
 
 # ---------------------------------------------------------------------- phase 4: solve and enforce
@@ -451,7 +473,8 @@ def _settle(idx, lin, p_ev, charge, spare_v2g, flex_c, flex_v, curtail, v2g_add,
 
 
 def account(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int, req: Requests, inj: Injections,
-            out: GridOutcome, ev: Settlement, price_zone: FloatArray, multiplier: FloatArray) -> StepRecord:
+            out: GridOutcome, ev: Settlement, sto: sg.StorageStep, price_zone: FloatArray,
+            multiplier: FloatArray) -> StepRecord:
     """Phase 6: zone loads and operating costs (carbon accounts per environment and zone), violations."""
     n_env, n_zone, dt_h = inj.p_kw.shape[0], layout.n_zone, cfg.dt_min / 60.0
     p_bus = inj.p_kw - out.curtail_kw - out.v2g_add_kw + out.res_curtail_kw
@@ -483,7 +506,8 @@ def account(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int,
         zone_ev_revenue=np.bincount(req.env * n_zone + req.zone, ev.ev_cost, width).reshape(n_env, n_zone),
         zone_cost=costs, zone_violations=by_zone(outside_dispatch.astype(float)),
         violations=outside_dispatch.sum(axis=1), violations_enforced=outside.sum(axis=1), price_zone=price_zone,
-        price_mult=multiplier.copy())
+        price_mult=multiplier.copy(), storage_p_kw=sto.p_kw, storage_limited_kw=sto.limited_kw,
+        storage_e_kwh=sto.e_batt_kwh, storage_soc=sto.soc)
 
 
 def _outside_limits(layout: Layout, vm: FloatArray) -> BoolArray:

@@ -45,11 +45,12 @@ observation with ``observations`` and ``action_mask`` is what RLlib's action-mas
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -60,7 +61,7 @@ from gymnasium import spaces
 from gymnasium.utils import EzPickle
 from pettingzoo import ParallelEnv
 
-from evgrid.config import ConfigError, from_dict, keyword_overrides
+from evgrid.config import ConfigError, from_dict, keyword_overrides, to_dict
 from evgrid.envs import fleet as fl
 from evgrid.envs.config import EnvConfig, load_config
 from evgrid.envs.state import build_layout, draw_day
@@ -75,7 +76,10 @@ IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 AGENT = "aggregator_0"
 _EPS = 1e-9
-_CACHE_DAYS = 16  # stage-1 solutions kept per env (a seed replayed for evaluation skips its OPF)
+_CACHE_DAYS = 64  # stage-1 solutions kept per process (a seed replayed for evaluation skips its OPF)
+# (config, stage settings, seed) -> (Stage1, opf.Sessions), shared by every env of a process: a vectorised env
+# runner's copies solve each training day once between them, not once each
+_STAGE1_CACHE: OrderedDict[tuple[str, int], tuple] = OrderedDict()
 UNSCHEDULED = np.iinfo(np.int64).min  # start slot of an EV not scheduled yet
 OBSERVATIONS = ("paper", "scores")
 
@@ -343,7 +347,8 @@ class StartTimeEnv(ParallelEnv, EzPickle):
         self.agents: list[str] = []
         self.render_mode = None
         self._p_ref_kw = self.cfg.fleet.ranges()[1][1]
-        self._stage1_cache: OrderedDict[int, tuple] = OrderedDict()
+        self._stage1_key = json.dumps([to_dict(self.cfg), self.st.valley_start_h, self.st.valley_end_h,
+                                       self.st.station_ramp_kw, self.st.ev_model], sort_keys=True, default=str)
         self._next_seed: int | None = None
         self.day = None  # the day's draw (sessions, base load), as the simulator draws it
         self.windows: StartWindows | None = None
@@ -452,20 +457,34 @@ class StartTimeEnv(ParallelEnv, EzPickle):
     def close(self) -> None:
         pass
 
+    def stage1_days(self, seeds: Iterable[int]) -> dict[int, tuple[Stage1, opf.Sessions]]:
+        """Stage 1 of the days ``seeds`` (solved, or from the process's cache): what :meth:`preload_stage1` gives
+        envs in other processes (RLlib's env runners), so a day is solved once per training run."""
+        out = {}
+        for seed in map(int, seeds):
+            day = draw_day(self.cfg, self.layout, 1, seed)
+            out[seed] = self._stage1(seed, day, start_windows(day.sessions, self.st.valley_start_h, self.dt_h))
+        return out
+
+    def preload_stage1(self, days: Mapping[int, tuple[Stage1, opf.Sessions]]) -> None:
+        """Put :meth:`stage1_days`'s output, from an env of the same config and stage settings, in this
+        process's cache."""
+        for seed, solved in days.items():
+            _cache_stage1((self._stage1_key, int(seed)), solved)
+
     # ------------------------------------------------------------------ internals
 
     def _stage1(self, seed: int, day, w: StartWindows) -> tuple[Stage1, opf.Sessions]:
-        if seed in self._stage1_cache:
-            self._stage1_cache.move_to_end(seed)
-            return self._stage1_cache[seed]
+        key = (self._stage1_key, seed)
+        if key in _STAGE1_CACHE:
+            _STAGE1_CACHE.move_to_end(key)
+            return _STAGE1_CACHE[key]
         lay = self.layout
         ss = stage1_sessions(w, day.sessions.soc0, lay.station_bus, self.n_slots, self.dt_h)
         s1 = solve_stage1(lay.feeders[0], *self._valley_load(day), ss, self.dt_h,
                           station_ramp_kw=self.st.station_ramp_kw, ev_model=self.st.ev_model)
         log.info("seed %d: stage 1 solved in %.2f s (objective %.4g MW²)", seed, s1.solve_s, s1.objective)
-        self._stage1_cache[seed] = (s1, ss)
-        if len(self._stage1_cache) > _CACHE_DAYS:
-            self._stage1_cache.popitem(last=False)
+        _cache_stage1(key, (s1, ss))
         return s1, ss
 
     def _valley_load(self, day) -> tuple[FloatArray, FloatArray]:
@@ -538,6 +557,13 @@ class StartTimeEnv(ParallelEnv, EzPickle):
                                                                               d.latest)
         mask[w.earliest[i]:w.latest[i] + 1] = 1
         return {"observations": x, "action_mask": mask}
+
+
+def _cache_stage1(key: tuple[str, int], solved: tuple[Stage1, opf.Sessions]) -> None:
+    _STAGE1_CACHE[key] = solved
+    _STAGE1_CACHE.move_to_end(key)
+    if len(_STAGE1_CACHE) > _CACHE_DAYS:
+        _STAGE1_CACHE.popitem(last=False)
 
 
 def _agent(agent: str) -> None:
@@ -675,7 +701,7 @@ StartTimeEnv.__doc__ = f"""Seed 001's sequential start-time scheduling of househ
 
     ## Starting State
     ``reset(seed)`` draws the day from child generators of ``seed`` exactly as the simulator does
-    (:func:`evgrid.envs.state.draw_day`), solves stage 1 (cached for the last {_CACHE_DAYS} seeds) and
+    (:func:`evgrid.envs.state.draw_day`), solves stage 1 (the process caches the last {_CACHE_DAYS} days) and
     schedules the EVs that arrive before the first adjustable one.
 
     ## Episode End

@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from evgrid.envs import fleet as fl
 from evgrid.envs import routing as rt
+from evgrid.envs import storage as sg
 from evgrid.envs.config import EnvConfig
 from evgrid.envs.market import OperatingCost
 from evgrid.grid import profiles
@@ -50,6 +51,7 @@ class SimActions:
     station_fraction: FloatArray | None = None  # (E * M,) in [0, 1], global station order
     ev_mode: IntArray | None = None  # (S,) CHARGE / IDLE / DISCHARGE; read for plugged EVs
     ev_power: FloatArray | None = None  # (S,) fraction of the charger limit, [0, 1]
+    storage_kw: FloatArray | None = None  # (E, U) storage set-points, grid side, kW (> 0 charges)
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +73,7 @@ class Layout:
     der_kw: dict[str, FloatArray]  # "pv" / "wind" / "diesel" -> (n_unit,) rating, kW
     station_bus: IntArray  # (M,) global bus
     station_xy_km: FloatArray  # (M, 2) position in the routing area
+    storage: sg.StorageUnits  # (U,) stationary storage units (none without a storage section)
 
     @property
     def n_bus(self) -> int:
@@ -118,7 +121,8 @@ def build_layout(cfg: EnvConfig) -> Layout:
         v_max_pu=np.concatenate([f.v_max_pu for f in feeders]),
         zone_nominal_kw=np.maximum(np.bincount(zone_of_bus, base_p_kw, int(zone_offset[-1])), 1.0),
         der_bus=der_bus, der_kw=der_kw, station_bus=_station_buses(cfg, feeders, zone_of_bus, base_p_kw),
-        station_xy_km=(rt.station_layout(m, cfg.routing.area_km) if cfg.routing is not None else np.zeros((m, 2))))
+        station_xy_km=(rt.station_layout(m, cfg.routing.area_km) if cfg.routing is not None else np.zeros((m, 2))),
+        storage=sg.place(cfg.storage, feeders, zone_of_bus, base_p_kw))
 
 
 def _der_sites(feeders: list[Feeder], bus_offset: IntArray) -> tuple[dict[str, IntArray], dict[str, FloatArray]]:
@@ -238,9 +242,10 @@ class FleetState:
     n_plugged_total: IntArray  # (E,) EVs plugged in so far: the next ev_<k> index
     cum_excess_t: FloatArray  # (E, Z) carbon emission excess since the episode began, tonnes
     zone_load_sum_kw: FloatArray  # (E, Z) zone net load summed over the steps so far
+    storage_soc: FloatArray  # (E, U) state of charge of the stationary storage units
 
     @staticmethod
-    def start(day: Day, n_env: int, n_zone: int, n_station: int) -> FleetState:
+    def start(day: Day, n_env: int, n_zone: int, n_station: int, storage: sg.StorageUnits) -> FleetState:
         s = day.sessions
         n = s.n
         return FleetState(
@@ -251,7 +256,7 @@ class FleetState:
             e_v2g_kwh=np.zeros(n), e_curtailed_kwh=np.zeros(n), cost=np.zeros(n), e_travel_kwh=np.zeros(n),
             unmet_kwh=np.full(n, np.nan), p_kw=np.zeros(n), category=np.zeros(n, dtype=np.int8),
             n_plugged_total=np.zeros(n_env, dtype=np.int64), cum_excess_t=np.zeros((n_env, n_zone)),
-            zone_load_sum_kw=np.zeros((n_env, n_zone)))
+            zone_load_sum_kw=np.zeros((n_env, n_zone)), storage_soc=np.tile(storage.soc0, (n_env, 1)))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -297,7 +302,7 @@ class StepRecord:
     res_curtail_kw: FloatArray
     """(E, n_bus) PV and wind output curtailed by limit enforcement, kW."""
     zone_load_kw: FloatArray
-    """(E, Z) zone net load (base load + EVs - PV - wind - diesel), kW."""
+    """(E, Z) zone net load (base load + EVs + storage - PV - wind - diesel), kW."""
     zone_mean_load_kw: FloatArray
     """(E, Z) zone net load averaged over the episode's steps so far, kW."""
     zone_ev_revenue: FloatArray
@@ -315,6 +320,15 @@ class StepRecord:
     """(E, Z) retail price in effect, currency per kWh."""
     price_mult: FloatArray
     """(E, Z) operators' price multiplier in effect."""
+    storage_p_kw: FloatArray
+    """(E, U) stationary storage power, grid side, kW (> 0 charging); part of its bus's load and its zone's
+    purchase, never curtailed by limit enforcement."""
+    storage_limited_kw: FloatArray
+    """(E, U) set-point minus ``storage_p_kw``: what the unit's power and SOC bounds held back, kW."""
+    storage_e_kwh: FloatArray
+    """(E, U) energy into the storage cells (negative: out of them), kWh."""
+    storage_soc: FloatArray
+    """(E, U) storage state of charge after the step."""
 
     @property
     def total_load_kw(self) -> FloatArray:  # (E,)

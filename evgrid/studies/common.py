@@ -55,6 +55,7 @@ T = TypeVar("T")
 
 # study name -> module path; imported only when that study runs, so a missing module fails that study alone
 STUDIES: dict[str, str] = {
+    "seed000": "evgrid.studies.seed000",
     "seed001": "evgrid.studies.seed001",
     "seed002": "evgrid.studies.seed002",
     "seed003": "evgrid.studies.seed003",
@@ -80,6 +81,9 @@ class Context:
     out_dir: Path
     address: str | None
     seeds: tuple[int, ...]
+    resume: bool = False
+    """Continue an interrupted run in ``out_dir``: a study may keep what it finished there (seed 001: its
+    trained agents) instead of computing it again."""
 
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
         """``iterable`` with a progress bar on stderr (never stdout, which the CLI's tables own)."""
@@ -156,19 +160,23 @@ def default_out(study: str) -> Path:
 
 
 def check_reproduce(study: str, *, out: str | os.PathLike[str] | None, seeds: Iterable[int] | None,
-                    address: str | None) -> tuple[Path, tuple[int, ...] | None]:
+                    address: str | None, resume: bool = False, quick: bool = False
+                    ) -> tuple[Path, tuple[int, ...] | None]:
     """Check every input of :func:`reproduce` before any work: the study (registered, its module present), the
-    seeds (distinct integers >= 0), the run directory (creatable, not holding another run's results) and the
-    Ray address (something answers).  Returns (run directory, seeds or None); a ConfigError names the field."""
+    seeds (distinct integers >= 0), the run directory (creatable, not holding another run's results; with
+    ``resume``, a run directory of the same study and budget) and the Ray address (something answers).  Returns
+    (run directory, seeds or None); a ConfigError names the field."""
     if study not in STUDIES:
         raise ConfigError(f"study: expected one of {', '.join(STUDIES)}, got {study!r}")
     if importlib.util.find_spec(STUDIES[study]) is None:
         present = [s for s, m in STUDIES.items() if importlib.util.find_spec(m) is not None]
         raise ConfigError(f"study: {study!r} is registered but its module {STUDIES[study]} is not installed "
                           f"(studies available: {', '.join(present) or 'none'})")
+    if resume:
+        _check_resumable(study, out, quick)
     out_dir = Path(out) if out is not None else default_out(study)
     held = [name for name in _OUTPUT_FILES if (out_dir / name).exists()]
-    if held:
+    if held and not resume:
         raise ConfigError(f"out: {os.fspath(out_dir)!r} holds {held[0]} of another reproduction; expected a new "
                           f"directory or one without {' or '.join(_OUTPUT_FILES)}")
     if out_dir.exists() and not out_dir.is_dir():
@@ -183,6 +191,24 @@ def check_reproduce(study: str, *, out: str | os.PathLike[str] | None, seeds: It
 
         check_reachable(address)
     return out_dir, checked
+
+
+def _check_resumable(study: str, out: str | os.PathLike[str] | None, quick: bool) -> None:
+    """``--resume`` continues a run directory of the same study and budget (its ``config.yaml`` says)."""
+    import yaml
+
+    if out is None:
+        raise ConfigError("resume: continues the run directory given by out; got no out")
+    path = Path(out) / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"out: {os.fspath(out)!r} is not a run directory to resume (no readable config.yaml: "
+                          f"{exc})") from exc
+    if not isinstance(saved, dict) or (saved.get("study"), bool(saved.get("quick"))) != (study, bool(quick)):
+        got = (saved.get("study"), "quick" if saved.get("quick") else "full") if isinstance(saved, dict) else None
+        raise ConfigError(f"out: {os.fspath(out)!r} holds a run of {got}; resume expected one of "
+                          f"{(study, 'quick' if quick else 'full')}")
 
 
 def _check_seeds(seeds: Iterable[int]) -> tuple[int, ...]:
@@ -212,18 +238,20 @@ def load_study(study: str) -> ModuleType:
 
 
 def reproduce(study: str, *, quick: bool, out: str | os.PathLike[str] | None, address: str | None,
-              seeds: tuple[int, ...] | None = None, ray_log: bool = True) -> Path:
+              seeds: tuple[int, ...] | None = None, ray_log: bool = True, resume: bool = False) -> Path:
     """Run ``study`` end to end and write its run directory (``out``, default :func:`default_out`): the
     resolved ``config.yaml``, ``results.parquet``, ``report.md`` and figures.  ``seeds`` default to the study's
     (one seed with ``quick``); ``address``: a Ray cluster for studies that train (None: embedded);
-    ``ray_log``: Ray's own messages go to ``logs/ray.log``.  Returns the run directory."""
-    out_dir, checked = check_reproduce(study, out=out, seeds=seeds, address=address)
+    ``ray_log``: Ray's own messages go to ``logs/ray.log``; ``resume``: continue the interrupted run in ``out``
+    (:attr:`Context.resume`).  Returns the run directory."""
+    out_dir, checked = check_reproduce(study, out=out, seeds=seeds, address=address, resume=resume, quick=quick)
     module = load_study(study)
     if checked is None:
         choose = getattr(module, "default_seeds", None)
         checked = _check_seeds(choose(bool(quick)) if callable(choose) else DEFAULT_SEEDS[bool(quick)])
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = Context(study=study, quick=bool(quick), out_dir=out_dir, address=address, seeds=checked)
+    ctx = Context(study=study, quick=bool(quick), out_dir=out_dir, address=address, seeds=checked,
+                  resume=bool(resume))
     _save_config(ctx, module)
     log.info("reproduce %s (%s, seeds %s) in %s", study, "quick" if quick else "full", checked, out_dir)
     t0 = time.perf_counter()

@@ -6,9 +6,9 @@ PPO (the paper's settings), A2C (PPO's special case) and DQN are trained on Ray
 (:func:`evgrid.agents.rllib.start_time.train_start_time`) once per training seed and evaluated on held-out
 days beside ``random`` and ``greedy`` (ours: each EV at the start that brings its station closest to the optimal
 profile).  ``PPO_ours``, ``A2C_ours`` and ``DQN_ours`` are the same algorithms and budgets on our observation
-(the paper's plus each start slot's score, ``start_time.observation: scores``), PPO and A2C with our policy
-network scoring each slot (``policy="slots"``): with the paper's observation and network the learners stall
-near random (README, seed 001).  Methods in ``results.parquet``:
+(the paper's plus each start slot's score, ``start_time.observation: scores``), with our network scoring each
+slot (``policy="slots"``: PPO's and A2C's logits, DQN's Q-values): with the paper's observation and network the
+learners stall near random (README, seed 001).  Methods in ``results.parquet``:
 
 * ``PPO``, ``A2C``, ``DQN``, ``PPO_ours``, ``A2C_ours``, ``DQN_ours``, ``random``, ``greedy``: total reward
   (eq 22, per node and the mean over nodes, the paper's "total reward"), the average and maximum deviation of
@@ -22,6 +22,7 @@ Every value is a mean over the evaluation days of one training seed; the report'
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -36,14 +37,15 @@ TITLE = "two-stage charging scheduling of household EVs: a LinDistFlow OPF, then
 USES_RAY = True
 STUDY = "seed001"
 PAPER_TIMESTEPS = 512_200
-QUICK_TIMESTEPS = {"PPO": 4096, "A2C": 4096, "DQN": 4096}
+QUICK_TIMESTEPS = {"PPO": 4096, "A2C": 4096, "DQN": 8192}
 ALGORITHMS = ("PPO", "A2C", "DQN")
 # method -> (algorithm, start_time.observation, policy): the paper's setting, then ours on the same budgets
 METHODS = {**{a: (a, "paper", "mlp") for a in ALGORITHMS},
            "PPO_ours": ("PPO", "scores", "slots"), "A2C_ours": ("A2C", "scores", "slots"),
-           "DQN_ours": ("DQN", "scores", "mlp")}
+           "DQN_ours": ("DQN", "scores", "slots")}
 EVAL_DAYS = {True: range(1000, 1002), False: range(1000, 1010)}
 SWING_NODE = 4
+CURVE_FILE = "curve.json"  # an agent's training curve, (env steps, mean return per node) pairs, beside it
 PAPER = {
     "total_reward": {"PPO": 937.0, "A2C": 908.0, "DQN": 825.0, "random": 600.0},
     "total_reward_node": {"PPO": {5: 939.5, 9: 923.1, 13: 946.6}},
@@ -56,24 +58,14 @@ PAPER = {
 
 
 def run(ctx: Context) -> StudyOutput:
-    from evgrid.agents.rllib.start_time import evaluate_policies, train_start_time
+    from evgrid.agents.rllib.start_time import evaluate_policies
 
     days = EVAL_DAYS[ctx.quick]
     rows: list[dict[str, Any]] = []
     curves: dict[tuple[str, int], list[tuple[int, float]]] = {}
     last: dict[str, Any] = {}
     for seed in ctx.seeds:
-        agents = {}
-        for method in ctx.progress(METHODS, desc=f"seed {seed}: training"):
-            algo, observation, policy = METHODS[method]
-            curve = curves.setdefault((method, seed), [])
-            agents[method] = train_start_time(
-                algo, timesteps=QUICK_TIMESTEPS[algo] if ctx.quick else PAPER_TIMESTEPS, seed=seed,
-                address=ctx.address, out_dir=ctx.out_dir / "agents" / f"{method}-seed{seed}",
-                progress=lambda n, ret, c=curve: c.append((n, ret)), policy=policy,
-                start_time=None if observation == "paper" else {"observation": observation})
-            log.info("seed %d: %s trained, %d steps in %.1f s", seed, method, agents[method].timesteps,
-                     agents[method].wall_s)
+        agents = _train_all(ctx, seed, curves)
         t0 = time.perf_counter()
         results = evaluate_policies(agents, days)
         log.info("seed %d: evaluated on %d days in %.1f s", seed, len(days), time.perf_counter() - t0)
@@ -83,6 +75,34 @@ def run(ctx: Context) -> StudyOutput:
         last = {"env": env, "results": results}
     figures = _figures(ctx, last["env"], last["results"], curves)
     return StudyOutput(rows=rows, claims=_claims(rows), figures=figures, notes=_notes(ctx))
+
+
+def _train_all(ctx: Context, seed: int, curves: dict[tuple[str, int], list[tuple[int, float]]]) -> dict[str, Any]:
+    """Every method's agent for training seed ``seed``, trained on one Ray (a start costs seconds), each
+    Algorithm stopped once its module is copied out.  With ``ctx.resume``, an agent the interrupted run saved
+    whole (its ``curve.json`` is written last) is restored instead of trained again."""
+    from evgrid.agents.rllib.start_time import StartTimeAgent, train_start_time
+    from evgrid.cluster.runtime import connect
+
+    agents = {}
+    with connect(ctx.address, pinned=True):
+        for method in ctx.progress(METHODS, desc=f"seed {seed}: training"):
+            algo, observation, policy = METHODS[method]
+            where = ctx.out_dir / "agents" / f"{method}-seed{seed}"
+            if ctx.resume and (where / CURVE_FILE).is_file():
+                agents[method] = StartTimeAgent.restore(where)
+                curves[method, seed] = [tuple(p) for p in json.loads((where / CURVE_FILE).read_text("utf-8"))]
+                log.info("seed %d: %s kept from the interrupted run (%s)", seed, method, where)
+                continue
+            curve = curves.setdefault((method, seed), [])
+            agents[method] = agent = train_start_time(
+                algo, timesteps=QUICK_TIMESTEPS[algo] if ctx.quick else PAPER_TIMESTEPS, seed=seed,
+                address=ctx.address, out_dir=where, progress=lambda n, ret, c=curve: c.append((n, ret)),
+                policy=policy, start_time=None if observation == "paper" else {"observation": observation})
+            agent.stop()
+            (where / CURVE_FILE).write_text(json.dumps(curve), encoding="utf-8")
+            log.info("seed %d: %s trained, %d steps in %.1f s", seed, method, agent.timesteps, agent.wall_s)
+    return agents
 
 
 def _policy_rows(seed: int, results: dict[str, list], agents: dict[str, Any]) -> list[dict[str, Any]]:
@@ -150,7 +170,7 @@ def _claims(rows: list[dict[str, Any]]) -> list[Claim]:
               f"{' > '.join(f'{m} {r[m]:.0f}' for m in order)})", order == ["PPO", "A2C", "DQN", "random"]),
         Claim("every trained algorithm beats random on total reward",
               all(r[a] > r["random"] for a in ALGORITHMS)),
-        Claim(f"ours (score observation, slot-scoring PPO and A2C): PPO > A2C > DQN > random "
+        Claim(f"ours (score observation, slot-scoring networks): PPO > A2C > DQN > random "
               f"({' > '.join(f'{m} {r[m]:.0f}' for m in ours)})",
               ours == ["PPO_ours", "A2C_ours", "DQN_ours", "random"]),
         Claim("ours: every trained algorithm beats random on total reward",
@@ -186,8 +206,8 @@ def _notes(ctx: Context) -> list[str]:
         "'after' is PPO's schedule; 'oracle' stage 1's optimal profiles (deviation 0 by definition).",
         "PPO_ours, A2C_ours and DQN_ours (ours, not the paper's): the same algorithms, settings and budgets on the "
         "paper's observation plus each start slot's score (the reward of starting there per unit of the block's "
-        "energy), PPO and A2C with one small network scoring every slot from its own features instead of the "
-        "paper's MLP over the whole observation.",
+        "energy), with one small network scoring every slot from its own features (PPO's and A2C's logits, DQN's "
+        "Q-values) instead of the paper's MLP over the whole observation.",
     ]
 
 

@@ -186,17 +186,23 @@ def load_run_config(source: Any, overrides: Iterable[str] | Mapping[str, Any] = 
     return env, train
 
 
-def learned_levels(env: EnvConfig) -> list[str]:
-    """The levels of ``env`` whose agents are trained (each has one module)."""
+def learned_levels(env: EnvConfig, fixed_operators: bool = False) -> list[str]:
+    """The levels of ``env`` whose agents are trained (each has one module); ``fixed_operators``: a fixed
+    operator policy acts for the operators (:class:`evgrid.envs.ev_grid.OperatorPolicy`)."""
     a = env.agents
-    return [level for level, on in (("operator", a.operator == "learned"), ("station", a.station == "learned"),
+    ops = a.operator == "learned" and not fixed_operators
+    return [level for level, on in (("operator", ops), ("station", a.station == "learned"),
                                     ("ev", a.ev_view != "rule")) if on]
 
 
-def check_run(env: EnvConfig, train: TrainConfig) -> None:
+def check_run(env: EnvConfig, train: TrainConfig, fixed_operators: bool = False) -> None:
     """What would fail only once Ray and its workers run, raised before: nothing to learn, a network for a
-    level that runs its rule, DQN on a level with continuous actions, P-DQN on a level other than EVs."""
-    learned = learned_levels(env)
+    level that runs its rule, DQN on a level with continuous actions, P-DQN on a level other than EVs.
+    ``fixed_operators``: a fixed policy acts for the operators (they are not trained)."""
+    if fixed_operators and env.agents.operator != "learned":
+        raise ConfigError(f"agents.operator: an operator policy acts for the operators, so expected learned, got "
+                          f"{env.agents.operator!r}")
+    learned = learned_levels(env, fixed_operators)
     if not learned:
         raise ConfigError("agents: every level runs its rule, so there is nothing to train; set agents.operator "
                           "or agents.station to learned, or agents.ev_view to grouped or individual")
@@ -212,6 +218,9 @@ def check_run(env: EnvConfig, train: TrainConfig) -> None:
             raise ConfigError(f"train.algorithm: DQN needs discrete actions for every learned level; "
                               f"{continuous[0]!r} is not (set agents.operator_action: level and agents.ev_view: "
                               f"rule, or use PPO)")
+        if "operator" in learned and env.storage is not None:
+            raise ConfigError("train.algorithm: DQN needs one discrete action per agent, but with storage an "
+                              "operator picks a (price level, storage level) pair; use PPO, or drop storage")
     if train.algorithm in HYBRID_ALGORITHMS:
         _check_hybrid_levels(train.algorithm, learned)
 
@@ -228,11 +237,13 @@ def _check_hybrid_levels(algorithm: str, learned: list[str]) -> None:
 
 
 def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid",
-                grid_factory: Callable[..., Any] | None = None) -> Any:
+                grid_factory: Callable[..., Any] | None = None, operator_policy: Any = None) -> Any:
     """The RLlib ``AlgorithmConfig`` for ``env`` (registered as ``env_name``) trained per ``train``.
 
     ``grid_factory``: called in each env runner with the config's ``GridConfig`` for the power-flow service
     its environments share (picklable; e.g. a client of the shared actor); None solves in-process.
+    ``operator_policy``: a picklable :class:`evgrid.envs.ev_grid.OperatorPolicy` acting for the operators
+    inside every env (they are then not trained); None: the operators are agents or on their rule.
     """
     from ray.rllib.algorithms.dqn import DQNConfig
     from ray.rllib.algorithms.impala import IMPALAConfig
@@ -243,10 +254,11 @@ def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid",
     from evgrid.agents.rllib.pdqn import MPDQNConfig, PDQNConfig, chosen_mode_connector
     from evgrid.config import to_dict
 
-    check_run(env, train)
+    check_run(env, train, operator_policy is not None)
     hybrid = train.algorithm in HYBRID_ALGORITHMS
-    env_config = {"config": to_dict(env), "grid_factory": grid_factory}
-    probe = RLlibEVGrid({"config": env_config["config"]})  # spaces only: no solver service needed
+    env_config = {"config": to_dict(env), "grid_factory": grid_factory, "operator_policy": operator_policy}
+    # spaces only: no solver service needed
+    probe = RLlibEVGrid({"config": env_config["config"], "operator_policy": operator_policy})
     specs = module_specs(probe, {"hidden": list(train.hidden), "fcnet_hiddens": list(train.hidden)},
                          hybrid_evs=hybrid)
     for level, widths in (train.hidden_per_level or {}).items():

@@ -19,12 +19,16 @@ spaces built from ``possible_agents``, ``__all__`` flags, and the global
   only, against the pinned RLlib 2.60.
 
 Actions: RLlib's default modules put a Gaussian on Box actions (operators'
-price multiplier, an individual EV's power), whose samples leave the box;
-the vector env clips those agents' actions into their space, as RLlib's
-``clip_actions`` would, but only theirs: RLlib's generic per-agent clipping
-cost more than the environment step itself (grouped EVs' Beta powers and
-discrete levels are inside their spaces by construction).  The environment
-still rejects what lies outside.
+price multiplier and storage share, an individual EV's power), whose samples
+leave the box; the vector env clips those agents' actions into their space,
+as RLlib's ``clip_actions`` would, but only theirs: RLlib's generic per-agent
+clipping cost more than the environment step itself (grouped EVs' Beta powers
+and discrete levels are inside their spaces by construction).  Operators' Box
+actions are learned in [-1, 1] per component (:func:`operator_module_space`)
+and scaled into their space (:func:`to_env_action`): a Gaussian starts at
+mean 0, which clipped into the multiplier's [0.5, 2] would sit on its floor,
+where clipping leaves no gradient; scaled, it starts mid-range.  The
+environment still rejects what lies outside.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from evgrid.config import keyword_overrides
 from evgrid.envs.config import EnvConfig, load_config
 from evgrid.envs.ev_grid import EVGridEnv, EVGridVectorEnv
 
-_ENV_CONFIG_KEYS = ("config", "overrides", "state_in_infos", "grid_factory")
+_ENV_CONFIG_KEYS = ("config", "overrides", "state_in_infos", "grid_factory", "operator_policy")
 ENV_NAME = "evgrid"
 
 
@@ -58,7 +62,8 @@ def register_env(name: str = ENV_NAME) -> None:
 
 
 def _parse_env_config(env_config: dict[str, Any] | None) -> tuple[EnvConfig, Any, bool]:
-    """(config with its overrides, power-flow service or None, state_in_infos) from an RLlib ``env_config``."""
+    """(config with its overrides, power-flow service or None, state_in_infos) from an RLlib ``env_config``
+    (its ``operator_policy``: :func:`_operator_policy`)."""
     worker = getattr(env_config, "worker_index", None)  # set where RLlib builds the env (an EnvContext)
     env_config = dict(env_config or {})
     unknown = set(env_config) - set(_ENV_CONFIG_KEYS)
@@ -77,6 +82,12 @@ def _parse_env_config(env_config: dict[str, Any] | None) -> tuple[EnvConfig, Any
     return cfg, service, bool(env_config.get("state_in_infos", False))
 
 
+def _operator_policy(env_config: dict[str, Any] | None) -> Any:
+    """The fixed operator policy of an RLlib ``env_config`` (:class:`evgrid.envs.ev_grid.OperatorPolicy`), or
+    None: the operators are agents (or on their rule)."""
+    return dict(env_config or {}).get("operator_policy")
+
+
 def clip_action(a: Any, space: gym.Space) -> Any:
     """What RLlib's ``clip_actions`` does: Box actions into their bounds, discrete ones as integers."""
     if isinstance(space, gym.spaces.Dict):
@@ -84,6 +95,30 @@ def clip_action(a: Any, space: gym.Space) -> Any:
     if isinstance(space, gym.spaces.Box):
         return np.clip(np.asarray(a, dtype=space.dtype).reshape(space.shape), space.low, space.high)
     return np.asarray(a).astype(np.int64)
+
+
+def operator_module_space(space: gym.Space) -> gym.Space:
+    """The action space an operator's module learns in: ``[-1, 1]`` per component of a Box (scaled into the
+    env's by :func:`to_env_action`); other spaces as they are."""
+    if isinstance(space, gym.spaces.Box):
+        return gym.spaces.Box(-1.0, 1.0, space.shape, np.float32)
+    return space
+
+
+def to_env_action(a: Any, module_space: gym.Space, env_space: gym.Space) -> Any:
+    """A module's action (or a batch of them, leading axes) in the env's space: from ``[-1, 1]``
+    (:func:`operator_module_space`) scaled affinely onto the env's Box, clipped first; a module that acts in the
+    env's own space (a checkpoint from before operators were scaled) clipped as :func:`clip_action` does."""
+    scaled = (isinstance(env_space, gym.spaces.Box) and isinstance(module_space, gym.spaces.Box)
+              and module_space.shape == env_space.shape and module_space != env_space
+              and np.all(module_space.low == -1.0) and np.all(module_space.high == 1.0))
+    if not scaled:
+        if isinstance(env_space, gym.spaces.Box) and np.ndim(a) > len(env_space.shape):  # a batch
+            return np.clip(np.asarray(a, dtype=env_space.dtype), env_space.low, env_space.high)
+        return clip_action(a, env_space)
+    x = np.clip(np.asarray(a, dtype=np.float64), -1.0, 1.0)
+    y = env_space.low + (x + 1.0) / 2.0 * (env_space.high - env_space.low)
+    return np.clip(y.astype(env_space.dtype), env_space.low, env_space.high)
 
 
 def _all_flags(term: dict, trunc: dict, over: bool) -> None:
@@ -94,14 +129,15 @@ def _all_flags(term: dict, trunc: dict, over: bool) -> None:
 
 class RLlibEVGrid(MultiAgentEnv):
     """``env_config``: ``{"config": <EnvConfig | YAML path | mapping>, "overrides": {...},
-    "state_in_infos": False, "grid_factory": None}``; overrides as for ``evgrid.make``.  ``grid_factory``:
-    a picklable callable, called with the config's ``GridConfig`` in the process that builds the env, returning
-    the power-flow service (e.g. a client of the shared actor); None solves in-process."""
+    "state_in_infos": False, "grid_factory": None, "operator_policy": None}``; overrides as for ``evgrid.make``;
+    ``grid_factory``: a picklable callable, called with the config's ``GridConfig`` in the process that builds
+    the env, returning the power-flow service (e.g. a client of the shared actor); None solves in-process.
+    ``operator_policy``: a picklable :class:`evgrid.envs.ev_grid.OperatorPolicy` acting for the operators."""
 
     def __init__(self, env_config: dict[str, Any] | None = None) -> None:
         super().__init__()
         config, service, self.state_in_infos = _parse_env_config(env_config)
-        self.env = EVGridEnv(config, powerflow=service)
+        self.env = EVGridEnv(config, powerflow=service, operator_policy=_operator_policy(env_config))
         self.possible_agents = list(self.env.possible_agents)
         self.observation_spaces = {a: self.env.observation_space(a) for a in self.possible_agents}
         self.action_spaces = {a: self.env.action_space(a) for a in self.possible_agents}
@@ -170,20 +206,23 @@ class RLlibEVGridVector(VectorMultiAgentEnv):
     def __init__(self, env_config: dict[str, Any] | None = None, num_envs: int = 1) -> None:
         super().__init__()
         config, service, self.state_in_infos = _parse_env_config(env_config)
-        self.vec = EVGridVectorEnv(config, num_envs, powerflow=service)
+        self.vec = EVGridVectorEnv(config, num_envs, powerflow=service,
+                                   operator_policy=_operator_policy(env_config))
         self.num_envs = self.vec.n_env
         self._stride = int(getattr(env_config, "num_workers", 0) or 0) + 1
         possible = self.vec.possible_agents
         obs_spaces = {a: self.vec.observation_space(a) for a in possible}
-        act_spaces = {a: self.vec.action_space(a) for a in possible}
+        env_spaces = {a: self.vec.action_space(a) for a in possible}
+        # what RLlib's modules act in: operators' Boxes in [-1, 1] (module_specs builds theirs alike)
+        act_spaces = {a: operator_module_space(s) if a.startswith("operator_") else s for a, s in env_spaces.items()}
         self.envs = [_EnvView(self.vec, e, (obs_spaces, act_spaces)) for e in range(self.num_envs)]
         self.single_observation_spaces, self.single_action_spaces = obs_spaces, act_spaces
         self.single_observation_space = gym.spaces.Dict(obs_spaces)
         self.single_action_space = gym.spaces.Dict(act_spaces)
         self.metadata = {"autoreset_mode": "next_step"}
-        # agents whose default RLlib module samples a Gaussian: operators (multiplier) and individual EVs
-        self._clipped = {a: s for a, s in act_spaces.items()
-                         if a.startswith(("operator_", "ev_")) and not isinstance(s, gym.spaces.Discrete)}
+        # agents whose default RLlib module samples a Gaussian: operators (scaled) and individual EVs (clipped)
+        self._to_env = {a: (act_spaces[a], s) for a, s in env_spaces.items()
+                        if a.startswith(("operator_", "ev_")) and not isinstance(s, gym.spaces.Discrete)}
         self._needs_reset = False
         self._seed: int | None = None
 
@@ -202,8 +241,8 @@ class RLlibEVGridVector(VectorMultiAgentEnv):
             idle = [{"__all__": False} for _ in range(self.num_envs)]
             return obs, [{} for _ in range(self.num_envs)], idle, [dict(d) for d in idle], infos
         decisions = self.vec.ev_decisions()
-        clipped = self._clipped
-        actions = [{a: clip_action(x, clipped[a]) if a in clipped else x for a, x in acts.items()}
+        to_env = self._to_env
+        actions = [{a: to_env_action(x, *to_env[a]) if a in to_env else x for a, x in acts.items()}
                    for acts in actions]
         t0 = time.perf_counter()
         obs, rew, term, trunc, infos = self.vec.step(actions)

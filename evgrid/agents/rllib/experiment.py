@@ -194,12 +194,15 @@ class Experiment:
             power-flow service of its environments (e.g. ``evgrid.cluster.powerflow.ActorGridFactory``);
             None: in-process.
         callbacks: :class:`ExperimentCallback` objects, told in order.
+        operator_policy: a picklable :class:`evgrid.envs.ev_grid.OperatorPolicy` acting for the operators
+            (``agents.operator: learned``) in training and :meth:`evaluate`; they are then not trained.
     """
 
     def __init__(self, env: EnvConfig, train: TrainConfig, run_dir: str | os.PathLike[str] | None = None, *,
                  grid_factory: Callable[..., Any] | None = None,
-                 callbacks: Iterable[ExperimentCallback] = ()) -> None:
-        check_run(env, train)
+                 callbacks: Iterable[ExperimentCallback] = (), operator_policy: Any = None) -> None:
+        check_run(env, train, operator_policy is not None)
+        self.operator_policy = operator_policy
         self.env_config = env
         self.train_config = train
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -219,7 +222,8 @@ class Experiment:
             resolved = {**to_dict(self.env_config), "train": to_dict(self.train_config)}
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
         register_env(ENV_NAME)
-        self.algo = algo_config(self.env_config, self.train_config, ENV_NAME, self.grid_factory).build_algo()
+        self.algo = algo_config(self.env_config, self.train_config, ENV_NAME, self.grid_factory,
+                                self.operator_policy).build_algo()
         for cb in self.callbacks:
             cb.on_setup(self)
         return self
@@ -291,7 +295,8 @@ class Experiment:
 
         seeds = episode_seeds(episodes, self.env_config.seed if seed is None else seed)
         modules = self.modules()
-        rows = policy_episodes(self.env_config, lambda env: TrainedPolicy(modules, env), seeds, log_dir)
+        rows = policy_episodes(self.env_config, lambda env: TrainedPolicy(modules, env), seeds, log_dir,
+                               operator_policy=self.operator_policy)
         return [{"policy": "trained", "episode": e, **row} for e, row in enumerate(rows)]
 
     def close(self) -> None:

@@ -18,7 +18,8 @@ Power fractions come from a Beta distribution, so they lie in (0, 1) by
 construction; train with ``normalize_actions=False`` (RLlib's unsquashing
 assumes [-1, 1] outputs).  The Gaussian heads of the default modules
 (operators, individual EVs) are clipped into their spaces by the RLlib
-adapter (:mod:`evgrid.agents.rllib.env`).
+adapter (:mod:`evgrid.agents.rllib.env`); operators' Box actions are learned in
+[-1, 1] and scaled into theirs (:func:`evgrid.agents.rllib.env.to_env_action`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from evgrid.agents.rllib.env import operator_module_space
 from evgrid.agents.rllib.pdqn import (
     GroupedPDQNTorchRLModule,
     PDQNTorchRLModule,
@@ -287,6 +289,8 @@ def module_specs(env: Any, model_config: dict | None = None, *, hybrid_evs: bool
         if mid in specs:
             continue
         obs_space, act_space = inner.observation_space(agent), inner.action_space(agent)
+        if agent.startswith("operator_"):
+            act_space = operator_module_space(act_space)  # learned in [-1, 1], scaled by the adapter
         cls = SlotSetModule if agent.startswith("evs_") else None
         if hybrid_evs and agent.startswith("ev_"):
             n_mode, box = act_space["mode"].n, act_space["power"]

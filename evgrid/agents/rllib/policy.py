@@ -11,7 +11,7 @@ import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModule
 
-from evgrid.agents.rllib.env import clip_action
+from evgrid.agents.rllib.env import to_env_action
 from evgrid.agents.rllib.modules import module_of
 from evgrid.agents.rllib.pdqn import PDQNTorchRLModule, chosen_mode_action
 from evgrid.config import ConfigError
@@ -65,7 +65,8 @@ class TrainedPolicy:
             hybrid = isinstance(module.unwrapped(), PDQNTorchRLModule)
             for i, a in enumerate(agents):
                 action = _index(actions, i)
-                out[a] = clip_action(chosen_mode_action(action) if hybrid else action, self.env.action_space(a))
+                out[a] = to_env_action(chosen_mode_action(action) if hybrid else action, module.action_space,
+                                       self.env.action_space(a))
         return out
 
 
@@ -94,3 +95,21 @@ def _index(x: Any, i: int) -> Any:
     if isinstance(x, dict):
         return {k: _index(v, i) for k, v in x.items()}
     return x[i]
+
+
+class FrozenOperatorPolicy:
+    """A trained operator module as an :class:`evgrid.envs.ev_grid.OperatorPolicy`: greedy actions for a batch
+    of operator observations, scaled from the module's [-1, 1] into ``action_space`` (the env's) as in training.
+    Picklable, so RLlib ships it to its env runners, where it acts inside every env."""
+
+    def __init__(self, module: Any, action_space: Any) -> None:
+        self.module = module.unwrapped() if hasattr(module, "unwrapped") else module
+        self.action_space = action_space
+
+    @torch.no_grad()
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        actions = _to_numpy(_greedy(self.module, torch.as_tensor(np.asarray(obs, dtype=np.float32))))
+        space = self.action_space
+        if hasattr(space, "low"):  # Box: one row per operator, scaled from the module's [-1, 1]
+            return to_env_action(actions, self.module.action_space, space)
+        return actions.astype(np.int64)

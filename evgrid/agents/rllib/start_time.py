@@ -13,6 +13,9 @@ mapped to one module, ``aggregator``.  Every algorithm masks the start slots out
   the window, and the masked slots add nothing to the loss, the entropy or the KL.
 * (ours) ``policy="slots"``, PPO and A2C on ``start_time={"observation": "scores"}``:
   :class:`SlotScorePPOModule`, whose logits come from one small network applied to each start slot's features.
+* (ours) ``policy="slots"``, DQN on the scores observation: :class:`SlotScoreDQNModule`, whose Q-value of a
+  slot comes from the same kind of slot network; it learns within a few thousand steps (off-policy, each
+  transition replayed ~8 times) where PPO's policy is still near uniform.
 * DQN: :class:`MaskedDQNModule`, RLlib's default DQN module whose Q-values of masked slots are ``-inf``.
   RLlib 2.60's DQN is written for that: epsilon-greedy draws its random actions among the finite Q-values,
   the double-Q target picks the next action by argmax (a valid one) and ``nan_to_num`` clears the ``-inf``
@@ -31,14 +34,17 @@ clipping), no value clipping and no KL term; RLlib's GAE step standardises the a
 which SB3's A2C does not.  The table's 0.15 and 3x1 match no setting we can place; 1000 is read as the env's
 ``reward_scale``.
 
-Two training-side choices (ours), neither seen by evaluation:
+Three training-side choices (ours), none seen by evaluation:
 
 * **Reward scale.**  The env's rewards total ``reward_scale`` = 1000 per node (eq 23), ~5 per step, so value
   targets reach hundreds; learning sees them times :data:`LEARN_REWARD_COEF` (0.01).  Progress reports the
   paper's unit: mean episode return per node (the paper's "total reward", 937 for PPO).
 * **Training days.**  Each reset solves stage 1 (an OPF, 1-3 s against ~30 ms for the episode's 530 steps), so
-  the training env cycles through ``train_days`` day seeds (``cfg.seed`` ..., 16 = the env's stage-1 cache);
+  the training env cycles through ``train_days`` day seeds (``cfg.seed`` ..., 16 by default; a process caches
+  64 days' stage 1, shared by the envs a runner steps together);
   evaluation uses held-out seeds (1000 onwards by default).  ``train_days=None``: a new day every episode.
+* **Sampling.**  Each env runner steps :data:`NUM_ENVS` envs together (PPO's batch of 2048 is then 256 steps of
+  each; DQN's sample round 64 of each, its updates per env step unchanged).
 
 Ray: the caller's Ray if it is running (the agent then keeps its Algorithm until :meth:`StartTimeAgent.stop`),
 else :func:`evgrid.cluster.runtime.connect` (embedded on 127.0.0.1, or ``address``) for the training only; the
@@ -79,13 +85,16 @@ log = logging.getLogger(__name__)
 Policy = Callable[[StartTimeEnv, Any], int]
 """A start-time policy: ``policy(env, obs) -> start slot`` (what :func:`run_episode` calls)."""
 ALGORITHMS = ("PPO", "A2C", "DQN")
-POLICIES = ("mlp", "slots")  # the paper's MLP policy, or (PPO and A2C) SlotScorePPOModule
+POLICIES = ("mlp", "slots")  # the paper's MLP policy, or ours: SlotScorePPOModule / SlotScoreDQNModule
 MODULE_ID = "aggregator"
 ENV_NAME = "EVStartTime-v0-rllib"
 LEARN_REWARD_COEF = 0.01
 """Rewards as learning sees them, per env reward (ours): value targets of a few units, not hundreds."""
 TRAIN_DAYS = 16
-"""Day seeds the training env cycles through by default: the env's stage-1 cache holds 16."""
+"""Day seeds the training env cycles through by default (a process caches 64 days' stage 1)."""
+NUM_ENVS = 8
+"""Envs per env runner (ours): a runner steps them as one batch, so its per-step overhead, not the env (~55 us a
+step), is shared; PPO samples about twice the steps per second of one env (measured on 2 cores)."""
 EVAL_SEEDS = range(1000, 1010)
 """Held-out day seeds of the evaluations (the training days start at the config's seed, 0 for seed001)."""
 
@@ -175,18 +184,11 @@ class SlotScorePPOModule(MaskedPPOModule):
 
     def setup(self) -> None:
         super().setup()
-        n = int(self.action_space.n)
-        self._n_global = self.observation_space["observations"].shape[0] - 3 * n
-        self.slot_head = torch.nn.Sequential(torch.nn.Linear(self._n_global + 4, 32), torch.nn.Tanh(),
-                                             torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+        self.slot_head = _slot_head(self.observation_space, int(self.action_space.n))
 
     def _slot_logits(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
         mask, inner = _split(batch)
-        x, g, n = inner[Columns.OBS], self._n_global, int(self.action_space.n)
-        per = x[:, g:].reshape(x.shape[0], 3, n).transpose(1, 2)  # (B, n, optimal / scheduled / score)
-        pos = torch.linspace(0.0, 1.0, n, device=x.device).expand(x.shape[0], n)[..., None]
-        feats = torch.cat([x[:, None, :g].expand(-1, n, -1), per, pos], dim=-1)
-        return mask, self.slot_head(feats).squeeze(-1)
+        return mask, self.slot_head(_slot_features(inner[Columns.OBS], int(self.action_space.n))).squeeze(-1)
 
     def _forward(self, batch: dict, **kwargs: Any) -> dict:
         mask, logits = self._slot_logits(batch)
@@ -195,6 +197,22 @@ class SlotScorePPOModule(MaskedPPOModule):
     # training needs the same logits only: without embeddings in the output, the PPO loss's compute_values runs
     # the critic encoder alone (the default's actor encoder and pi head would be computed and thrown away)
     _forward_train = _forward
+
+
+def _slot_head(observation_space: gym.spaces.Dict, n: int) -> torch.nn.Module:
+    """The network applied to every start slot's features (:func:`_slot_features`): one output per slot."""
+    n_global = observation_space["observations"].shape[0] - 3 * n
+    return torch.nn.Sequential(torch.nn.Linear(n_global + 4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32),
+                               torch.nn.Tanh(), torch.nn.Linear(32, 1))
+
+
+def _slot_features(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n, F) from the scores observation (B, G + 3n): per slot, the G features every slot shares (station
+    one-hot, the EV's), then that slot's optimal and scheduled profile values, its score and its position."""
+    g = x.shape[1] - 3 * n
+    per = x[:, g:].reshape(x.shape[0], 3, n).transpose(1, 2)  # (B, n, optimal / scheduled / score)
+    pos = torch.linspace(0.0, 1.0, n, device=x.device).expand(x.shape[0], n)[..., None]
+    return torch.cat([x[:, None, :g].expand(-1, n, -1), per, pos], dim=-1)
 
 
 def _mask_logits(out: dict, mask: torch.Tensor | None) -> dict:
@@ -216,6 +234,23 @@ class MaskedDQNModule(_MaskedObs, DefaultDQNTorchRLModule):
         return out
 
 
+class SlotScoreDQNModule(MaskedDQNModule):
+    """(Ours) DQN whose Q-value of a start slot comes from one small network applied to that slot's features,
+    as :class:`SlotScorePPOModule`'s logits do (``policy="slots"``, ``start_time.observation = "scores"``).
+    The slot network is the module's ``af`` head, so RLlib's target copy and sync cover it; the encoder RLlib
+    builds is replaced by an empty one (the slot features are the encoding)."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.encoder = torch.nn.Identity()
+        self.af = _slot_head(self.observation_space, int(self.action_space.n))
+
+    def _qf_forward_helper(self, batch: dict, encoder: Any, head: Any) -> dict:
+        mask, inner = _split(batch)
+        q = head(_slot_features(inner[Columns.OBS], int(self.action_space.n))).squeeze(-1)
+        return {QF_PREDS: q if mask is None else q.masked_fill(mask == 0, -math.inf)}
+
+
 def policy_mapping_fn(agent_id: str, episode: Any = None, **kwargs: Any) -> str:
     return MODULE_ID
 
@@ -229,11 +264,13 @@ class RLlibStartTime(ParallelPettingZooEnv):
     runner starts), or, without ``days``, continue the env's own seed sequence.
 
     ``env_config``: ``config`` (EnvConfig mapping or name), ``start_time`` (StartTimeConfig mapping or None),
-    ``days`` (list of int or None), ``reward_coef`` (float).
+    ``days`` (list of int or None), ``reward_coef`` (float), ``stage1`` (:meth:`StartTimeEnv.stage1_days` of the
+    days, solved once by the driver, or None).
     """
 
     def __init__(self, env_config: Mapping[str, Any]) -> None:
         env = StartTimeEnv(env_config.get("config", "seed001"), start_time=env_config.get("start_time"))
+        env.preload_stage1(env_config.get("stage1") or {})
         self._days = list(env_config.get("days") or [])
         self._coef = float(env_config.get("reward_coef", LEARN_REWARD_COEF))
         self._k = 0
@@ -268,22 +305,23 @@ def check_algorithm(algorithm: Any) -> str:
 
 
 def algo_config(algorithm: str, env_config: Mapping[str, Any], *, timesteps: int, seed: int = 0,
-                num_env_runners: int = 1, policy: str = "mlp") -> Any:
+                num_env_runners: int = 1, num_envs: int = NUM_ENVS, policy: str = "mlp") -> Any:
     """The RLlib ``AlgorithmConfig`` training ``algorithm`` on :data:`ENV_NAME` (registered by
-    :func:`register`) with ``env_config`` for :class:`RLlibStartTime`; ``policy``: :data:`POLICIES`."""
+    :func:`register`) with ``env_config`` for :class:`RLlibStartTime`, ``num_envs`` envs per runner;
+    ``policy``: :data:`POLICIES`."""
     from ray.rllib.algorithms.dqn import DQNConfig
     from ray.rllib.algorithms.ppo import PPOConfig
 
     check_algorithm(algorithm)
     dqn = algorithm == "DQN"
     probe = StartTimeEnv(env_config.get("config", "seed001"), start_time=env_config.get("start_time"))
-    _check_policy(policy, algorithm, probe.st.observation)
-    ppo_module = SlotScorePPOModule if policy == "slots" else MaskedPPOModule
-    spec = RLModuleSpec(module_class=MaskedDQNModule if dqn else ppo_module,
+    _check_policy(policy, probe.st.observation)
+    modules = {"mlp": (MaskedPPOModule, MaskedDQNModule), "slots": (SlotScorePPOModule, SlotScoreDQNModule)}
+    spec = RLModuleSpec(module_class=modules[policy][dqn],
                         observation_space=probe.observation_space(AGENT), action_space=probe.action_space(AGENT))
     cfg = ((DQNConfig if dqn else PPOConfig)()
            .environment(ENV_NAME, env_config=dict(env_config))
-           .env_runners(num_env_runners=num_env_runners, num_envs_per_env_runner=1)
+           .env_runners(num_env_runners=num_env_runners, num_envs_per_env_runner=num_envs)
            .multi_agent(policies={MODULE_ID}, policy_mapping_fn=policy_mapping_fn)
            .rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs={MODULE_ID: spec}),
                       model_config=DQN_MODEL if dqn else PPO_MODEL)
@@ -291,15 +329,15 @@ def algo_config(algorithm: str, env_config: Mapping[str, Any], *, timesteps: int
     if dqn:
         fragment = 64
         cfg = cfg.env_runners(rollout_fragment_length=fragment)
-        return cfg.training(**DQN_SETTINGS, **_dqn_schedule(timesteps, fragment, num_env_runners))
+        return cfg.training(**DQN_SETTINGS, **_dqn_schedule(timesteps, fragment * num_envs, num_env_runners))
     return cfg.training(**(PPO_SETTINGS if algorithm == "PPO" else A2C_SETTINGS))
 
 
-def _check_policy(policy: str, algorithm: str, observation: str) -> None:
+def _check_policy(policy: str, observation: str) -> None:
     check_choice("policy", policy, POLICIES)
-    if policy == "slots" and (algorithm == "DQN" or observation != "scores"):
-        raise ValueError(f"policy: 'slots' scores start slots for PPO and A2C on start_time.observation 'scores'; "
-                         f"got algorithm {algorithm!r}, observation {observation!r}")
+    if policy == "slots" and observation != "scores":
+        raise ValueError(f"policy: 'slots' scores start slots from start_time.observation 'scores', got observation "
+                         f"{observation!r}")
 
 
 def _dqn_schedule(timesteps: int, fragment: int, num_env_runners: int) -> dict[str, Any]:
@@ -322,7 +360,8 @@ def _dqn_schedule(timesteps: int, fragment: int, num_env_runners: int) -> dict[s
 
 
 def train_start_time(algorithm: str, *, timesteps: int, seed: int = 0, config: Any = "seed001",
-                     address: str | None = None, num_env_runners: int = 1, out_dir: Path | None = None,
+                     address: str | None = None, num_env_runners: int = 1, num_envs: int = NUM_ENVS,
+                     out_dir: Path | None = None,
                      progress: Callable[[int, float], Any] | None = None, train_days: int | None = TRAIN_DAYS,
                      start_time: Mapping[str, Any] | None = None, policy: str = "mlp") -> StartTimeAgent:
     """Train ``algorithm`` (PPO, A2C or DQN) on ``EVStartTime-v0`` for at least ``timesteps`` env steps (whole
@@ -335,29 +374,31 @@ def train_start_time(algorithm: str, *, timesteps: int, seed: int = 0, config: A
         address: a Ray cluster (``auto``, ``host:port``, ``ray://host:10001``); None: embedded on 127.0.0.1.
             Ignored when Ray is already running in this process.
         num_env_runners: sampling workers (0 samples in the driver).
+        num_envs: envs each runner steps together, 1..64.
         out_dir: where the agent (:meth:`StartTimeAgent.save`) and RLlib's algorithm checkpoint
             (``algorithm/``) go; None: nowhere.
         progress: called after every iteration with (env steps so far, mean episode return per node in the
             paper's unit, RLlib's mean over its recent episodes; NaN before the first episode ends).
         train_days: day seeds the training env cycles through (``cfg.seed`` onwards); None: a new day (and a
             stage-1 solve) every episode.
-        policy: ``mlp`` (the paper's) or ``slots`` (ours, PPO and A2C with ``start_time={"observation":
-            "scores"}``: :class:`SlotScorePPOModule`).
+        policy: ``mlp`` (the paper's) or ``slots`` (ours, with ``start_time={"observation":
+            "scores"}``: :class:`SlotScorePPOModule`, :class:`SlotScoreDQNModule`).
     """
     import ray
 
     from evgrid.cluster.runtime import connect
 
     check_algorithm(algorithm)
-    _check_policy(policy, algorithm, (start_time or {}).get("observation", "paper"))
+    _check_policy(policy, (start_time or {}).get("observation", "paper"))
     check_int("timesteps", timesteps, 1, 10**10)
     check_int("num_env_runners", num_env_runners, 0, 4096)
+    check_int("num_envs", num_envs, 1, 64)
     env_config, n_nodes = _env_config(config, start_time, train_days)
     keep = ray.is_initialized()  # the caller's Ray outlives this call: the agent may keep its Algorithm
     with connect(address, pinned=True):  # as `evgrid train`: workers on CPU-independent numeric paths
         register()
         algo = algo_config(algorithm, env_config, timesteps=timesteps, seed=seed,
-                           num_env_runners=num_env_runners, policy=policy).build_algo()
+                           num_env_runners=num_env_runners, num_envs=num_envs, policy=policy).build_algo()
         done = False
         try:
             steps, wall_s = _train(algo, algorithm, timesteps, progress, n_nodes)
@@ -383,6 +424,9 @@ def _env_config(config: Any, start_time: Mapping[str, Any] | None, train_days: i
     if train_days is not None:
         days = list(range(cfg.seed, cfg.seed + check_int("train_days", train_days, 1, 10**6)))
     env_config = {"config": to_dict(cfg), "start_time": start_time, "days": days, "reward_coef": LEARN_REWARD_COEF}
+    # the training days' stage 1 travels with the config: every runner (and every learner of a study) would
+    # otherwise solve each day again, ~1 s each
+    env_config["stage1"] = StartTimeEnv(cfg, start_time=start_time).stage1_days(days or [cfg.seed])
     return env_config, cfg.stations.n_station
 
 

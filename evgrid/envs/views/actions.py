@@ -1,11 +1,14 @@
 """Action decoding: the agents' actions of every environment checked against their spaces and turned into
 the simulator's :class:`SimActions`.
 
-Every action must lie in its agent's space (gymnasium's ``contains``, except that any real dtype is taken
-for a Box): an operator's multiplier is an array of shape (1,), a discrete action an integer scalar, a
-``Dict`` action a mapping with exactly its keys.  Anything else raises a ValueError naming the agent (and its
-environment when there are several) and what its space expects, before the simulator moves.  Whole
-batches are checked at once; only a batch that fails is looked at agent by agent, to name the culprit.
+Every action must lie in its agent's space (gymnasium's ``contains``, except that any real dtype is taken for
+a Box): an operator's multiplier is an array of shape (1,), a discrete action an integer scalar, a ``Dict``
+action a mapping with exactly its keys. With stationary storage an operator's action also carries its zone's
+storage set-point as a share of each unit's ``p_max_kw`` (> 0 charges): a Box action is then (multiplier,
+share) of shape (2,), a level action a (price level, storage level) pair. Anything else raises a ValueError
+naming the agent (and its environment when there are several) and what its space expects, before the simulator
+moves. Whole batches are checked at once; only a batch that fails is looked at agent by agent, to name the
+culprit.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class ActionDecoder:
         cfg = sim.cfg
         self._levels = np.asarray(cfg.market.price_levels, dtype=float)
         self._fractions = np.asarray(cfg.stations.fraction_levels, dtype=float)
+        self._units = sim.layout.storage
+        self._storage_levels = np.asarray(cfg.storage.levels if cfg.storage is not None else (), dtype=float)
 
     def label(self, agent: str, e: int) -> str:
         """An agent's name in messages: its id, and its environment when there are several."""
@@ -44,12 +49,9 @@ class ActionDecoder:
     def decode(self, actions: Any, live: list[list[str]], slot_owner: IntArray | None) -> SimActions:
         """``actions[e]``: one action per live agent of environment e (``live[e]``)."""
         self._check_agents(actions, live)
-        cfg, act = self.sim.cfg, SimActions()
+        act = SimActions()
         if self.ops:
-            if cfg.agents.operator_action == "level":
-                act.price_multiplier = self._levels[self._discrete(actions, self.ops, len(self._levels))]
-            else:
-                act.price_multiplier = self._multipliers(actions)  # (E, Z)
+            self._operators(actions, act)
         if self.stns:
             lv = self._discrete(actions, self.stns, len(self._fractions)).ravel()  # global station order
             act.station_fraction = self._fractions[lv]
@@ -93,24 +95,66 @@ class ActionDecoder:
                           for e in range(shape[0])]).reshape(shape)
         return v
 
-    def _multipliers(self, actions: list[Mapping]) -> np.ndarray:
-        """Operators' price multipliers, (E, Z), within the market's range (``market.check_multiplier``)."""
+    def _operators(self, actions: list[Mapping], act: SimActions) -> None:
+        """Price multipliers (E, Z) and, with storage, each unit's set-point (E, U) from its zone's share."""
+        storage = self._units.n > 0
+        if self.sim.cfg.agents.operator_action == "level":
+            if storage:
+                lv = self._level_pairs(actions)  # (E, Z, 2)
+                price, share = self._levels[lv[..., 0]], self._storage_levels[lv[..., 1]]
+            else:
+                price = self._levels[self._discrete(actions, self.ops, len(self._levels))]
+        else:
+            price, share = self._operator_boxes(actions, 2 if storage else 1)
+        act.price_multiplier = price
+        if storage:
+            act.storage_kw = share[:, self._units.zone] * self._units.p_max_kw
+
+    def _operator_boxes(self, actions: list[Mapping], width: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Operators' Box actions: price multipliers (E, Z) within the market's range
+        (``market.check_multiplier``) and, with ``width`` 2, storage shares (E, Z) in [-1, 1]."""
         cfg = self.sim.cfg.market
         raw = [[actions[e][a] for a in self.ops] for e in range(self.sim.n_env)]
-        if all(_is_box1(x) for row in raw for x in row):
+        if all(_is_box(x, width) for row in raw for x in row):
+            v = np.array(raw, dtype=float)  # (E, Z, width)
             try:
-                return mk.check_multiplier(np.array(raw, dtype=float).reshape(len(raw), -1), cfg)
+                share = _check_shares(v[..., 1]) if width == 2 else None
+                return mk.check_multiplier(v[..., 0], cfg), share
             except ValueError:
                 pass  # name the agent below
+        lo, hi = cfg.price_multiplier_min, cfg.price_multiplier_max
+        what = (f"a price multiplier: an array of shape (1,) holding a finite number in [{lo}, {hi}]" if width == 1
+                else f"(price multiplier, storage share): an array of shape (2,) of finite numbers, the multiplier in "
+                     f"[{lo}, {hi}], the share of p_max_kw in [-1, 1]")
         for e, row in enumerate(raw):
             for a, x in zip(self.ops, row):
-                value = _box_value(x, self.label(a, e), "a price multiplier", cfg.price_multiplier_min,
-                                   cfg.price_multiplier_max)
+                value = _box_values(x, self.label(a, e), what, width)
                 try:
-                    mk.check_multiplier(value, cfg)
+                    mk.check_multiplier(value[0], cfg)
+                    _check_shares(value[1:])
                 except ValueError as exc:
                     raise ValueError(f"actions[{self.label(a, e)}]: {exc}") from None
         raise AssertionError("unreachable: a batch that fails has a failing agent")
+
+    def _level_pairs(self, actions: list[Mapping]) -> IntArray:
+        """Operators' (price level, storage level) pairs, (E, Z, 2)."""
+        nvec = np.array([len(self._levels), len(self._storage_levels)])
+        raw = [[actions[e][a] for a in self.ops] for e in range(self.sim.n_env)]
+        try:
+            v = np.array(raw)
+            ok = v.shape == (self.sim.n_env, len(self.ops), 2) and v.dtype.kind in "iu" and bool(
+                ((v >= 0) & (v < nvec)).all())
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            for e, row in enumerate(raw):
+                for a, x in zip(self.ops, row):
+                    pair = np.asarray(x) if isinstance(x, np.ndarray | list | tuple) else np.zeros(0)
+                    if pair.shape != (2,) or pair.dtype.kind not in "iu" or not ((pair >= 0) & (pair < nvec)).all():
+                        raise ValueError(f"actions[{self.label(a, e)}]: expected (price level, storage level): two "
+                                         f"integers in [0, {nvec[0] - 1}] and [0, {nvec[1] - 1}] (its "
+                                         f"MultiDiscrete({nvec.tolist()}) space), got {describe(x)}")
+        return v
 
     # ------------------------------------------------------------------ EVs
 
@@ -164,9 +208,17 @@ def _valid_evs(mode: np.ndarray, power: np.ndarray, mode_shape: tuple, power_sha
             and bool(((power >= 0.0) & (power <= 1.0)).all()))
 
 
-def _is_box1(x: Any) -> bool:
-    """An array of shape (1,) of a real dtype (values unchecked)."""
-    return type(x) is np.ndarray and x.shape == (1,) and x.dtype.kind in "iuf"
+def _is_box(x: Any, n: int) -> bool:
+    """An array of shape (n,) of a real dtype (values unchecked)."""
+    return type(x) is np.ndarray and x.shape == (n,) and x.dtype.kind in "iuf"
+
+
+def _check_shares(share: np.ndarray) -> np.ndarray:
+    """Storage set-points as shares of the units' ``p_max_kw``, in [-1, 1]."""
+    if not ((share >= -1.0) & (share <= 1.0)).all():  # NaN fails both
+        raise ValueError(f"storage share: expected finite values in [-1, 1] (of p_max_kw, > 0 charges), got "
+                         f"{describe(share)}")
+    return share
 
 
 def _is_int_scalar(x: Any) -> bool:
@@ -192,13 +244,19 @@ def _int_action(a: Any, agent: str, n: int) -> int:
     return int(a)
 
 
-def _box_value(a: Any, agent: str, what: str, lo: float, hi: float) -> float:
-    """The one finite number of a ``Box((1,))`` action (an array of shape (1,), any real dtype)."""
+def _box_values(a: Any, agent: str, what: str, n: int) -> np.ndarray:
+    """The ``n`` finite numbers of a ``Box((n,))`` action (an array of shape (n,), any real dtype); ``what``: the
+    space's description for the message."""
     v = np.asarray(a) if isinstance(a, np.ndarray | list | tuple) else None
-    if v is None or v.shape != (1,) or not _is_real_dtype(v.dtype) or not np.isfinite(v).all():
-        raise ValueError(f"actions[{agent}]: expected {what}: an array of shape (1,) holding a finite number in "
-                         f"[{lo}, {hi}], got {describe(a)}")
-    return float(v[0])
+    if v is None or v.shape != (n,) or not _is_real_dtype(v.dtype) or not np.isfinite(v).all():
+        raise ValueError(f"actions[{agent}]: expected {what}, got {describe(a)}")
+    return v.astype(float)
+
+
+def _box_value(a: Any, agent: str, what: str, lo: float, hi: float) -> float:
+    """The one finite number of a ``Box((1,))`` action."""
+    return float(_box_values(a, agent, f"{what}: an array of shape (1,) holding a finite number in [{lo}, {hi}]",
+                             1)[0])
 
 
 def _ev_action(a: Any, agent: str) -> tuple[int, float]:

@@ -65,6 +65,21 @@ OPERATOR = FeatureSet((
     _TIME_LEFT,
 ))
 
+# appended to OPERATOR where the config has stationary storage (``storage``); a zone without a unit shows 0
+OPERATOR_STORAGE = FeatureSet((
+    Feature("storage_soc", "share", "[0, 1]", "energy stored in the zone's storage / its capacity"),
+    Feature("storage_charge_av", "share", "[0, 1]", "charging power the zone's storage can take this step / its "
+                                                     "p_max_kw"),
+    Feature("storage_discharge_av", "share", "[0, 1]", "discharging power the zone's storage can give this step / "
+                                                        "its p_max_kw"),
+))
+
+
+def operator_features(storage: bool) -> FeatureSet:
+    """The operator's features: OPERATOR, then OPERATOR_STORAGE where the config has storage."""
+    return FeatureSet((*OPERATOR, *OPERATOR_STORAGE)) if storage else OPERATOR
+
+
 STATION_CONTEXT = FeatureSet((
     Feature("bus_vm_pu", "p.u.", "[0, 2]", "voltage at the station's bus, last step"),
     Feature("price_now", "currency/kWh", "[0, inf)", "retail price in the station's zone now"),

@@ -15,9 +15,10 @@ import numpy.typing as npt
 
 from evgrid.envs import fleet as fl
 from evgrid.envs import stations as st
+from evgrid.envs import storage as sg
 from evgrid.envs.sim import Sim
 from evgrid.envs.state import StepRecord
-from evgrid.envs.views.features import EV, OPERATOR, STATION_CONTEXT
+from evgrid.envs.views.features import EV, STATION_CONTEXT, operator_features
 from evgrid.grid.profiles import VALLEY
 
 # the EV kernel's quantities, in the order it computes them; each goes to its declared column of EV
@@ -42,6 +43,7 @@ class Observer:
         t = sim.cfg.market.tariff
         self._tariff = np.array([t.valley_price_per_kwh, t.offpeak_price_per_kwh, t.peak_price_per_kwh])
         self._ev_cols = np.array([EV.index(name) for name in _EV_KERNEL], dtype=np.int64)
+        self._op_names = operator_features(lay.storage.n > 0).names
 
     def __call__(self, rec: StepRecord | None, agents: list[list[str]], slot_owner: npt.NDArray[np.int64] | None,
                  left: npt.NDArray[np.int64] | None = None) -> list[dict[str, Any]]:
@@ -85,7 +87,8 @@ class Observer:
                     clock_cos=np.cos(angle), time_left=(sim.n_steps - sim.t) / sim.n_steps)
 
     def _operator(self, rec: StepRecord | None, vm, plugged_st, need_st) -> np.ndarray:
-        """(E, Z, len(OPERATOR)); ``plugged_st``, ``need_st``: plugged EVs and their missing kWh per station."""
+        """(E, Z, len(operator_features)); ``plugged_st``, ``need_st``: plugged EVs and their missing kWh per
+        station."""
         sim, lay = self.sim, self.sim.layout
         n_env, n_zone = sim.n_env, lay.n_zone
         t = min(sim.t, sim.n_steps - 1)
@@ -101,7 +104,22 @@ class Observer:
             zone_v_min_pu=np.where(np.isnan(vmin), 0.0, vmin),  # a bus without a solution (collapse) shows as 0
             plugged_share=plugged_st.reshape(n_env, -1) @ self._station_in_zone / self._ports_zone,
             need_h=need_st.reshape(n_env, -1) @ self._station_in_zone / nom)
-        return np.stack([f[name] for name in OPERATOR.names], axis=-1).astype(np.float32)
+        if lay.storage.n:
+            f.update(self._storage())
+        return np.stack([f[name] for name in self._op_names], axis=-1).astype(np.float32)
+
+    def _storage(self) -> dict[str, np.ndarray]:
+        """The zones' storage features (E, Z): stored energy and available power over capacity and rating."""
+        sim, units = self.sim, self.sim.layout.storage
+        soc, n_zone = sim.fleet.storage_soc, sim.layout.n_zone
+        p_ch, p_dis = sg.limits_kw(units, soc, sim.dt_h)
+
+        def share(x: np.ndarray, of: np.ndarray) -> np.ndarray:  # zone sums of x over zone sums of ``of``
+            whole = units.by_zone(np.broadcast_to(of, soc.shape), n_zone)
+            return np.divide(units.by_zone(x, n_zone), whole, out=np.zeros_like(whole), where=whole > 0)
+
+        return dict(storage_soc=share(soc * units.e_kwh, units.e_kwh), storage_charge_av=share(p_ch, units.p_max_kw),
+                    storage_discharge_av=share(p_dis, units.p_max_kw))
 
     def _station_context(self, rec: StepRecord | None, vm, plugged_st) -> np.ndarray:
         """(E * M, len(STATION_CONTEXT)), rows in global station order."""
