@@ -7,6 +7,7 @@ Metric columns (other tools read these names):
 | policy, episode | what ran, on which seed (episode e uses seed ``seed + e`` for every policy) |
 | operator_cost | Σ over steps and zones: purchase + diesel + carbon + curtailment cost |
 | ev_cost_per_kwh | what EV users paid / the energy they drew (V2G income netted) |
+| user_paid | what EV users paid in all (V2G income netted), currency |
 | peak_valley_kw | max − min over the episode of the total feeder load |
 | voltage_violations | bus-steps outside [v_min, v_max] that the decisions caused: the power flow of the dispatch, before limit enforcement curtails it |
 | violations_enforced | bus-steps still outside after enforcement (e.g. base load alone, or no flexible EV near) |
@@ -43,7 +44,8 @@ from evgrid.validate import check_int
 
 log = logging.getLogger(__name__)
 
-METRICS = ("operator_cost", "ev_cost_per_kwh", "peak_valley_kw", "voltage_violations", "violations_enforced",
+METRICS = ("operator_cost", "ev_cost_per_kwh", "user_paid", "peak_valley_kw", "voltage_violations",
+           "violations_enforced",
            "max_line_loading",
            "curtailed_kwh", "unmet_kwh", "owed_kwh", "slvtpr", "spatial_std_kw", "carbon_cost", "cost_with_unmet",
            "ev_cost_per_user", "storage_deficit_cost")
@@ -103,6 +105,7 @@ class EpisodeMetrics:
         deficit = -self.storage_in_kwh * self.purchase_price_sum / n
         return [dict(operator_cost=float(self.op_cost[e]),
                      ev_cost_per_kwh=float(paid[e] / drawn[e]) if drawn[e] > 0 else float("nan"),
+                     user_paid=float(paid[e]),
                      peak_valley_kw=float(self.load_max[e] - self.load_min[e]),
                      voltage_violations=int(self.violations[e]),
                      violations_enforced=int(self.violations_enforced[e]), max_line_loading=float(self.max_loading[e]),

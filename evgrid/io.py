@@ -163,7 +163,7 @@ def session_columns(sim: Sim, episode: int) -> dict[str, np.ndarray]:
 
 # results.parquet of `evgrid reproduce`: one row per method x seed x metric; studies may add columns
 RESULT_COLUMNS: dict[str, tuple[str, str]] = {
-    "study": ("-", "study name (seed001, seed003, ...)"),
+    "study": ("-", "study name (seed001, seed002, seed003, ...)"),
     "method": ("-", "method, policy or case (PPO, random, before, after, ...)"),
     "seed": ("-", "seed of the run (training and evaluation, or the simulated day)"),
     "metric": ("-", "metric name; its unit is in its name or in the study's report.md"),

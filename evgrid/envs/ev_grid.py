@@ -102,9 +102,7 @@ class EVGridVectorEnv:
         self.step_records: list[StepRecord] = []  # the simulator steps of the last reset() or step()
         self._observe = Observer(sim, self._ops, self._stns, a.ev_view)
         self._decoder = ActionDecoder(sim, self._ops, self._stns, a.ev_view, self.n_slots)
-        t = cfg.market.tariff
-        self._max_price = max(t.peak_price_per_kwh, t.offpeak_price_per_kwh, t.valley_price_per_kwh) * \
-            cfg.market.price_multiplier_max
+        self._disparity: npt.NDArray[np.float64] | None = None  # (E, T, Z) stations' eq 16-17 term, per reset
         self.slots: Slots | None = None
         self._next_seed: int | None = None
         self._log = None
@@ -174,6 +172,9 @@ class EVGridVectorEnv:
         self._next_seed = seed + 1  # a reset without a seed continues the sequence
         sim = self.sim
         sim.reset(seed)
+        if self._stns:
+            self._disparity = rw.min_max(rw.share_deviation(sim.base_zone_load_kw(), sim.layout.zone_nominal_kw),
+                                         axis=(1, 2))
         self.slots = Slots(self.n_env * sim.layout.n_station, self.n_slots, sim.day.sessions.n)
         self._assign_slots()
         self.agents = self._live_agents()
@@ -339,7 +340,7 @@ class EVGridVectorEnv:
                 for e in range(n_env):
                     out[e].update((f"evs_{j}", per[e, j]) for j in range(n_st))
         if self._stns:
-            r = rw.station_rewards(rec, self.cfg, lay, self._max_price)
+            r = rw.station_rewards(rec, self.cfg, lay, self._disparity)
             for e in range(n_env):
                 out[e].update(zip(self._stns, r[e]))
         if self._shown_ops:

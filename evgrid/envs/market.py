@@ -37,12 +37,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from evgrid.validate import as_array, check_int, check_real, check_reals
+from evgrid.validate import as_array, check_choice, check_int, check_real, check_reals
 from evgrid.grid.profiles import OFFPEAK, PEAK, VALLEY, TouTariff
 
 log = logging.getLogger(__name__)
 
 N_PERIOD = 3
+TOU_BASES = ("clock", "base_load")
 PERIOD_NAMES = {VALLEY: "valley", OFFPEAK: "off-peak", PEAK: "peak"}
 
 # The paper orders the rows and columns of its elasticity matrix (peak, off-peak, valley); our period codes are
@@ -285,6 +286,9 @@ class MarketConfig:
     """Penalty on curtailed PV/wind energy, currency/kWh (paper: 0.1 yuan/kWh), 0..1e3."""
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
     """Stepped carbon trading."""
+    tou_basis: str = "clock"
+    """What sets each zone's retail tariff periods: ``clock`` (the tariff's hours, the same everywhere) or
+    ``base_load`` (seed 002: each zone's own base load, :func:`load_ranked_periods`)."""
 
     def __post_init__(self) -> None:
         for name, cls in (("tariff", TouTariff), ("purchase_tariff", TouTariff), ("carbon", CarbonConfig)):
@@ -297,6 +301,7 @@ class MarketConfig:
         for name in ("diesel_a_per_kw2h", "diesel_b_per_kwh", "diesel_c_per_h"):
             check_real(name, getattr(self, name), 0.0, 1e6)
         check_real("curtailment_cost_per_kwh", self.curtailment_cost_per_kwh, 0.0, 1e3)
+        check_choice("tou_basis", self.tou_basis, TOU_BASES)
         # derived arrays, read-only; not fields, so equality, hashing and to_dict see only the config
         for name, arr in (("_retail_by_period", tariff_by_period(self.tariff)),
                           ("_purchase_by_period", tariff_by_period(self.purchase_tariff)),
@@ -374,6 +379,27 @@ def check_multiplier(multiplier: npt.ArrayLike, cfg: MarketConfig) -> FloatArray
         raise ValueError(f"multiplier: expected finite values in [{lo}, {hi}], got {m[bad][:5].tolist()} "
                          f"({int(bad.sum())} of {m.size} outside)")
     return np.clip(m, lo, hi)
+
+
+def load_ranked_periods(base_kw: npt.ArrayLike, clock_period: npt.ArrayLike) -> npt.NDArray[np.int8]:
+    """Tariff periods from each zone's own base load (seed 002: "according to the basic load of the
+    distribution network, the time-of-use price is formulated"), shape of ``base_kw`` ``(..., T, Z)``.
+
+    Ours, the paper gives no rule: each zone's highest-load steps are peak and its lowest-load steps valley,
+    as many of each as the clock tariff ``clock_period`` ``(T,)`` has, so every zone keeps the tariff's
+    share of peak, off-peak and valley hours; ties go to the earlier step.
+    """
+    load = _finite("base_kw", base_kw)
+    clock = _period(clock_period)
+    if load.ndim < 2 or clock.shape != (load.shape[-2],):
+        raise ValueError(f"clock_period: expected shape ({load.shape[-2] if load.ndim >= 2 else 'T'},), one "
+                         f"period per step of base_kw (..., T, Z), got {clock.shape}")
+    n_step = load.shape[-2]
+    rank = np.argsort(np.argsort(load, axis=-2, kind="stable"), axis=-2, kind="stable")  # 0: lowest load
+    out = np.full(load.shape, OFFPEAK, dtype=np.int8)
+    out[rank < np.count_nonzero(clock == VALLEY)] = VALLEY
+    out[rank >= n_step - np.count_nonzero(clock == PEAK)] = PEAK
+    return out
 
 
 def retail_price_per_kwh(period: npt.ArrayLike, cfg: MarketConfig) -> FloatArray:  # shape of period
@@ -482,16 +508,18 @@ class ZonePrices:
         """See :func:`level_to_multiplier`."""
         return level_to_multiplier(level_idx, self.cfg)
 
-    def _by_env(self, period: npt.ArrayLike) -> npt.NDArray[np.intp]:  # () or (E, 1)
+    def _by_env(self, period: npt.ArrayLike) -> npt.NDArray[np.intp]:  # (), (E, 1) or (E, Z)
         p = _period(period)
-        if p.ndim == 0:
+        if p.ndim == 0 or p.shape == (self.n_env, self.n_zone):
             return p
         if p.shape != (self.n_env,):
-            raise ValueError(f"period: expected a scalar or shape (E,) = ({self.n_env},), got shape {p.shape}")
+            raise ValueError(f"period: expected a scalar, shape (E,) = ({self.n_env},) or (E, Z) = ({self.n_env}, "
+                             f"{self.n_zone}), got shape {p.shape}")
         return p[:, None]
 
     def price_per_kwh(self, period: npt.ArrayLike) -> FloatArray:  # (E, Z)
-        """Retail price per zone in effect this step: base tariff of ``period`` (scalar or (E,)) x multiplier."""
+        """Retail price per zone in effect this step: base tariff of ``period`` (scalar, (E,) or (E, Z)) x
+        multiplier."""
         return self.cfg.retail_by_period[self._by_env(period)] * self._current
 
     def v2g_price_per_kwh(self, period: npt.ArrayLike) -> FloatArray:  # (E, Z)
@@ -593,6 +621,6 @@ __all__ = [
     "OperatingCost",
     "ZonePrices", "carbon_emissions_kg", "carbon_quota_kg", "check_multiplier", "diesel_cost",
     "elastic_demand_factor", "elastic_demand_factor_now", "incremental_carbon_cost", "level_to_multiplier",
-    "operating_cost", "paper_to_period_order", "purchase_price_per_kwh", "retail_price_per_kwh",
+    "load_ranked_periods", "operating_cost", "paper_to_period_order", "purchase_price_per_kwh", "retail_price_per_kwh",
     "stepped_carbon_cost", "tariff_by_period",
 ]

@@ -9,6 +9,9 @@ charge and a battery capacity.  Seed 002 (section 2.1) routes it in three steps:
    ``D[i, j] <= d_i``;
 3. **LBMS** (load balancing matching strategy): the recommended station is the
    reachable one whose distribution network has the lowest current total load.
+   Requests of one step are assigned one after another, in request order, each
+   seeing the load the earlier ones added (``add_kw``: ours, the charging power
+   each EV will draw), so a batch does not herd onto one station.
 
 The EV then drives at constant speed ``v``: travel time ``D[i, j] / v``, and
 charging starts on arrival.  Seed 002 also varies the *user participation
@@ -46,6 +49,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numba as nb
 import numpy as np
 import numpy.typing as npt
 
@@ -207,19 +211,44 @@ def _row_chunks(n: int, m: int, chunk_elements: int | None) -> Iterator[slice]:
         yield slice(lo, min(lo + rows, n))
 
 
+@nb.njit(cache=True, nogil=True)
+def _lbms_in_order(d, reach, load, follow, near, add_kw, added, out):  # pragma: no cover (compiled)
+    """Requests one after another: a follower takes the reachable station of least ``load + added`` (ties: the
+    nearer, then the lower index; none reachable: ``near``), the others ``near``; each adds its ``add_kw`` to
+    ``added`` at its station, which the later requests see."""
+    c, m = d.shape
+    for i in range(c):
+        pick = near[i]
+        if follow[i]:
+            best, best_load, best_d = -1, 0.0, 0.0
+            for j in range(m):
+                if reach[i, j]:
+                    x = load[i, j] + added[j]
+                    if best < 0 or x < best_load or (x == best_load and d[i, j] < best_d):
+                        best, best_load, best_d = j, x, d[i, j]
+            if best >= 0:
+                pick = best
+        out[i] = pick
+        added[pick] += add_kw[i]
+
+
 def _select(pos: npt.NDArray[np.float64], reach_km: npt.NDArray[np.float64] | None,
             xy: npt.NDArray[np.float64], load: npt.NDArray[np.float64] | None,
             follow: npt.NDArray[np.bool_] | None, metric: str, chunk_elements: int | None,
+            add_kw: npt.NDArray[np.float64] | None = None,
             ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
     """Chosen station, its distance and whether any station was reachable, chunk by chunk.
 
     Rows with ``follow`` True take the LBMS choice (needs ``load``), the others
     the nearest reachable station; ``reach_km`` None means unlimited range.
+    With ``add_kw`` the rows are assigned in order, each adding its power to its
+    station's load for the rows after it (:func:`_lbms_in_order`).
     """
     n, m = pos.shape[0], xy.shape[0]
     station = np.empty(n, dtype=np.int64)
     dist_out = np.empty(n)
     any_reach = np.ones(n, dtype=bool)
+    added = np.zeros(m)  # (m,) power the rows assigned so far add, carried across chunks
     for sl in _row_chunks(n, m, chunk_elements):
         d = _dist(pos[sl], xy, metric)  # (c, m)
         c = d.shape[0]
@@ -235,7 +264,13 @@ def _select(pos: npt.NDArray[np.float64], reach_km: npt.NDArray[np.float64] | No
             near = np.where(ok, np.argmin(np.where(reach, d, np.inf), axis=1), nearest_any)
         pick = near
         fol = None if follow is None else follow[sl]
-        if fol is not None and fol.any():
+        if fol is not None and add_kw is not None:
+            assert load is not None
+            ld = np.ascontiguousarray(np.broadcast_to(load[sl] if load.ndim == 2 else load[None, :], d.shape))
+            ok_reach = np.ones(d.shape, dtype=bool) if reach is None else reach
+            pick = np.empty(c, dtype=np.int64)
+            _lbms_in_order(d, ok_reach, ld, fol, near, add_kw[sl], added, pick)
+        elif fol is not None and fol.any():
             assert load is not None
             ld = load[sl] if load.ndim == 2 else load[None, :]  # (c, m) or (1, m)
             # unreachable stations can never be the least loaded
@@ -268,12 +303,15 @@ def nearest(pos_km: npt.ArrayLike, station_xy_km: npt.ArrayLike, range_km: npt.A
 
 
 def lbms(pos_km: npt.ArrayLike, range_km: npt.ArrayLike, station_xy_km: npt.ArrayLike, load_kw: npt.ArrayLike, *,
-         metric: str = "euclidean", chunk_elements: int | None = None) -> npt.NDArray[np.int64]:
+         metric: str = "euclidean", chunk_elements: int | None = None,
+         add_kw: npt.ArrayLike | None = None) -> npt.NDArray[np.int64]:
     """Seed 002's LBMS recommendation, shape ``(n,)``.
 
     Among the stations within ``range_km`` the one whose network load
     ``load_kw`` (``(m,)``, or ``(n, m)`` per request) is lowest; ties go to the
     nearer station.  A request that reaches none goes to the nearest station.
+    ``add_kw`` ``(n,)``: requests are assigned in order, each adding its power
+    to its station's load for the later ones (None: all see ``load_kw`` alone).
     """
     check_choice("metric", metric, METRICS)
     pos = _check_xy("pos_km", pos_km, "n")
@@ -281,12 +319,13 @@ def lbms(pos_km: npt.ArrayLike, range_km: npt.ArrayLike, station_xy_km: npt.Arra
     xy = _check_stations(station_xy_km)
     rk = _check_vec("range_km", range_km, n, 0.0, allow_inf=True)
     load = _check_load(load_kw, n, xy.shape[0])
-    return _select(pos, rk, xy, load, np.ones(n, dtype=bool), metric, chunk_elements)[0]
+    add = None if add_kw is None else _check_vec("add_kw", add_kw, n, 0.0)
+    return _select(pos, rk, xy, load, np.ones(n, dtype=bool), metric, chunk_elements, add)[0]
 
 
 def route(pos_km: npt.ArrayLike, soc: npt.ArrayLike, cap_kwh: npt.ArrayLike, station_xy_km: npt.ArrayLike,
           load_kw: npt.ArrayLike, cfg: RoutingConfig, rng: np.random.Generator | None = None, *,
-          chunk_elements: int | None = None) -> RouteResult:
+          chunk_elements: int | None = None, add_kw: npt.ArrayLike | None = None) -> RouteResult:
     """Route a batch of charging requests (seed 002, section 2.1).
 
     ``pos_km`` ``(n, 2)`` request positions; ``soc`` ``(n,)`` in [0, 1] at the
@@ -299,7 +338,9 @@ def route(pos_km: npt.ArrayLike, soc: npt.ArrayLike, cap_kwh: npt.ArrayLike, sta
     ``cfg.participation`` (one uniform draw per EV from ``rng``; no draw, and
     no ``rng`` needed, when participation is 0 or 1); the others go to their
     nearest reachable station.  Policy ``nearest``: every EV goes to its
-    nearest reachable station and ``rng`` is not used.
+    nearest reachable station and ``rng`` is not used.  ``add_kw`` ``(n,)``:
+    the power each EV will draw; LBMS then assigns the requests in order, each
+    seeing what the earlier ones (followers or not) added to their stations.
     """
     if not isinstance(cfg, RoutingConfig):
         raise ValueError(f"cfg: expected a RoutingConfig, got {type(cfg).__name__}")
@@ -309,6 +350,7 @@ def route(pos_km: npt.ArrayLike, soc: npt.ArrayLike, cap_kwh: npt.ArrayLike, sta
     cap = _check_vec("cap_kwh", cap_kwh, n, 0.0, lo_open=True)
     xy = _check_stations(station_xy_km)
     load = _check_load(load_kw, n, xy.shape[0])
+    add = None if add_kw is None or cfg.policy == "nearest" else _check_vec("add_kw", add_kw, n, 0.0)
 
     if cfg.policy == "nearest" or cfg.participation == 0.0:
         followed = np.zeros(n, dtype=bool)
@@ -320,7 +362,7 @@ def route(pos_km: npt.ArrayLike, soc: npt.ArrayLike, cap_kwh: npt.ArrayLike, sta
         followed = rng.random(n) < cfg.participation
 
     reach_km = range_km(s, cap, cfg)
-    station, dist, reachable = _select(pos, reach_km, xy, load, followed, cfg.metric, chunk_elements)
+    station, dist, reachable = _select(pos, reach_km, xy, load, followed, cfg.metric, chunk_elements, add)
     if n and not reachable.all():
         logger.debug("route: %d of %d requests reach no station; sent to the nearest", int((~reachable).sum()), n)
     return RouteResult(station=station, distance_km=dist, travel_h=dist / cfg.speed_kmh,

@@ -70,6 +70,7 @@ class Sim:
         self.grid = grid if grid is not None else LocalGrid(list(self.layout.feeders), cfg.grid)
         self.prices = mk.ZonePrices(self.n_env, self.layout.n_zone, cfg.market)
         self.day: Day | None = None
+        self.zone_period: npt.NDArray[np.int8] | None = None  # (E, T, Z) retail tariff period per zone and step
         self.fleet: FleetState | None = None
         self.last: StepRecord | None = None
         self.t = 0
@@ -84,6 +85,7 @@ class Sim:
         seed = self.cfg.seed if seed is None else seed
         self.episode += 1
         self.day = draw_day(self.cfg, self.layout, self.n_env, seed)
+        self.zone_period = _zone_periods(self.cfg, self.day, self.base_zone_load_kw())
         self.fleet = FleetState.start(self.day, self.n_env, self.layout.n_zone, self.layout.n_station,
                                       self.layout.storage)
         if self.cfg.routing is not None:
@@ -149,7 +151,20 @@ class Sim:
 
     def retail_price(self) -> FloatArray:
         """Retail price per zone now, (E, Z) per kWh."""
-        return self.prices.price_per_kwh(int(self.day.period[min(self.t, self.n_steps - 1)]))
+        return self.prices.price_per_kwh(self.zone_period[:, min(self.t, self.n_steps - 1)])
+
+    def base_zone_load_kw(self) -> FloatArray:
+        """(E, T, Z) each zone's base load (no EVs, no generation) over the day, kW."""
+        lay = self.layout
+        bus_kw = self.day.load_pu[:, :, lay.feeder_of_bus] * lay.base_p_kw  # (E, T, n_bus)
+        return np.einsum("etb,bz->etz", bus_kw, np.eye(lay.n_zone)[lay.zone_of_bus])
+
+
+def _zone_periods(cfg: EnvConfig, day: Day, base_zone_kw: FloatArray) -> npt.NDArray[np.int8]:
+    """(E, T, Z) retail tariff periods: the clock's everywhere, or each zone's own from its base load."""
+    if cfg.market.tou_basis == "base_load":
+        return mk.load_ranked_periods(base_zone_kw, day.period)
+    return np.broadcast_to(day.period[None, :, None], base_zone_kw.shape)
 
 
 # ---------------------------------------------------------------------- battery views
@@ -534,11 +549,14 @@ def depart(day: Day, fleet: FleetState, idx: IntArray, status: int) -> None:
 def _route(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int, idx: IntArray,
            feeder_load_kw: FloatArray | None) -> None:
     s, dt_h, n_env = day.sessions, cfg.dt_min / 60.0, day.n_env
-    # network load the LBMS rule compares: each station's feeder load, per environment
+    # network load the LBMS rule compares: each station's feeder load, per environment, plus the charging power
+    # of the EVs already on their way there (assigned in earlier steps, not yet drawing)
     if feeder_load_kw is None:
         feeder_load_kw = np.zeros((n_env, len(layout.feeders)))
     env = day.env[idx]
-    load = feeder_load_kw[env][:, layout.station_feeder]  # (n, M)
+    on_way = np.flatnonzero(fleet.status == TRAVELLING)
+    en_route = np.bincount(fleet.station[on_way], s.p_ch_max_kw[on_way], n_env * layout.n_station)
+    load = feeder_load_kw[env][:, layout.station_feeder] + en_route.reshape(n_env, -1)[env]  # (n, M)
     stations = np.empty(idx.size, dtype=np.int64)
     travel = np.empty(idx.size)
     e_travel = np.empty(idx.size)
@@ -551,8 +569,9 @@ def _route(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int, 
     # one call per environment keeps each environment's participation draws on its own stream
     for e in np.unique(env[~chosen]):
         sel = (env == e) & ~chosen
+        # LBMS without herding: each request sees the charging power the earlier ones of the step will add
         r = rt.route(s.pos_km[idx[sel]], fleet.soc[idx[sel]], s.cap_kwh[idx[sel]], layout.station_xy_km, load[sel],
-                     cfg.routing, day.rng_route[e])
+                     cfg.routing, day.rng_route[e], add_kw=s.p_ch_max_kw[idx[sel]])
         stations[sel], travel[sel], e_travel[sel] = r.station, r.travel_h, r.e_travel_kwh
     fleet.station[idx] = env * layout.n_station + stations
     fleet.e_travel_kwh[idx] = e_travel

@@ -15,7 +15,8 @@ A study is a module ``evgrid.studies.<study>`` registered in :data:`STUDIES`.  I
 
 * ``results.parquet``: one row per method x seed x metric, columns ``study, method, seed, metric, value,
   paper_value`` (:data:`evgrid.io.RESULT_COLUMNS`; ``paper_value`` null where the paper gives none) and any
-  extra keys the study's rows carry (e.g. ``n_ev``, ``participation``);
+  extra keys the study's rows carry (e.g. ``n_ev``, ``participation``; the report summarises rows that differ
+  in them apart);
 * ``report.md``: the table ``metric | method | paper | ours | ordering holds? | ours vs paper``, the paper's
   claims checked, the study's notes, its figures and the wall time.
 
@@ -56,6 +57,7 @@ T = TypeVar("T")
 STUDIES: dict[str, str] = {
     "seed000": "evgrid.studies.seed000",
     "seed001": "evgrid.studies.seed001",
+    "seed002": "evgrid.studies.seed002",
     "seed003": "evgrid.studies.seed003",
 }
 KEY_COLUMNS = ("study", "method", "seed", "metric", "value", "paper_value")
@@ -309,14 +311,31 @@ class Summary:
     far: bool
 
 
+def metric_labels(rows: list[dict]) -> list[str]:
+    """Each row's metric, labelled with the extra columns whose values differ among that metric's rows (e.g.
+    ``slvtpr (n_ev=1250)``): rows that differ in them are summarised apart."""
+    values: dict[str, dict[str, set]] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in KEY_COLUMNS and v is not None:
+                values.setdefault(r["metric"], {}).setdefault(k, set()).add(v)
+    out = []
+    for r in rows:
+        split = [f"{k}={r[k]}" for k, vs in values.get(r["metric"], {}).items() if len(vs) > 1 and r.get(k) is not None]
+        out.append(r["metric"] + (f" ({', '.join(split)})" if split else ""))
+    return out
+
+
 def summarise(rows: list[dict]) -> list[Summary]:
-    """Each (metric, method) of ``rows``, metrics in first-seen order and each metric's methods in first-seen
-    order (NaN values left out of the mean)."""
-    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    """Each (metric, method) of ``rows`` (the metric labelled with the extra columns that tell its rows apart,
+    :func:`metric_labels`), metrics in first-seen order and each metric's methods in first-seen order (NaN
+    values left out of the mean)."""
+    labelled = list(zip(metric_labels(rows), rows))
+    metrics = list(dict.fromkeys(label for label, _ in labelled))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     groups: dict[tuple[str, str], list[dict]] = {}
-    for r in sorted(rows, key=lambda r: (metrics.index(r["metric"]), methods.index(r["method"]))):
-        groups.setdefault((r["metric"], r["method"]), []).append(r)
+    for label, r in sorted(labelled, key=lambda lr: (metrics.index(lr[0]), methods.index(lr[1]["method"]))):
+        groups.setdefault((label, r["method"]), []).append(r)
     stats = {}
     for key, rs in groups.items():
         v = np.array([r["value"] for r in rs], dtype=float)

@@ -23,9 +23,10 @@ from ray.rllib.callbacks.callbacks import RLlibCallback
 from evgrid.agents.rllib.modules import LEVELS
 from evgrid.config import ConfigError, from_dict, merge, parse_overrides, read_yaml
 from evgrid.envs.config import EnvConfig
-from evgrid.validate import check_choice, check_int, check_real
+from evgrid.validate import check_bool, check_choice, check_int, check_real
 
 ALGORITHMS = ("PPO", "IMPALA", "DQN", "PDQN", "MPDQN")
+REPLAYS = ("prioritized", "uniform")
 # the hybrid-action algorithms, for EVs only (individual or grouped)
 HYBRID_ALGORITHMS = ("PDQN", "MPDQN")
 
@@ -90,22 +91,32 @@ class TrainConfig:
     tau: float = 0.01
     """PDQN, MPDQN: Polyak weight of the target networks' update after each learner update, (0, 1] (1 copies)."""
     exploration_steps: int = 10_000
-    """PDQN, MPDQN: env steps (all runners) over which the random-mode probability falls linearly from 1 to
-    ``epsilon_final`` and the power noise from ``param_noise`` to ``param_noise_final``, 1..1,000,000,000."""
+    """DQN, PDQN, MPDQN: env steps (all runners) over which the random-action (mode) probability falls linearly
+    from 1 to ``epsilon_final`` and (PDQN, MPDQN) the power noise from ``param_noise`` to ``param_noise_final``,
+    1..1,000,000,000."""
     epsilon_final: float = 0.05
-    """PDQN, MPDQN: probability of a random mode (with random powers) after ``exploration_steps``, [0, 1]."""
+    """DQN, PDQN, MPDQN: probability of a random action (mode, with random powers) after ``exploration_steps``,
+    [0, 1] (seed 002's DDQN: 0)."""
     param_noise: float = 0.3
     """PDQN, MPDQN: initial std of the Gaussian noise on the greedy powers, as a share of half the power range,
     [0, 10]."""
     param_noise_final: float = 0.05
     """PDQN, MPDQN: that std after ``exploration_steps``, [0, 10]."""
     learning_starts: int = 1000
-    """PDQN, MPDQN: env steps in the replay buffer before the first update, 0..1,000,000,000."""
+    """DQN, PDQN, MPDQN: env steps in the replay buffer before the first update, 0..1,000,000,000."""
     training_intensity: float | None = None
-    """PDQN, MPDQN: replayed / sampled steps, (0, 1e6]: ``ceil(training_intensity * env steps sampled /
-    train_batch_size)`` updates per iteration; None: one update per iteration."""
+    """DQN, PDQN, MPDQN: replayed / sampled steps, (0, 1e6]: ``ceil(training_intensity * env steps sampled /
+    train_batch_size)`` updates per iteration; None: RLlib's default (DQN: its native ratio; PDQN, MPDQN: one
+    update per iteration)."""
     replay_capacity: int = 50_000
     """DQN, PDQN, MPDQN: env steps the replay buffer holds, 1..1,000,000,000."""
+    replay: str = "prioritized"
+    """DQN: ``prioritized`` replay (alpha 0.6, beta 0.4) or ``uniform`` (seed 002's DDQN)."""
+    target_update_steps: int = 500
+    """DQN: env steps between copies of the Q-network into the target network (seed 002's B),
+    1..1,000,000,000."""
+    dueling: bool = True
+    """DQN: a dueling head (RLlib's default); false: the plain Q-head of seed 002's DDQN."""
 
     def __post_init__(self) -> None:
         if isinstance(self.algorithm, str) and self.algorithm in _REFUSED:
@@ -151,6 +162,9 @@ class TrainConfig:
         if self.training_intensity is not None:
             check_real("training_intensity", self.training_intensity, 0.0, 1e6, lo_open=True)
         check_int("replay_capacity", self.replay_capacity, 1, 10**9)
+        check_choice("replay", self.replay, REPLAYS)
+        check_int("target_update_steps", self.target_update_steps, 1, 10**9)
+        check_bool("dueling", self.dueling)
 
 
 def _check_widths(name: str, widths: Any) -> None:
@@ -286,11 +300,21 @@ def _training_settings(train: TrainConfig) -> dict[str, Any]:
     elif train.algorithm == "IMPALA":
         common.update(entropy_coeff=train.entropy_coeff)
     else:
-        # the default single-agent episode buffer breaks on multi-agent episodes (RLlib 2.60)
-        common.update(double_q=True, replay_buffer_config={"type": "MultiAgentPrioritizedEpisodeReplayBuffer",
-                                                           "capacity": train.replay_capacity, "alpha": 0.6,
-                                                           "beta": 0.4})
+        common.update(_dqn_settings(train))
     return common
+
+
+def _dqn_settings(train: TrainConfig) -> dict[str, Any]:
+    """DQN's: double-Q always, epsilon falling linearly from 1, target sync every ``target_update_steps``."""
+    # the default single-agent episode buffer breaks on multi-agent episodes (RLlib 2.60)
+    buffer = ({"type": "MultiAgentPrioritizedEpisodeReplayBuffer", "alpha": 0.6, "beta": 0.4}
+              if train.replay == "prioritized" else {"type": "MultiAgentEpisodeReplayBuffer"})
+    return dict(double_q=True, dueling=train.dueling, epsilon=[[0, 1.0], [train.exploration_steps,
+                                                                         train.epsilon_final]],
+                target_network_update_freq=train.target_update_steps,
+                num_steps_sampled_before_learning_starts=train.learning_starts,
+                training_intensity=train.training_intensity,
+                replay_buffer_config={**buffer, "capacity": train.replay_capacity})
 
 
 class EVDecisionCounter(RLlibCallback):

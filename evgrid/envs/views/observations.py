@@ -130,6 +130,9 @@ class Observer:
         if rec is not None:
             load = np.bincount(rec.ev_station, np.maximum(rec.p_ev_kw, 0.0), n) / sc.p_max_kw
         f = {name: np.full(n, v) for name, v in self._clock().items()}
+        # a station sees its own zone's tariff period (per-zone periods with market.tou_basis: base_load)
+        period = np.eye(3)[sim.zone_period[:, min(sim.t, sim.n_steps - 1)][:, lay.station_zone].ravel()]
+        f.update(valley=period[:, 0], offpeak=period[:, 1], peak=period[:, 2])
         f.update(bus_vm_pu=vm[:, lay.station_bus].ravel(), price_now=sim.retail_price()[:, lay.station_zone].ravel(),
                  load_share=load, plugged_share=plugged_st / sc.ports)
         return np.column_stack([f[name] for name in STATION_CONTEXT.names])
@@ -180,15 +183,15 @@ class Observer:
         t_next = min(sim.t + 1, sim.n_steps - 1)
         _ev_feature_rows(out, rows, self._ev_cols, idx, sim.day.env, fleet.station, lay.n_station, lay.station_bus,
                          lay.zone_of_bus, fleet.soc, s.soc_target, s.cap_kwh, fleet.dep_step, s.p_ch_max_kw,
-                         s.p_dis_max_kw, s.eta_ch, s.v2g, fleet.started, sim.retail_price(), sim.prices.next,
-                         self._tariff[sim.day.period[t_next]], vm, sim.t, sim.dt_h,
+                         s.p_dis_max_kw, s.eta_ch, s.v2g, fleet.started, sim.retail_price(),
+                         sim.prices.next * self._tariff[sim.zone_period[:, t_next]], vm, sim.t, sim.dt_h,
                          bool(sim.cfg.fleet.uninterruptible), float(sim.day.period[t] == VALLEY))
 
 
 @nb.njit(cache=True, nogil=True)
 def _ev_feature_rows(out, rows, col, idx, env_of, station_of, n_station, station_bus, zone_of_bus, soc, soc_target,
-                     cap_kwh, dep_step, p_ch_max_kw, p_dis_max_kw, eta_ch, v2g, started, price_now, price_next,
-                     next_factor, vm, t, dt_h, uninterruptible, valley):  # pragma: no cover (compiled)
+                     cap_kwh, dep_step, p_ch_max_kw, p_dis_max_kw, eta_ch, v2g, started, price_now, price_next, vm, t,
+                     dt_h, uninterruptible, valley):  # pragma: no cover (compiled)
     """The EV features of sessions ``idx`` into ``out[rows]``, quantity q of ``_EV_KERNEL`` into column
     ``col[q]``: one pass instead of ~30 numpy gathers over the fleet."""
     for k in range(idx.shape[0]):
@@ -208,7 +211,7 @@ def _ev_feature_rows(out, rows, col, idx, env_of, station_of, n_station, station
         out[r, col[5]] = p_dis_max_kw[i] / 50.0
         out[r, col[6]] = 1.0 if v2g[i] else 0.0
         out[r, col[7]] = price_now[e, z]
-        out[r, col[8]] = price_next[e, z] * next_factor
+        out[r, col[8]] = price_next[e, z]
         out[r, col[9]] = vm[e, bus]
         out[r, col[10]] = c / max(left, 1)
         out[r, col[11]] = 1.0 if (started[i] and uninterruptible) else 0.0

@@ -5,9 +5,15 @@
   the target.  Summed over a stay, the progress term is ``-ev_unmet_per_kwh * kWh short at departure`` plus a
   constant (the need on arrival): the unmet-energy penalty, paid on the steps that cause it.
 * Grouped EVs (``evs_<j>``): the sum over the station's EVs.
-* Station: ``-(station_w1 * price cost / (p_max dt max price) + station_w2 * load disparity)`` (seed 002;
-  disparity = (max - min) / max of network loads, of zone loads over their nominal on a single feeder) minus
-  its EVs' curtailment penalty, plus ``station_unmet_per_kwh`` times its EVs' progress.
+* Station (seed 002, eqs 15-18): ``-((station_w1 * price^ + station_w2 * disparity^) * charged kWh +
+  curtail_per_kwh * curtailed kWh - station_unmet_per_kwh * progress) / (p_max dt)``.  ``price^``: the
+  retail price of the station's zone, min-max normalised over the prices the tariff (and a learned
+  operator's multipliers) can take; ``disparity^``: eq 16's share deviation of the zone's base load (per
+  unit of its nominal, no EVs) from the ideal 1 / Z, min-max normalised over the day's zones and steps.
+  Both are in [0, 1] per kWh charged, so charging is cheapest where the price is low and the network's share
+  lies below the ideal (ours: the paper's terms weigh the station's charged energy; its unmet-energy
+  progress is ours, so the station still serves its EVs; dividing by the station's largest step energy
+  keeps rewards of order 1).
 * Operator: ``operator_profit * (EV revenue - purchase - diesel - carbon - curtailment cost) / 1000 -
   operator_peak_valley * ((zone load - its episode mean) / zone nominal)^2 - operator_violation * bus-steps
   outside voltage limits in the zone``, counted on the power flow of the step's dispatch before enforcement.
@@ -35,21 +41,44 @@ def per_station(rec: StepRecord, values: FloatArray, n_env: int, n_station: int)
     return np.bincount(rec.ev_station, values, n_env * n_station).reshape(n_env, n_station)
 
 
-def station_rewards(rec: StepRecord, cfg: EnvConfig, layout: Layout, max_price_per_kwh: float) -> FloatArray:
-    """(E, M) each station's reward; ``max_price_per_kwh``: the highest retail price operators can set."""
+def min_max(x: FloatArray, axis: tuple[int, ...]) -> FloatArray:
+    """Seed 002's eq 17, ``(x - min) / (max - min)`` over ``axis`` (0 where max = min)."""
+    lo, hi = x.min(axis=axis, keepdims=True), x.max(axis=axis, keepdims=True)
+    return np.divide(x - lo, hi - lo, out=np.zeros_like(x), where=hi > lo)
+
+
+def share_deviation(base_zone_kw: FloatArray, zone_nominal_kw: FloatArray) -> FloatArray:
+    """(E, T, Z) seed 002's eq 16: each zone's share of the total base load (per unit of its nominal, so zones
+    of unequal size compare) minus the ideal share 1 / Z; positive: more loaded than its share."""
+    pu = base_zone_kw / zone_nominal_kw
+    total = pu.sum(axis=-1, keepdims=True)
+    return np.divide(pu, total, out=np.zeros_like(pu), where=total > 0) - 1.0 / pu.shape[-1]
+
+
+def price_bounds(cfg: EnvConfig) -> tuple[float, float]:
+    """Lowest and highest retail price a station can see, per kWh: the tariff's, times the multiplier range
+    when operators are learned (their rule keeps multiplier 1)."""
+    m = cfg.market
+    lo, hi = float(m.retail_by_period.min()), float(m.retail_by_period.max())
+    if cfg.agents.operator == "learned":
+        return lo * m.price_multiplier_min, hi * m.price_multiplier_max
+    return lo, hi
+
+
+def station_rewards(rec: StepRecord, cfg: EnvConfig, layout: Layout, disparity: FloatArray) -> FloatArray:
+    """(E, M) each station's reward; ``disparity`` (E, T, Z): the episode's normalised share deviation,
+    ``min_max(share_deviation(...), axis=(1, 2))``."""
     w, dt_h, sc = cfg.reward, cfg.dt_min / 60.0, cfg.stations
     n_env, n_st = rec.feeder_load_kw.shape[0], layout.n_station
-    # a station's EVs all pay its zone's price: the price times the energy they drew
     charge_kwh = per_station(rec, np.maximum(rec.p_ev_kw, 0.0), n_env, n_st) * dt_h
-    norm_cost = charge_kwh * rec.price_zone[:, layout.station_zone] / (sc.p_max_kw * dt_h * max_price_per_kwh)
-    loads = rec.feeder_load_kw if len(layout.feeders) > 1 else rec.zone_load_kw / layout.zone_nominal_kw
-    hi = np.max(np.abs(loads), axis=1)
-    spread = loads.max(axis=1) - loads.min(axis=1)
-    disparity = np.divide(spread, hi, out=np.zeros(n_env), where=hi > 0)  # (E,)
+    lo, hi = price_bounds(cfg)
+    price = rec.price_zone[:, layout.station_zone]  # (E, M): a station's EVs all pay its zone's price
+    norm_price = (price - lo) / (hi - lo) if hi > lo else np.zeros_like(price)
+    norm_disparity = disparity[:, rec.t][:, layout.station_zone]  # (E, M)
     curtailed = per_station(rec, rec.cut_ev_kw * dt_h, n_env, n_st)
     progress = per_station(rec, rec.progress_kwh, n_env, n_st)
-    return -(w.station_w1 * norm_cost + w.station_w2 * disparity[:, None]) - w.curtail_per_kwh * curtailed \
-        + w.station_unmet_per_kwh * progress
+    cost = (w.station_w1 * norm_price + w.station_w2 * norm_disparity) * charge_kwh
+    return -(cost + w.curtail_per_kwh * curtailed - w.station_unmet_per_kwh * progress) / (sc.p_max_kw * dt_h)
 
 
 def operator_rewards(rec: StepRecord, w: RewardConfig, layout: Layout) -> FloatArray:

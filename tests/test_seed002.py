@@ -1,0 +1,202 @@
+"""Seed 002: per-network TOU, the station reward of eqs 15-18, LBMS without herding, DDQN settings, the
+study's metrics (user cost with compensation, eqs 29-31) and its quick reproduction (slow)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from evgrid.agents.rllib.algos import TrainConfig, _training_settings, load_run_config
+from evgrid.envs import market as mk
+from evgrid.envs import routing as rt
+from evgrid.envs.config import load_config
+from evgrid.envs.sim import Sim
+from evgrid.envs.views import rewards as rw
+from evgrid.grid.profiles import OFFPEAK, PEAK, VALLEY
+from evgrid.studies import common
+from evgrid.studies.seed002 import combined_scores, user_cost_total
+
+
+def test_each_zone_takes_its_peak_and_valley_from_its_own_base_load():
+    clock = np.array([VALLEY, VALLEY, OFFPEAK, OFFPEAK, PEAK, PEAK])
+    base = np.array([[1, 6], [2, 5], [3, 4], [4, 3], [5, 2], [6, 1]], dtype=float)  # (T, Z): opposite shapes
+    p = mk.load_ranked_periods(base, clock)
+    assert p[:, 0].tolist() == [VALLEY, VALLEY, OFFPEAK, OFFPEAK, PEAK, PEAK]
+    assert p[:, 1].tolist() == [PEAK, PEAK, OFFPEAK, OFFPEAK, VALLEY, VALLEY]
+    with pytest.raises(ValueError, match="clock_period: expected shape"):
+        mk.load_ranked_periods(base, clock[:4])
+    with pytest.raises(ValueError, match="tou_basis: expected one of 'clock', 'base_load'"):
+        mk.MarketConfig(tou_basis="hourly")
+
+
+def test_the_city_prices_each_network_by_its_own_base_load():
+    sim = Sim(load_config("seed002", ["fleet.n_ev=50"]))
+    sim.reset(3)
+    base = sim.base_zone_load_kw()[0]  # (T, Z)
+    tariff = sim.cfg.market.tariff
+    assert not (sim.zone_period[0, :, 0] == sim.zone_period[0, :, 1]).all()
+    for z in range(base.shape[1]):
+        sim.t = int(np.argmax(base[:, z]))
+        assert sim.retail_price()[0, z] == tariff.peak_price_per_kwh
+        sim.t = int(np.argmin(base[:, z]))
+        assert sim.retail_price()[0, z] == tariff.valley_price_per_kwh
+    clock = Sim(load_config("seed002", ["fleet.n_ev=50", "market.tou_basis=clock"]))
+    clock.reset(3)
+    assert (clock.zone_period[0] == clock.day.period[:, None]).all()
+
+
+def test_share_deviation_and_min_max_follow_eqs_16_and_17():
+    base = np.array([[[2.0, 1.0, 1.0], [1.0, 1.0, 1.0]]])  # (E, T, Z)
+    dev = rw.share_deviation(base, np.ones(3))
+    np.testing.assert_allclose(dev[0, 0], [0.5 - 1 / 3, 0.25 - 1 / 3, 0.25 - 1 / 3])
+    np.testing.assert_allclose(dev[0, 1], 0.0, atol=1e-12)
+    norm = rw.min_max(dev, axis=(1, 2))
+    np.testing.assert_allclose(norm[0, 0], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(norm[0, 1], (1 / 3 - 0.25) / (0.5 - 0.25))
+    assert (rw.min_max(np.ones((1, 2, 3)), axis=(1, 2)) == 0).all()
+
+
+def test_station_reward_weighs_charged_energy_by_normalised_price_and_disparity():
+    cfg = load_config("seed002", ["reward.station_w1=0.3", "reward.station_w2=0.7", "reward.station_unmet_per_kwh=2",
+                                  "reward.curtail_per_kwh=1"])
+    layout = SimpleNamespace(n_station=2, station_zone=np.array([0, 1]))
+    tariff = cfg.market.tariff
+    rec = SimpleNamespace(
+        t=1, feeder_load_kw=np.zeros((1, 2)), ev_station=np.array([0, 0, 1]), p_ev_kw=np.array([40.0, 20.0, 60.0]),
+        cut_ev_kw=np.array([0.0, 4.0, 0.0]), progress_kwh=np.array([9.0, 4.5, 13.5]),
+        price_zone=np.array([[tariff.peak_price_per_kwh, tariff.valley_price_per_kwh]]))
+    disparity = np.zeros((1, 3, 2))
+    disparity[0, 1] = [0.25, 1.0]
+    r = rw.station_rewards(rec, cfg, layout, disparity)
+    e_ref = cfg.stations.p_max_kw * 0.25
+    want0 = -((0.3 * 1.0 + 0.7 * 0.25) * 15.0 + 1.0 - 2 * 13.5) / e_ref  # price^ 1 at the peak
+    want1 = -((0.3 * 0.0 + 0.7 * 1.0) * 15.0 - 2 * 13.5) / e_ref  # price^ 0 in the valley
+    np.testing.assert_allclose(r, [[want0, want1]])
+
+
+def test_lbms_assigns_the_requests_of_a_step_one_after_another():
+    xy = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    pos = np.ones((4, 2))  # all equally far from the stations
+    reach = np.full(4, 100.0)
+    load = np.array([100.0, 105.0, 130.0])
+    # every request seeing the same load herds onto station 0
+    assert rt.lbms(pos, reach, xy, load).tolist() == [0, 0, 0, 0]
+    # each one sees what the earlier ones added: 100 -> 150 at 0, then 105 -> 155 at 1, 130 -> 180 at 2 ...
+    assert rt.lbms(pos, reach, xy, load, add_kw=np.full(4, 50.0)).tolist() == [0, 1, 2, 0]
+    # the same across chunk boundaries, and through route() with participation 1
+    assert rt.lbms(pos, reach, xy, load, add_kw=np.full(4, 50.0), chunk_elements=3).tolist() == [0, 1, 2, 0]
+    cfg = rt.RoutingConfig(policy="lbms", participation=1.0, consumption_kwh_per_km=0.01)
+    r = rt.route(pos, np.full(4, 0.5), np.full(4, 60.0), xy, load, cfg, add_kw=np.full(4, 50.0))
+    assert r.station.tolist() == [0, 1, 2, 0]
+    # a request that does not follow LBMS still adds its load where it goes (its nearest station)
+    cfg = rt.RoutingConfig(policy="lbms", participation=0.5, consumption_kwh_per_km=0.01)
+    near = np.array([[0.1, 0.0], [1.0, 1.0]])
+    r = rt.route(near, np.full(2, 0.5), np.full(2, 60.0), xy, load, cfg, np.random.default_rng(0),
+                 add_kw=np.array([50.0, 50.0]))
+    assert r.followed.tolist() == [False, True] and r.station.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="add_kw"):
+        rt.lbms(pos, reach, xy, load, add_kw=np.full(3, 1.0))
+
+
+def test_ddqn_settings_come_from_the_train_section():
+    _, train = load_run_config("seed002")
+    s = _training_settings(train)
+    assert s["double_q"] is True and s["dueling"] is False
+    assert s["epsilon"] == [[0, 1.0], [train.exploration_steps, 0.0]]
+    assert s["target_network_update_freq"] == train.target_update_steps
+    assert s["replay_buffer_config"] == {"type": "MultiAgentEpisodeReplayBuffer", "capacity": train.replay_capacity}
+    prio = _training_settings(TrainConfig(algorithm="DQN"))["replay_buffer_config"]
+    assert prio["type"] == "MultiAgentPrioritizedEpisodeReplayBuffer"
+    with pytest.raises(ValueError, match="replay: expected one of 'prioritized', 'uniform'"):
+        TrainConfig(algorithm="DQN", replay="reservoir")
+    with pytest.raises(ValueError, match="target_update_steps"):
+        TrainConfig(algorithm="DQN", target_update_steps=0)
+
+
+def test_user_cost_adds_the_compensation_for_unmet_energy():
+    assert user_cost_total(100.0, 3.0, 2.0, compensation_per_kwh=1.5) == 107.5
+    assert user_cost_total(100.0, 0.0, 0.0) == 100.0
+
+
+def test_combined_score_reproduces_the_papers_worked_example():
+    cost = {"DRL_Space": 2620.19, "DRL_Cost": 2594.48, "DRL_Both": 2611.23}
+    std = {"DRL_Space": 117.32, "DRL_Cost": 122.78, "DRL_Both": 118.36}
+    s = combined_scores(cost, std)
+    assert s["DRL_Space"] == pytest.approx(1.0) and s["DRL_Cost"] == pytest.approx(1.0)
+    assert s["DRL_Both"] == pytest.approx(1.16, abs=0.005)
+    assert combined_scores({"a": 1.0, "b": 1.0}, {"a": 2.0, "b": 1.0}) == {"a": 0.0, "b": 1.0}
+
+
+def test_the_report_keeps_rows_of_other_ev_counts_apart():
+    rows = [common.row("s", m, 0, "cost", v, n_ev=n) for m, v, n in
+            (("a", 1.0, 1000), ("b", 2.0, 1000), ("a", 5.0, 1250), ("b", 4.0, 1250))]
+    table = common.table_markdown(rows)
+    assert "| cost (n_ev=1000) | a |" in table and "| cost (n_ev=1250) | b |" in table
+
+
+def test_claims_read_the_orderings_off_the_rows():
+    from evgrid.studies import seed002
+
+    cost = {"greedy": 40.0, "DRL_Space": 35.0, "DRL_Cost": 30.0, "DRL_Both": 33.0}
+    std = {"greedy": 150.0, "DRL_Space": 100.0, "DRL_Cost": 140.0, "DRL_Both": 90.0}
+    rows = []
+    for seed in (0, 1):
+        for n_ev in (1000, 1250):
+            rows += [common.row("seed002", m, seed, "user_cost_total", v, n_ev=n_ev, participation=1.0)
+                     for m, v in cost.items()]
+            rows += [common.row("seed002", m, seed, "spatial_std_kw", v, n_ev=n_ev, participation=1.0)
+                     for m, v in std.items()]
+            score = combined_scores({m: cost[m] for m in seed002.STRATEGIES}, {m: std[m] for m in seed002.STRATEGIES})
+            rows += [common.row("seed002", m, seed, "combined_score", v, n_ev=n_ev, participation=1.0)
+                     for m, v in score.items()]
+        for p, k in ((0.0, 3.0), (0.5, 2.0)):
+            rows += [common.row("seed002", m, seed, metric, v * k if metric == "spatial_std_kw" else 1 / k,
+                                n_ev=1000, participation=p)
+                     for m, v in std.items() for metric in ("spatial_std_kw", "slvtpr")]
+    rows += [common.row("seed002", m, s, "slvtpr", 1.0, n_ev=1000, participation=1.0) for m in cost for s in (0, 1)]
+    holds = {c.text.split(" (ours")[0]: c.holds for c in seed002._claims(rows, (0, 1))}
+    assert holds["1000 EVs: greedy has the highest user cost"] and holds["1250 EVs: DRL_Cost has the lowest user cost"]
+    assert not holds["1000 EVs: DRL_Space has the lowest spatial load std"]  # DRL_Both's is lower
+    assert holds["1250 EVs: DRL_Both has the best combined score"]
+    assert holds["1000 EVs, greedy: spatial_std_kw falls as participation rises from 0% to 100% (every step)"]
+    assert holds["1000 EVs, DRL_Cost: slvtpr rises as participation rises from 0% to 100% (every step)"]
+    assert "holds in 2/2 seeds" in seed002._claims(rows, (0, 1))[0].text
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The whole quick pipeline once: DDQN for the three reward weightings at 1,000 and 1,250 EVs, greedy
+    beside them, the participation sweep (about 3 min on 2 cores)."""
+    return common.reproduce("seed002", quick=True, out=tmp_path_factory.mktemp("seed002"), address=None)
+
+
+@pytest.mark.slow
+def test_seed002_quick_reproduction_writes_every_method_metric_and_figure(quick_run):
+    rows = pq.read_table(quick_run / "results.parquet").to_pandas()
+    assert {"n_ev", "participation"} <= set(rows.columns)
+    assert set(rows.method) == {"greedy", "DRL_Space", "DRL_Cost", "DRL_Both"}
+    assert {"slvtpr", "spatial_std_kw", "user_cost_total", "combined_score"} <= set(rows.metric)
+    assert set(rows.n_ev) == {1000, 1250} and {0.0, 1.0} <= set(rows.participation)
+    paper = rows[(rows.method == "DRL_Both") & (rows.metric == "user_cost_total") & (rows.n_ev == 1000)
+                 & (rows.participation == 1.0)]
+    assert paper.paper_value.tolist() == [2611.23]
+    assert not rows[rows.method == "greedy"].metric.isin(["combined_score"]).any()
+    report = (quick_run / "report.md").read_text(encoding="utf-8")
+    for name in ("training.png", "ev_distribution.png", "strategies.png", "participation.png"):
+        assert (quick_run / name).stat().st_size > 10_000 and f"]({name})" in report
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="at the quick budget (and at the full one, README) the DDQN stations leave "
+                                        "more energy unmet than greedy: the paper's orderings do not hold yet")
+def test_seed002_quick_reproduction_holds_the_papers_orderings(quick_run):
+    report = (quick_run / "report.md").read_text(encoding="utf-8")
+    for claim in ("greedy has the highest user cost", "DRL_Cost has the lowest user cost",
+                  "DRL_Space has the lowest spatial load std", "DRL_Both has the best combined score"):
+        for n_ev in (1000, 1250):
+            assert f"- ✓ {n_ev} EVs: {claim}" in report, (claim, n_ev)
+    for method in ("greedy", "DRL_Space", "DRL_Cost", "DRL_Both"):
+        assert f"- ✓ 1000 EVs, {method}: spatial_std_kw falls as participation rises" in report, method
