@@ -242,6 +242,8 @@ class SlotScoreDQNModule(MaskedDQNModule):
 
     def setup(self) -> None:
         super().setup()
+        if self.uses_dueling or self.num_atoms > 1:
+            raise ValueError("policy: 'slots' DQN has one Q-value per slot; expected dueling False and num_atoms 1")
         self.encoder = torch.nn.Identity()
         self.af = _slot_head(self.observation_space, int(self.action_space.n))
 
