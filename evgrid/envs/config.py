@@ -80,8 +80,10 @@ class RewardConfig:
     """Station: seed 002's w1, normalised price cost."""
     station_w2: float = 1.0
     """Station: seed 002's w2, normalised load disparity between networks (zones on one feeder)."""
-    station_unmet_per_kwh: float = 0.2
-    """Station: penalty per kWh its EVs miss at departure (paid per step as progress)."""
+    station_unmet_per_kwh: float = 2.5
+    """Station: penalty per kWh its EVs miss at departure (paid per step as progress).  Above station_w1 +
+    station_w2, each charged kWh's largest cost, or withholding charge beats charging at the dearest steps (at
+    0.2 the quickstart's stations learned to charge nothing)."""
     operator_profit: float = 1.0
     """Operator: weight of its zone profit (EV revenue minus purchase, diesel, carbon and curtailment costs), per 1000 currency."""
     operator_peak_valley: float = 1.0
