@@ -154,7 +154,8 @@ def test_ppo_beats_random_on_held_out_days(ray_local):
     finally:
         agent.stop()
     mean = {k: np.mean([r.total_reward.mean() for r in v]) for k, v in out.items()}
-    assert returns[-1] > returns[0] + 20, returns  # it learns: the training return per node climbs
+    finite = [r for r in returns if math.isfinite(r)]  # NaN until the first episodes end (8 envs per runner)
+    assert finite[-1] > finite[0] + 20, returns  # it learns: the training return per node climbs
     assert mean["PPO drawn"] > mean["random"] + 10 and mean["greedy"] > mean["PPO drawn"], mean
 
 
