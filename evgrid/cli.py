@@ -97,8 +97,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_train(args: argparse.Namespace) -> int:
-    """The main job: train the quickstart's operators, stations and grouped EVs, then compare them with
-    uncontrolled and TOU charging and the perfect-foresight oracle on the same seeds."""
+    """The main job: train the demo config's grouped EVs (the quickstart's day; imitation of the oracle, then
+    PPO), then compare them with uncontrolled and TOU charging and the perfect-foresight oracle on the same
+    seeds."""
     import pandas as pd
 
     from evgrid.cluster.runtime import ray_output_to, train
@@ -394,11 +395,11 @@ def _add_bench(sub: Any) -> None:
 
 
 def _add_training(sub: Any) -> None:
-    d = _subparser(sub, "demo", "train the quickstart and compare with baselines (or: demo powerflow)",
+    d = _subparser(sub, "demo", "train the demo's EVs and compare with baselines (or: demo powerflow)",
                    _check_demo, _run_demo)
     d.add_argument("what", nargs="?", default="train", choices=["train", "powerflow"],
                    help="train (default): the main job; powerflow: IEEE 33 vs pandapower and a short benchmark")
-    d.add_argument("--config", default="quickstart", help="experiment YAML or shipped name (default quickstart)")
+    d.add_argument("--config", default="demo", help="experiment YAML or shipped name (default demo)")
     d.add_argument("--episodes", type=_int_in(1, 10_000), default=3, help="evaluation episodes per policy")
 
     t = _subparser(sub, "train", "train the learned levels with RLlib (Ray embedded, or --address a cluster)",

@@ -176,8 +176,10 @@ def experiment_path(source: str | os.PathLike[str]) -> Path:
                       f"{', '.join(experiment_names())})")
 
 
-def read_yaml(source: str | os.PathLike[str]) -> dict[str, Any]:
-    """The mapping of sections in a config file (or a shipped experiment, :func:`experiment_path`)."""
+def read_yaml(source: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of sections in a config file (or a shipped experiment, :func:`experiment_path`).  A top-level
+    ``base:`` names another config (a path, relative to this file's folder where it is one there, or a shipped
+    name) whose sections this file's merge into, key by key."""
     path = experiment_path(source)
     try:
         with open(path, encoding="utf-8") as fh:
@@ -194,4 +196,16 @@ def read_yaml(source: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config: {os.fspath(source)!r} must hold a mapping of sections, got "
                           f"{type(data).__name__}")
-    return data
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"base: expected the path or shipped name of a config, got {base!r} in "
+                          f"{os.fspath(source)!r}")
+    seen = (*_seen, path.resolve())
+    sibling = path.parent / base
+    base_path = experiment_path(sibling if sibling.is_file() else base)
+    if base_path.resolve() in seen:
+        raise ConfigError(f"base: {base!r} in {os.fspath(source)!r} leads back to a config that names it "
+                          f"(a cycle)")
+    return merge(read_yaml(base_path, seen), data)

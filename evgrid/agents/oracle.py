@@ -146,6 +146,13 @@ def plan_episode(sim: Sim, life: Lifecycle) -> Plan:
     return Plan(p_kw, start, planned, tuple(results), fixed, time.perf_counter() - t0, storage_kw)
 
 
+def plan_day(sim: Sim, seed: int) -> Plan:
+    """The plan of day ``seed`` (one round: the sessions as they come under the rules); leaves ``sim`` reset to
+    that day, ready to replay it."""
+    sim.reset(seed)
+    return plan_episode(sim, _first_pass(sim, seed))
+
+
 def _sessions(cfg: EnvConfig, sim: Sim, life: Lifecycle, idx: IntArray, bus0: int) -> opf.Sessions:
     s, dt_h = sim.day.sessions, sim.dt_h
     m = sim.layout.n_station
@@ -310,9 +317,10 @@ def actions(plan: Plan, sim: Sim) -> SimActions:
 
 def oracle_config(cfg: EnvConfig) -> EnvConfig:
     """The configuration the oracle replays in: operators and stations on their rules (the TOU tariff, the
-    station's full allowance), the EVs driven by the plan; routing as configured."""
+    station's full allowance), the EVs driven by the plan (no shield: the plan meets every reachable target);
+    routing as configured."""
     return load_config(cfg, {"agents": {"operator": "rule", "station": "rule", "ev_view": "rule",
-                                        "ev_rule": "uncontrolled"}})
+                                        "ev_rule": "uncontrolled", "ev_shield": "none"}})
 
 
 def oracle_episodes(cfg: EnvConfig, seeds: Iterable[int], log_dir=None) -> Iterator[tuple[dict, Plan]]:

@@ -255,7 +255,7 @@ def train(config: Any = None, overrides: Iterable[str] = (), *, address: str | N
                     ", ".join(sorted(unset)), plan.train.seed)
     plan.run_dir.mkdir(parents=True, exist_ok=plan.resume)
     exp = Experiment(plan.env, plan.train, plan.run_dir, grid_factory=powerflow_factory(plan.train),
-                     callbacks=[ProgressBar(plan.train.iterations)] if progress else [])
+                     callbacks=[ProgressBar(plan.train.iterations)] if progress else [], progress=progress)
     with ray_output_to(plan.run_dir / "logs" / "ray.log" if ray_log else None), connect(address, pinned=True):
         shards = start_powerflow_actors(plan.env, plan.train)
         with exp:

@@ -25,6 +25,7 @@ from evgrid.grid.opf import EV_MODELS, FORMULATIONS, METHODS, SOFT_PENALTY, SOLV
 LEVEL_MODES = ("learned", "rule")
 EV_VIEWS = ("individual", "grouped", "rule")
 EV_RULES = ("uncontrolled", "tou", "random")
+EV_SHIELDS = ("none", "deadline")
 OPERATOR_RULES = ("tou",)
 OPERATOR_ACTIONS = ("multiplier", "level")
 ORACLE_OBJECTIVES = ("operator_cost", "peak_valley")
@@ -48,6 +49,10 @@ class AgentsConfig:
     """Rule for EVs when ``ev_view`` is ``rule``: ``uncontrolled`` (full power on arrival), ``tou`` (wait for the valley) or ``random``."""
     ev_slots: int | None = None
     """Padded EV slots per station in the grouped view (None: the station's ports), 1..4096."""
+    ev_shield: str = "none"
+    """Learned EVs' safety layer: ``deadline`` makes an EV that would miss its target by waiting one more step
+    charge at full power whatever its agent asked (the TOU rule's own fallback, applied to the agents'
+    actions) and holds back a discharge after which it would; or ``none``."""
     storage_rule: str = "idle"
     """Rule for the stationary storage (``storage``) of rule operators: ``idle`` (0 kW) or ``tou`` (charge in the
     tariff's valley, discharge in its peak, as fast as the bounds allow).  Learned operators set it themselves."""
@@ -59,6 +64,7 @@ class AgentsConfig:
         check_choice("station", self.station, LEVEL_MODES)
         check_choice("ev_view", self.ev_view, EV_VIEWS)
         check_choice("ev_rule", self.ev_rule, EV_RULES)
+        check_choice("ev_shield", self.ev_shield, EV_SHIELDS)
         if self.ev_slots is not None:
             check_int("ev_slots", self.ev_slots, 1, 4096)
         check_choice("storage_rule", self.storage_rule, STORAGE_RULES)

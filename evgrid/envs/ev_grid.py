@@ -443,7 +443,9 @@ EVGridEnv.__doc__ = f"""Multi-agent EV charging on a distribution feeder with a 
       ``equal``), the share of its EVs that may charge (``llf``), or each EV's power level (``cap``).
     * ev: ``Dict(mode=Discrete(3), power=Box(0, 1, (1,)))``; mode 0 charge, 1 idle, 2 discharge; power is a
       fraction of the charger's limit.  Physical bounds always hold: a full battery does not charge, a
-      non-V2G EV does not discharge (the action becomes idle).
+      non-V2G EV does not discharge (the action becomes idle).  With ``agents.ev_shield: deadline`` an EV
+      that would miss its target by waiting one more step charges at full power whatever the action, and a
+      discharge after which it would becomes idle.
     * evs (grouped): ``Dict(mode=MultiDiscrete([3] * slots), power=Box(0, 1, (slots,)))``; empty slots are
       ignored.
 

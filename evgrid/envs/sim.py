@@ -186,6 +186,13 @@ def _slots(day: Day, fleet: FleetState, t: int, dt_h: float, idx: IntArray,
     return fl.charge_slots(need_kwh, s.p_ch_max_kw[idx], s.eta_ch[idx], dt_h), fleet.dep_step[idx] - t
 
 
+def _must_charge(day: Day, fleet: FleetState, t: int, dt_h: float, idx: IntArray, need_kwh: FloatArray) -> BoolArray:
+    """Sessions ``idx`` that would miss their target by waiting one more step (the TOU rule's fallback and the
+    deadline shield's trigger)."""
+    c, e = _slots(day, fleet, t, dt_h, idx, need_kwh)
+    return c >= e - 1
+
+
 # ---------------------------------------------------------------------- phase 1: requests
 
 
@@ -206,7 +213,8 @@ class Requests(NamedTuple):
 
 def requests(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int, act: SimActions,
              multiplier: FloatArray) -> Requests:
-    """Phase 1: the learned EVs' actions, or the EV rule, turned into power requests within the bounds."""
+    """Phase 1: the learned EVs' actions (with ``agents.ev_shield``), or the EV rule, turned into power requests
+    within the bounds."""
     s, dt_h = day.sessions, cfg.dt_min / 60.0
     idx = np.flatnonzero(fleet.status == PLUGGED)
     env, stn = day.env[idx], fleet.station[idx]
@@ -218,6 +226,8 @@ def requests(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int
             idx, act.ev_mode, frac, fleet.soc, s.soc_target, s.cap_kwh, s.p_ch_max_kw, s.p_dis_max_kw, s.eta_ch,
             s.eta_dis, s.v2g, cfg.fleet.v2g_soc_min, dt_h)
         need_rate = need / (s.eta_ch[idx] * dt_h)
+        if cfg.agents.ev_shield == "deadline":
+            req = _deadline_shield(day, fleet, t, dt_h, idx, need, np.minimum(p_ch_av, need_rate), req)
     else:
         p_ch_av, p_dis_av = _bounds(cfg, day, fleet, idx)
         need = fl.need_kwh(fleet.soc[idx], s.soc_target[idx], s.cap_kwh[idx])
@@ -231,6 +241,20 @@ def requests(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int
     return Requests(idx, env, stn, bus, zone, p_ch_av, p_dis_av, need, req, forced)
 
 
+def _deadline_shield(day: Day, fleet: FleetState, t: int, dt_h: float, idx: IntArray, need_kwh: FloatArray,
+                     full_kw: FloatArray, req_kw: FloatArray) -> FloatArray:
+    """``agents.ev_shield: deadline``: an EV that would miss its target by waiting one more step charges at
+    ``full_kw``, and a discharge after which it would is held back (idle), so an EV whose target was within
+    reach on arrival still reaches it, whatever its agent asks (unless its station or the grid curtail it)."""
+    s = day.sessions
+    req = np.where(_must_charge(day, fleet, t, dt_h, idx, need_kwh), np.maximum(req_kw, full_kw), req_kw)
+    discharging = req < 0.0
+    if discharging.any():
+        after = need_kwh - fl.battery_kwh(np.minimum(req, 0.0), s.eta_ch[idx], s.eta_dis[idx], dt_h)
+        req = np.where(discharging & _must_charge(day, fleet, t + 1, dt_h, idx, after), 0.0, req)
+    return req
+
+
 def _rule_requests(cfg: EnvConfig, day: Day, fleet: FleetState, t: int, idx: IntArray, need_kwh: FloatArray,
                    full_kw: FloatArray, multiplier: FloatArray) -> FloatArray:
     """Power each plugged rule EV asks for (kW, >= 0, at most ``full_kw``: its bound and what reaches its
@@ -241,8 +265,7 @@ def _rule_requests(cfg: EnvConfig, day: Day, fleet: FleetState, t: int, idx: Int
         u = np.concatenate([day.rng_rule[e].random(int(n)) for e, n in enumerate(counts)])
         return full_kw * u
     if rule == "tou":
-        c, e = _slots(day, fleet, t, cfg.dt_min / 60.0, idx, need_kwh)
-        must = c >= e - 1  # waiting one more step would miss the target
+        must = _must_charge(day, fleet, t, cfg.dt_min / 60.0, idx, need_kwh)
         req = np.where((day.period[t] == VALLEY) | must, full_kw, 0.0)
     else:
         req = full_kw

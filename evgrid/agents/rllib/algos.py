@@ -117,6 +117,16 @@ class TrainConfig:
     1..1,000,000,000."""
     dueling: bool = True
     """DQN: a dueling head (RLlib's default); false: the plain Q-head of seed 002's DDQN."""
+    imitation_days: int = 0
+    """Grouped EVs with PPO or IMPALA: days of the perfect-foresight oracle's schedules the EV module imitates
+    (behaviour cloning, :mod:`evgrid.agents.rllib.imitation`) before the first iteration, 0..100,000 (0: none)."""
+    imitation_seed: int = 1_000_000
+    """Seed of the first demonstration day (then +1 per day), 0..2^62: keep it apart from the evaluation days
+    (the config's ``seed`` onwards)."""
+    imitation_epochs: int = 30
+    """Passes of behaviour cloning over the demonstrations, 1..10,000."""
+    imitation_lr: float = 1e-3
+    """Learning rate of behaviour cloning (Adam), (0, 1]."""
 
     def __post_init__(self) -> None:
         if isinstance(self.algorithm, str) and self.algorithm in _REFUSED:
@@ -165,6 +175,10 @@ class TrainConfig:
         check_choice("replay", self.replay, REPLAYS)
         check_int("target_update_steps", self.target_update_steps, 1, 10**9)
         check_bool("dueling", self.dueling)
+        check_int("imitation_days", self.imitation_days, 0, 100_000)
+        check_int("imitation_seed", self.imitation_seed, 0, 2**62)
+        check_int("imitation_epochs", self.imitation_epochs, 1, 10_000)
+        check_real("imitation_lr", self.imitation_lr, 0.0, 1.0, lo_open=True)
 
 
 def _check_widths(name: str, widths: Any) -> None:
@@ -223,6 +237,10 @@ def check_run(env: EnvConfig, train: TrainConfig, fixed_operators: bool = False)
                               "operator picks a (price level, storage level) pair; use PPO, or drop storage")
     if train.algorithm in HYBRID_ALGORITHMS:
         _check_hybrid_levels(train.algorithm, learned)
+    if train.imitation_days and (env.agents.ev_view != "grouped" or train.algorithm not in ("PPO", "IMPALA")):
+        raise ConfigError(f"train.imitation_days: the oracle's schedules are imitated by grouped EVs trained with "
+                          f"PPO or IMPALA, got agents.ev_view {env.agents.ev_view!r} and train.algorithm "
+                          f"{train.algorithm!r}; set imitation_days: 0")
 
 
 def _check_hybrid_levels(algorithm: str, learned: list[str]) -> None:

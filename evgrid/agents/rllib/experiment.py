@@ -13,6 +13,7 @@ With a run directory the experiment writes there (:class:`RunRecorder`)::
     metrics.parquet              one row per iteration and module (IterationSummary.rows)
     learning_curves.png          mean episode return per module
     summary.md                   the last iteration's returns and agent steps
+    imitation.json               with train.imitation_days: the oracle days cloned, the loss per epoch, times
 
 Ray must be running (``evgrid.cluster.runtime.connect``) before :meth:`Experiment.setup`.
 """
@@ -196,11 +197,16 @@ class Experiment:
         callbacks: :class:`ExperimentCallback` objects, told in order.
         operator_policy: a picklable :class:`evgrid.envs.ev_grid.OperatorPolicy` acting for the operators
             (``agents.operator: learned``) in training and :meth:`evaluate`; they are then not trained.
+        progress: progress bars on stderr for the work before the first iteration (``train.imitation_days``).
+
+    With ``train.imitation_days``, :meth:`setup` first clones the oracle into the EV module
+    (:mod:`evgrid.agents.rllib.imitation`), unless the experiment continues from a checkpoint (:meth:`restore`).
     """
 
     def __init__(self, env: EnvConfig, train: TrainConfig, run_dir: str | os.PathLike[str] | None = None, *,
                  grid_factory: Callable[..., Any] | None = None,
-                 callbacks: Iterable[ExperimentCallback] = (), operator_policy: Any = None) -> None:
+                 callbacks: Iterable[ExperimentCallback] = (), operator_policy: Any = None,
+                 progress: bool = False) -> None:
         check_run(env, train, operator_policy is not None)
         self.operator_policy = operator_policy
         self.env_config = env
@@ -212,6 +218,8 @@ class Experiment:
         self.iteration = 0
         self._t0 = time.perf_counter()
         self._eval_modules: Any = None
+        self.progress = progress
+        self._warm = train.imitation_days == 0  # False: the EV module still has to imitate the oracle
 
     def setup(self) -> Experiment:
         """Register the env and build the algorithm (once); with a run directory, write its ``config.yaml``."""
@@ -224,6 +232,8 @@ class Experiment:
         register_env(ENV_NAME)
         self.algo = algo_config(self.env_config, self.train_config, ENV_NAME, self.grid_factory,
                                 self.operator_policy).build_algo()
+        if not self._warm:
+            self._imitate()
         for cb in self.callbacks:
             cb.on_setup(self)
         return self
@@ -269,11 +279,29 @@ class Experiment:
         """Load a checkpoint (or a run directory's last one); returns the iteration it continues from (from
         the ``iter_<n>`` name; 0 for other names)."""
         ckpt = checkpoint_dir(path)
+        self._warm = True  # the checkpoint's modules replace whatever a warm start would give
         self.setup().algo.restore_from_path(str(ckpt.resolve()))
         found = _CHECKPOINT.fullmatch(ckpt.name)
         self.iteration = int(found[1]) if found else 0
         log.info("restored %s at iteration %d", ckpt, self.iteration)
         return self.iteration
+
+    def _imitate(self) -> None:
+        """Clone the oracle into the learner's EV module and send it to the env runners."""
+        import json
+
+        from evgrid.agents.rllib.imitation import imitate
+
+        module = self.modules()["ev"]
+        report = imitate(module, self.env_config, self.train_config, self.progress)
+        weights = self.algo.learner_group.get_weights()
+        weights["ev"] = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+        self.algo.learner_group.set_weights(weights)
+        self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
+                                                inference_only=True)
+        self._warm = True
+        if self.run_dir is not None:
+            (self.run_dir / "imitation.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
 
     def modules(self) -> Any:
         """The learners' modules as they are now, copied into a ``MultiRLModule`` in this process."""

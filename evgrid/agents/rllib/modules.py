@@ -85,11 +85,17 @@ class SlotDistribution(Distribution):
         return self._lbeta
 
     def logp(self, value: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
-        power = value["power"].to(self.conc.dtype).clamp(_EPS, 1.0 - _EPS)
-        lp_mode = self.log_probs.gather(0, value["mode"].long().unsqueeze(0)).squeeze(0)
+        return ((self.mode_logp(value["mode"]) + self.power_logp(value["power"])) * self.mask).sum(-1)
+
+    def mode_logp(self, mode: torch.Tensor) -> torch.Tensor:
+        """``[..., S]`` log-probability of each slot's mode."""
+        return self.log_probs.gather(0, mode.long().unsqueeze(0)).squeeze(0)
+
+    def power_logp(self, power: torch.Tensor) -> torch.Tensor:
+        """``[..., S]`` log-density of each slot's power fraction."""
+        power = power.to(self.conc.dtype).clamp(_EPS, 1.0 - _EPS)
         a, b = self.conc
-        lp_power = (a - 1.0) * torch.log(power) + (b - 1.0) * torch.log1p(-power) - self._log_beta_fn()
-        return ((lp_mode + lp_power) * self.mask).sum(-1)
+        return (a - 1.0) * torch.log(power) + (b - 1.0) * torch.log1p(-power) - self._log_beta_fn()
 
     def entropy(self) -> torch.Tensor:
         h_mode = -(self.log_probs.exp() * self.log_probs).sum(0)
