@@ -190,13 +190,23 @@ def test_seed002_quick_reproduction_writes_every_method_metric_and_figure(quick_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="at the quick budget (and at the full one, README) the DDQN stations leave "
-                                        "more energy unmet than greedy: the paper's orderings do not hold yet")
-def test_seed002_quick_reproduction_holds_the_papers_orderings(quick_run):
+def test_seed002_quick_reproduction_holds_greedys_cost_and_the_participation_trend(quick_run):
+    """With the deadline shield the learned stations leave no more energy unmet than greedy, so charging later
+    and cheaper makes every DRL strategy's users pay less than greedy's; and balance improves with
+    participation for every strategy."""
     report = (quick_run / "report.md").read_text(encoding="utf-8")
-    for claim in ("greedy has the highest user cost", "DRL_Cost has the lowest user cost",
-                  "DRL_Space has the lowest spatial load std", "DRL_Both has the best combined score"):
-        for n_ev in (1000, 1250):
-            assert f"- ✓ {n_ev} EVs: {claim}" in report, (claim, n_ev)
+    for n_ev in (1000, 1250):
+        assert f"- ✓ {n_ev} EVs: greedy has the highest user cost" in report, n_ev
     for method in ("greedy", "DRL_Space", "DRL_Cost", "DRL_Both"):
         assert f"- ✓ 1000 EVs, {method}: spatial_std_kw falls as participation rises" in report, method
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="at the quick budget (and at the full one, README) the DRL strategies do "
+                                        "not order among themselves as the paper's, and greedy balances best")
+def test_seed002_quick_reproduction_orders_the_drl_strategies_as_the_paper(quick_run):
+    report = (quick_run / "report.md").read_text(encoding="utf-8")
+    for claim in ("DRL_Cost has the lowest user cost", "DRL_Space has the lowest spatial load std",
+                  "DRL_Both has the best combined score"):
+        for n_ev in (1000, 1250):
+            assert f"- ✓ {n_ev} EVs: {claim}" in report, (claim, n_ev)

@@ -131,15 +131,16 @@ def test_equal_share_rejects_stations_it_cannot_index(stn):
         st.equal_share(np.array([1.0, 2.0]), stn, np.array([1.0, 1.0, 1.0]))
 
 
-def _ref_llf(req, stn, cap, frac, c, e):
-    """Per station, Python's sort by (-urgency, e, row); the first round(fraction * n) charge while the
-    running sum (in that order) stays within the limit."""
+def _ref_llf(req, stn, cap, frac, c, e, always_on=None):
+    """Per station, Python's sort by (-urgency, e, row); the first round(fraction * n), and those always_on
+    marks, charge while their running sum (in that order) stays within the limit."""
     urg = [(-1.0 if ci <= 0 else (ci / ei if ei > 0 else np.inf)) for ci, ei in zip(c, e)]
     out = np.zeros(len(req))
     for s in range(cap.shape[0]):
         rows = sorted(np.flatnonzero(stn == s), key=lambda i: (-urg[i], e[i], i))
+        n_on = int(np.rint(frac[s] * len(rows)))
         cum = 0.0
-        for i in rows[:int(np.rint(frac[s] * len(rows)))]:
+        for i in [i for k, i in enumerate(rows) if k < n_on or (always_on is not None and always_on[i])]:
             cum += req[i]
             if cum <= cap[s] * (1 + 1e-12):
                 out[i] = req[i]
@@ -148,15 +149,16 @@ def _ref_llf(req, stn, cap, frac, c, e):
 
 @settings(max_examples=300, deadline=None)
 @given(seed=hst.integers(0, 2**32 - 1), n=hst.integers(0, 300), m=hst.integers(1, 12), levels=hst.booleans(),
-       skew=hst.booleans())
-def test_llf_matches_sorted_reference(seed, n, m, levels, skew):
+       skew=hst.booleans(), forced=hst.booleans())
+def test_llf_matches_sorted_reference(seed, n, m, levels, skew, forced):
     rng = np.random.default_rng(seed)
     req, stn, cap = _random_fleet(rng, n, m, levels, skew)
     frac = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], cap.shape[0])
     c = rng.integers(-2, 12, n)
     e = rng.integers(-3, 20, n)
-    out = st.llf_dispatch(req, stn, cap, frac, c, e)
-    np.testing.assert_array_equal(out, _ref_llf(req, stn, cap, frac, c, e))
+    always_on = rng.random(n) < 0.2 if forced else None  # the deadline shield's EVs
+    out = st.llf_dispatch(req, stn, cap, frac, c, e, always_on)
+    np.testing.assert_array_equal(out, _ref_llf(req, stn, cap, frac, c, e, always_on))
 
 
 @settings(max_examples=200, deadline=None)

@@ -50,9 +50,10 @@ class AgentsConfig:
     ev_slots: int | None = None
     """Padded EV slots per station in the grouped view (None: the station's ports), 1..4096."""
     ev_shield: str = "none"
-    """Learned EVs' safety layer: ``deadline`` makes an EV that would miss its target by waiting one more step
-    charge at full power whatever its agent asked (the TOU rule's own fallback, applied to the agents'
-    actions) and holds back a discharge after which it would; or ``none``."""
+    """Safety layer over the learned levels' charging decisions: ``deadline`` makes an EV that would miss its
+    target by waiting one more step charge at full power whatever its agent asked (the TOU rule's own fallback)
+    and holds back a discharge after which it would; under ``stations.dispatch: llf`` such an EV also charges
+    whatever share of EVs its (learned) station lets charge; or ``none``."""
     storage_rule: str = "idle"
     """Rule for the stationary storage (``storage``) of rule operators: ``idle`` (0 kW) or ``tou`` (charge in the
     tariff's valley, discharge in its peak, as fast as the bounds allow).  Learned operators set it themselves."""

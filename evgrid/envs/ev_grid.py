@@ -440,7 +440,9 @@ EVGridEnv.__doc__ = f"""Multi-agent EV charging on a distribution feeder with a 
       and SOC bounds hold, what they hold back is recorded): ``Box([multiplier_min, -1], [multiplier_max, 1])``,
       or ``MultiDiscrete([len(price_levels), len(storage.levels)])``.
     * station: ``Discrete(len(fraction_levels))``: its power limit as a share of ``p_max_kw`` (dispatch
-      ``equal``), the share of its EVs that may charge (``llf``), or each EV's power level (``cap``).
+      ``equal``), the share of its EVs that may charge (``llf``; with ``agents.ev_shield: deadline`` an EV
+      that would miss its target by waiting one more step charges whatever the share), or each EV's power
+      level (``cap``).
     * ev: ``Dict(mode=Discrete(3), power=Box(0, 1, (1,)))``; mode 0 charge, 1 idle, 2 discharge; power is a
       fraction of the charger's limit.  Physical bounds always hold: a full battery does not charge, a
       non-V2G EV does not discharge (the action becomes idle).  With ``agents.ev_shield: deadline`` an EV

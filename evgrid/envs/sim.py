@@ -189,8 +189,12 @@ def _slots(day: Day, fleet: FleetState, t: int, dt_h: float, idx: IntArray,
 def _must_charge(day: Day, fleet: FleetState, t: int, dt_h: float, idx: IntArray, need_kwh: FloatArray) -> BoolArray:
     """Sessions ``idx`` that would miss their target by waiting one more step (the TOU rule's fallback and the
     deadline shield's trigger)."""
-    c, e = _slots(day, fleet, t, dt_h, idx, need_kwh)
-    return c >= e - 1
+    return _due(*_slots(day, fleet, t, dt_h, idx, need_kwh))
+
+
+def _due(c_slots: IntArray, e_slots: IntArray) -> BoolArray:
+    """Remaining charge slots that no longer fit in the parking slots left after one more idle step."""
+    return c_slots >= e_slots - 1
 
 
 # ---------------------------------------------------------------------- phase 1: requests
@@ -321,7 +325,10 @@ def dispatch(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int
     out = np.where(forced, charge, 0.0)
     if sc.dispatch == "llf":
         c, e = _slots(day, fleet, t, cfg.dt_min / 60.0, req.idx[free], req.need_kwh[free])
-        out[free] = st.llf_dispatch(charge[free], stn[free], cap, frac if frac is not None else np.ones(n_st), c, e)
+        # the deadline shield overrides a learned station's fraction for its EVs at their deadline
+        due = _due(c, e) & (c > 0) if cfg.agents.ev_shield == "deadline" else None
+        out[free] = st.llf_dispatch(charge[free], stn[free], cap, frac if frac is not None else np.ones(n_st), c, e,
+                                    due)
     else:
         out[free] = st.equal_share(charge[free], stn[free], cap)
     return out + np.minimum(req.req_kw, 0.0)

@@ -225,9 +225,10 @@ def equal_share(req_kw: npt.NDArray[np.float64], station: npt.NDArray[np.int64],
 
 def llf_dispatch(req_kw: npt.NDArray[np.float64], station: npt.NDArray[np.int64], cap_kw: npt.NDArray[np.float64],
                  fraction: npt.NDArray[np.float64], c_slots: npt.NDArray[np.int64],
-                 e_slots: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-    """On/off LLF: per station, the ``round(fraction * n)`` most urgent EVs charge at their request
-    while the cumulative power stays within ``cap_kw``; everyone else gets 0.
+                 e_slots: npt.NDArray[np.int64],
+                 always_on: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.float64]:
+    """On/off LLF: per station, the ``round(fraction * n)`` most urgent EVs, and those ``always_on`` marks,
+    charge at their request while the cumulative power stays within ``cap_kw``; everyone else gets 0.
 
     ``fraction`` (n_station_total,) in [0, 1]; urgency ``c / e`` (an EV with ``e <= 0`` is most urgent).
     """
@@ -245,8 +246,11 @@ def llf_dispatch(req_kw: npt.NDArray[np.float64], station: npt.NDArray[np.int64]
     n_present = np.bincount(station, minlength=cap_kw.shape[0])
     n_on = np.rint(fraction * n_present).astype(np.int64)
     r_sorted = req_kw[order]
-    cum = _segment_cumsum(r_sorted, starts)
-    on = (rank < n_on[s_sorted]) & (cum <= cap_kw[s_sorted] * (1 + 1e-12))
+    chosen = rank < n_on[s_sorted]
+    if always_on is not None:
+        chosen |= always_on[order]
+    cum = _segment_cumsum(np.where(chosen, r_sorted, 0.0), starts)  # the chosen EVs ranked up to each
+    on = chosen & (cum <= cap_kw[s_sorted] * (1 + 1e-12))
     out[order] = np.where(on, r_sorted, 0.0)
     return out
 
