@@ -489,6 +489,7 @@ def test_training_survives_the_power_flow_actor_being_killed(tmp_path, ray_local
             ray.kill(h, no_restart=True)
 
 
+@pytest.mark.slow  # ~40 s: the default suite stays under ~10 min on 2 cores
 def test_sweep_grid_times_seeds_lands_in_one_table(tmp_path, ray_local):
     import pandas as pd
 
@@ -508,6 +509,7 @@ def test_sweep_grid_times_seeds_lands_in_one_table(tmp_path, ray_local):
     assert (tmp_path / "logs" / "ray.log").is_file()
 
 
+@pytest.mark.slow  # ~40 s: the default suite stays under ~10 min on 2 cores
 def test_training_and_actor_benchmarks_report_their_fields(ray_local, tmp_path, monkeypatch):
     """`evgrid bench train` and `bench actor` (tiny budgets, from any directory): the JSON fields the targets
     are read from."""
