@@ -3,6 +3,7 @@ demo built on them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from ray.rllib.core.columns import Columns
 
 from evgrid.agents import oracle
 from evgrid.agents.baselines import BaselinePolicy
-from evgrid.agents.rllib import imitation
+from evgrid.agents.rllib import imitation, pdqn
 from evgrid.agents.rllib.algos import load_run_config
 from evgrid.agents.rllib.experiment import Experiment
 from evgrid.agents.rllib.modules import module_specs
@@ -130,6 +131,21 @@ def test_cloning_fits_the_oracles_modes_and_returns(demos):
     assert r2_after > 0.5 > r2_before, (r2_before, r2_after)
 
 
+@contextlib.contextmanager
+def _restored_without_imitating(monkeypatch, env_cfg, train_cfg, run):
+    """An experiment restored from ``run`` (at iteration 1); fitting the demonstrations again fails the test."""
+    def refuse(*a, **k):
+        raise AssertionError("a restored experiment imitated again")
+
+    monkeypatch.setattr(imitation, "imitate", refuse)
+    restored = Experiment(env_cfg, train_cfg)
+    try:
+        assert restored.restore(run) == 1
+        yield restored
+    finally:
+        restored.close()
+
+
 def test_experiment_warm_starts_learner_and_runners_and_a_restore_does_not(tmp_path, ray_local, demos,
                                                                          monkeypatch):
     env_cfg, train_cfg = load_run_config("demo", DEMO_SMALL)
@@ -150,20 +166,99 @@ def test_experiment_warm_starts_learner_and_runners_and_a_restore_does_not(tmp_p
     assert report["days"] == 2 and report["first_seed"] == 500 and report["slot_steps"] == d.slot_steps
     assert len(report["policy_loss_per_epoch"]) == 40
 
-    def refuse(*a, **k):
-        raise AssertionError("a restored experiment imitated again")
+    with _restored_without_imitating(monkeypatch, env_cfg, train_cfg, run):
+        pass
 
-    monkeypatch.setattr(imitation, "imitate", refuse)
-    restored = Experiment(env_cfg, train_cfg)
-    try:
-        assert restored.restore(run) == 1
-    finally:
-        restored.close()
+
+def _pdqn_module(env_cfg, multi_pass: bool = False):
+    spec = module_specs(EVGridEnv(env_cfg), {"hidden": [64, 64], "multi_pass": multi_pass}, hybrid_evs=True)
+    return spec.build()["ev"]
+
+
+def test_demonstration_losses_hold_the_demonstrated_mode_ahead_by_the_margin():
+    torch.manual_seed(0)
+    module = _pdqn_module(load_config("demo", ["fleet.n_ev=20", "stations.ports=4"]))
+    items = torch.randn(300, module.actor[0].in_features)
+    x = module.params_unit(items).detach()
+    q = module.q_values(items, x).detach()
+    best = q.argmax(-1)
+    gap = (q.topk(2, dim=-1).values[:, 0] - q.topk(2, dim=-1).values[:, 1])
+    power = torch.where(best.unsqueeze(-1) == IDLE, torch.nan, x.gather(1, best.view(-1, 1, 1)).squeeze(1))
+    # the greedy mode, leading by more than the margin, at the actor's own powers: nothing to learn
+    m_loss, a_loss, q_sel = pdqn.demonstration_losses(module, items, best, power, float(gap.min()) * 0.99)
+    assert float(m_loss.detach()) == pytest.approx(0.0, abs=1e-6)
+    assert float(a_loss.detach()) == pytest.approx(0.0, abs=1e-10)
+    torch.testing.assert_close(q_sel, q.max(-1).values)
+    # another mode, another power: both losses grow, and each reaches its own network only
+    other = (best + 1) % module.n_mode
+    m_loss, a_loss, _ = pdqn.demonstration_losses(module, items, other, torch.full_like(power, 0.9), 0.5)
+    assert float(m_loss.detach()) > 0.5 and float(a_loss.detach()) > 0.0
+    grads = torch.autograd.grad(m_loss, [*module.actor.parameters(), *module.q_net.parameters()],
+                                allow_unused=True)
+    assert all(g is None for g in grads[:len(list(module.actor.parameters()))])
+    assert all(g is None or float(g.abs().sum()) == 0.0 for g in torch.autograd.grad(
+        a_loss, list(module.q_net.parameters()), allow_unused=True))
+
+
+def _pdqn_agreement(module, d) -> tuple[float, float]:
+    """Share of occupied slots whose greedy mode is the oracle's; R^2 of each station's Q (its slots'
+    demonstrated-mode values summed) against the returns, where an EV is plugged in (an empty station's Q is 0
+    whatever the EVs still to come will earn)."""
+    items, mode, _, row = imitation.decisions(module, d)
+    with torch.no_grad():
+        x = module.params_unit(items)
+        q = module.q_values(items, x)
+        q_row = q.new_zeros(len(d.ret)).index_add(0, row, q.gather(-1, mode.view(-1, 1)).squeeze(-1)).numpy()
+    some = d.mask.sum(-1) > 0
+    r2 = 1.0 - ((q_row[some] - d.ret[some]) ** 2).mean() / d.ret[some].var()
+    return float((q.argmax(-1) == mode).float().mean()), float(r2)
+
+
+@pytest.mark.parametrize("multi_pass", [False, True])
+def test_pdqn_pretraining_fits_the_oracles_modes_and_returns(demos, multi_pass):
+    env_cfg, d = demos
+    torch.manual_seed(0)
+    module = _pdqn_module(env_cfg, multi_pass)
+    before, r2_before = _pdqn_agreement(module, d)
+    losses, scale = imitation.clone_pdqn(module, d, epochs=40, lr=1e-3, seed=0, margin=0.5)
+    after, r2_after = _pdqn_agreement(module, d)
+    assert all(last < first for first, last in zip(losses[0], losses[-1]))
+    assert after > 0.85 > before + 0.2, (before, after)
+    # the output layer is rescaled from units of the returns' RMS to reward units
+    assert scale == pytest.approx(float(np.sqrt((d.ret.astype(np.float64) ** 2).mean())), rel=1e-5)
+    assert r2_after > 0.7 > 0.2 > r2_before, (r2_before, r2_after)
+
+
+def test_pdqn_experiment_pretrains_and_keeps_the_demonstration_loss(tmp_path, ray_local, demos, monkeypatch):
+    env_cfg, train_cfg = load_run_config("demo", [*DEMO_SMALL, "train.algorithm=PDQN", "train.learning_starts=0",
+                                                  "train.train_batch_size=48", "train.imitation_margin=0.5"])
+    _, d = demos
+    run = tmp_path / "run"
+    with Experiment(env_cfg, train_cfg, run) as exp:
+        module = exp.modules()["ev"]
+        assert _pdqn_agreement(module, d)[0] > 0.85
+        # the targets start from the pre-trained networks
+        state = exp.algo.learner_group.get_weights()["ev"]
+        for k in module.actor.state_dict():
+            np.testing.assert_array_equal(state[f"_target_actor.{k}"], state[f"actor.{k}"])
+        result = exp.algo.train()
+        exp.iteration += 1
+        exp.checkpoint()
+    stats = result["learners"]["ev"]
+    assert np.isfinite(stats["demo_margin_loss"]) and np.isfinite(stats["demo_actor_loss"])
+    report = json.loads((run / "imitation.json").read_text())
+    assert report["margin"] == 0.5 and len(report["value_loss_per_epoch"]) == 40 and report["return_scale"] > 0
+
+    # a restore does not pre-train again but gives the learner its demonstrations back
+    with _restored_without_imitating(monkeypatch, env_cfg, train_cfg, run) as restored:
+        assert np.isfinite(restored.algo.train()["learners"]["ev"]["demo_margin_loss"])
 
 
 @pytest.mark.parametrize("overrides,match", [
     (["agents.ev_view=individual"], "train.imitation_days"),
-    (["train.algorithm=PDQN"], "train.imitation_days"),
+    (["agents.ev_view=individual", "train.algorithm=PDQN"], "train.imitation_days"),
+    (["train.imitation_margin=-1"], "imitation_margin"),
+    (["train.imitation_weight=-0.5"], "imitation_weight"),
     (["train.imitation_epochs=0"], "imitation_epochs"),
     (["train.imitation_lr=0"], "imitation_lr"),
     (["train.imitation_days=-1"], "imitation_days"),

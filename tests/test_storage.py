@@ -214,7 +214,9 @@ def test_idle_storage_changes_nothing_and_a_config_without_storage_runs_as_befor
 def _reference_run() -> dict:
     """What ``tests/data/no_storage_run.json`` stores: seed 000 without storage, two environments, random price,
     station and EV actions (regenerate with ``json.dump(_reference_run(), ...)`` only on purpose)."""
-    cfg = load_config("seed000", {"storage": None, "n_steps": 48, "start_hour": 12.0, "fleet": {"n_ev": 120}})
+    # the shield came after the reference: random EV actions as they were then
+    cfg = load_config("seed000", {"storage": None, "n_steps": 48, "start_hour": 12.0, "fleet": {"n_ev": 120},
+                                  "agents": {"ev_shield": "none"}})
     sim = Sim(cfg, n_env=2)
     sim.reset(7)
     rng = np.random.default_rng(7)

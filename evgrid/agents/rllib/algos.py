@@ -118,8 +118,9 @@ class TrainConfig:
     dueling: bool = True
     """DQN: a dueling head (RLlib's default); false: the plain Q-head of seed 002's DDQN."""
     imitation_days: int = 0
-    """Grouped EVs with PPO or IMPALA: days of the perfect-foresight oracle's schedules the EV module imitates
-    (behaviour cloning, :mod:`evgrid.agents.rllib.imitation`) before the first iteration, 0..100,000 (0: none)."""
+    """Grouped EVs with PPO, IMPALA, PDQN or MPDQN: days of the perfect-foresight oracle's schedules the EV module
+    imitates (:mod:`evgrid.agents.rllib.imitation`; P-DQN: DQfD's pre-training and demonstration loss) before
+    the first iteration, 0..100,000 (0: none)."""
     imitation_seed: int = 1_000_000
     """Seed of the first demonstration day (then +1 per day), 0..2^62: keep it apart from the evaluation days
     (the config's ``seed`` onwards)."""
@@ -127,6 +128,13 @@ class TrainConfig:
     """Passes of behaviour cloning over the demonstrations, 1..10,000."""
     imitation_lr: float = 1e-3
     """Learning rate of behaviour cloning (Adam), (0, 1]."""
+    imitation_margin: float = 1.0
+    """PDQN, MPDQN: the margin, in reward units, by which a demonstrated mode's Q-value must lead the others'
+    (DQfD's large-margin loss), [0, 1e6]."""
+    imitation_weight: float = 10.0
+    """PDQN, MPDQN: weight of the demonstration loss (margin and power terms) kept in every training update,
+    [0, 1e6]; 0: the demonstrations only pre-train.  On seed 000, weight 1 let the TD updates undo much of the
+    pre-training within 10 iterations; 10 held it over 60."""
 
     def __post_init__(self) -> None:
         if isinstance(self.algorithm, str) and self.algorithm in _REFUSED:
@@ -179,6 +187,8 @@ class TrainConfig:
         check_int("imitation_seed", self.imitation_seed, 0, 2**62)
         check_int("imitation_epochs", self.imitation_epochs, 1, 10_000)
         check_real("imitation_lr", self.imitation_lr, 0.0, 1.0, lo_open=True)
+        check_real("imitation_margin", self.imitation_margin, 0.0, 1e6)
+        check_real("imitation_weight", self.imitation_weight, 0.0, 1e6)
 
 
 def _check_widths(name: str, widths: Any) -> None:
@@ -237,10 +247,10 @@ def check_run(env: EnvConfig, train: TrainConfig, fixed_operators: bool = False)
                               "operator picks a (price level, storage level) pair; use PPO, or drop storage")
     if train.algorithm in HYBRID_ALGORITHMS:
         _check_hybrid_levels(train.algorithm, learned)
-    if train.imitation_days and (env.agents.ev_view != "grouped" or train.algorithm not in ("PPO", "IMPALA")):
+    if train.imitation_days and (env.agents.ev_view != "grouped" or train.algorithm == "DQN"):
         raise ConfigError(f"train.imitation_days: the oracle's schedules are imitated by grouped EVs trained with "
-                          f"PPO or IMPALA, got agents.ev_view {env.agents.ev_view!r} and train.algorithm "
-                          f"{train.algorithm!r}; set imitation_days: 0")
+                          f"PPO, IMPALA, PDQN or MPDQN, got agents.ev_view {env.agents.ev_view!r} and "
+                          f"train.algorithm {train.algorithm!r}; set imitation_days: 0")
 
 
 def _check_hybrid_levels(algorithm: str, learned: list[str]) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from evgrid.agents.rllib.algos import TrainConfig, algo_config, check_run
+from evgrid.agents.rllib.algos import HYBRID_ALGORITHMS, TrainConfig, algo_config, check_run
 from evgrid.agents.rllib.env import ENV_NAME, register_env
 from evgrid.agents.rllib.policy import checkpoint_dir
 from evgrid.config import to_dict
@@ -279,29 +279,48 @@ class Experiment:
         """Load a checkpoint (or a run directory's last one); returns the iteration it continues from (from
         the ``iter_<n>`` name; 0 for other names)."""
         ckpt = checkpoint_dir(path)
+        fresh = self.algo is None
         self._warm = True  # the checkpoint's modules replace whatever a warm start would give
         self.setup().algo.restore_from_path(str(ckpt.resolve()))
+        if fresh and self.train_config.imitation_days:
+            self._imitate(fit=False)
         found = _CHECKPOINT.fullmatch(ckpt.name)
         self.iteration = int(found[1]) if found else 0
         log.info("restored %s at iteration %d", ckpt, self.iteration)
         return self.iteration
 
-    def _imitate(self) -> None:
-        """Clone the oracle into the learner's EV module and send it to the env runners."""
+    def _imitate(self, fit: bool = True) -> None:
+        """Clone the oracle into the learner's EV module (``fit``) and send it to the env runners; a P-DQN
+        learner is also given the demonstrations for its demonstration loss (after a restore too, ``fit``
+        False: the checkpoint holds the modules, not the demonstrations)."""
         import json
 
-        from evgrid.agents.rllib.imitation import imitate
+        from evgrid.agents.rllib.imitation import decisions, imitate, oracle_demonstrations
 
+        train = self.train_config
+        hybrid = train.algorithm in HYBRID_ALGORITHMS
+        if not fit and not (hybrid and train.imitation_weight > 0):
+            return
+        seeds = range(train.imitation_seed, train.imitation_seed + train.imitation_days)
+        demos = oracle_demonstrations(self.env_config, seeds, train.gamma, self.progress, self.operator_policy)
         module = self.modules()["ev"]
-        report = imitate(module, self.env_config, self.train_config, self.progress)
-        weights = self.algo.learner_group.get_weights()
-        weights["ev"] = {k: v.detach().numpy() for k, v in module.state_dict().items()}
-        self.algo.learner_group.set_weights(weights)
-        self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
-                                                inference_only=True)
+        if fit:
+            report = imitate(module, demos, train, self.progress)
+            if hybrid:
+                module.make_target_networks()  # TD targets start from the pre-trained networks too
+            weights = self.algo.learner_group.get_weights()
+            weights["ev"] = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+            self.algo.learner_group.set_weights(weights)
+            self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
+                                                    inference_only=True)
+            if self.run_dir is not None:
+                (self.run_dir / "imitation.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+        if hybrid and train.imitation_weight > 0:
+            items, mode, unit, _ = decisions(module, demos)
+            kwargs = dict(weight=train.imitation_weight, margin=train.imitation_margin, seed=train.seed)
+            self.algo.learner_group.foreach_learner(
+                lambda learner: learner.set_demonstrations("ev", items, mode, unit, **kwargs))
         self._warm = True
-        if self.run_dir is not None:
-            (self.run_dir / "imitation.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
 
     def modules(self) -> Any:
         """The learners' modules as they are now, copied into a ``MultiRLModule`` in this process."""

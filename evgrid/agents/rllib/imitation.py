@@ -8,9 +8,15 @@ apart from the evaluation days, and PPO or IMPALA then fine-tunes it on the env'
 fitted alongside to the demonstrations' discounted returns, so the fine-tuning's first advantages measure the
 policy, not an untrained critic.
 
+Grouped P-DQN EVs (:class:`evgrid.agents.rllib.pdqn.GroupedPDQNTorchRLModule`) learn from the same
+demonstrations as DQfD does (Hester et al. 2018): :func:`clone_pdqn` pre-trains the Q-network (a large margin for
+the demonstrated mode, each station's Q fitted to the returns) and the power actor, and the learner keeps the
+margin and power terms in its updates (:meth:`evgrid.agents.rllib.pdqn.PDQNTorchLearner.set_demonstrations`).
+
 Demonstrations come from the oracle's own setting, operators on the TOU tariff and stations at their full
 allowance (what its plan assumes), whatever the training config's operators and stations do; stationary
-storage follows its rule there.
+storage follows its rule there.  Operators that act by a fixed policy (seed 000's second stage) price the
+replayed days by it instead.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -61,18 +67,21 @@ class Demonstrations:
         return int(self.mask.sum())
 
 
-def oracle_demonstrations(cfg: EnvConfig, seeds: Iterable[int], gamma: float,
-                          progress: bool = False) -> Demonstrations:
+def oracle_demonstrations(cfg: EnvConfig, seeds: Iterable[int], gamma: float, progress: bool = False,
+                          operator_policy: Any = None) -> Demonstrations:
     """Plan each seed's day with the oracle and replay the plan through the grouped view, recording what each
-    station's EVs observed, what the plan had them do and the returns (discount ``gamma``) it earned."""
+    station's EVs observed, what the plan had them do and the returns (discount ``gamma``) it earned.  With an
+    ``operator_policy`` (:class:`evgrid.envs.ev_grid.OperatorPolicy`) the operators price by it during the
+    replay, as they will while the EVs learn, instead of the TOU tariff (the plan is the oracle's all the same)."""
     from tqdm import tqdm
 
     from evgrid.envs.ev_grid import EVGridEnv
 
     t0 = time.perf_counter()
-    cfg = load_config(cfg, {"agents": {"operator": "rule", "station": "rule", "ev_view": "grouped",
-                                       "ev_shield": "none"}, "log_dir": None})
-    env = EVGridEnv(cfg)
+    cfg = load_config(cfg, {"agents": {"operator": "rule" if operator_policy is None else "learned",
+                                       "station": "rule", "ev_view": "grouped", "ev_shield": "none"},
+                            "log_dir": None})
+    env = EVGridEnv(cfg, operator_policy=operator_policy)
     planner = Sim(oracle.oracle_config(cfg), 1)
     rows: dict[str, list[np.ndarray]] = {k: [] for k in ("evs", "mask", "context", "mode", "power", "ret")}
     seeds = list(seeds)
@@ -158,19 +167,84 @@ def clone(module: torch.nn.Module, demos: Demonstrations, *, epochs: int, lr: fl
     return losses
 
 
-def imitate(module: torch.nn.Module, env: EnvConfig, train: TrainConfig, progress: bool = False) -> dict:
-    """Clone the oracle into ``module`` on ``train.imitation_days`` days from ``train.imitation_seed``
-    (:class:`evgrid.agents.rllib.algos.TrainConfig`); returns what was done, for ``imitation.json``."""
-    seeds = range(train.imitation_seed, train.imitation_seed + train.imitation_days)
-    demos = oracle_demonstrations(env, seeds, train.gamma, progress)
+def decisions(module: torch.nn.Module, demos: Demonstrations) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor]:
+    """The demonstrated decisions for a :class:`evgrid.agents.rllib.pdqn.GroupedPDQNTorchRLModule`, one per
+    occupied slot: (its input ``[N, F + C]``, mode ``[N]``, power in the module's unit scale ``[N, 1]``, NaN where
+    the EV idles, the row of ``demos`` it came from ``[N]``)."""
+    obs = {k: torch.as_tensor(getattr(demos, k)) for k in ("evs", "mask", "context")}
+    with torch.no_grad():
+        items, idx, _ = module.slot_items(obs)
+        mode = torch.as_tensor(demos.mode).reshape(-1)[idx]
+        power = torch.as_tensor(demos.power).reshape(-1)[idx]
+        low, high = module._low[mode, 0], module._high[mode, 0]
+        unit = torch.where(mode != IDLE, 2.0 * (power - low) / (high - low) - 1.0, torch.nan)
+    return items, mode, unit.unsqueeze(-1), idx // module.n_slot
+
+
+def clone_pdqn(module: torch.nn.Module, demos: Demonstrations, *, epochs: int, lr: float, seed: int, margin: float,
+               minibatch: int = 256, progress: bool = False) -> tuple[list[tuple[float, float, float]], float]:
+    """Pre-train a :class:`evgrid.agents.rllib.pdqn.GroupedPDQNTorchRLModule` on ``demos`` with Adam, as DQfD
+    does before it acts: the Q-network by :func:`evgrid.agents.rllib.pdqn.demonstration_losses`' margin loss
+    (``margin`` in reward units) and by the squared error of each station's Q (the sum of its slots'
+    demonstrated-mode values, the module's value decomposition) from the demonstrations' returns, the actor by
+    the squared error from the demonstrated powers.  The values are fitted in units of the returns' root mean
+    square ``scale`` and the Q-network's output layer is then multiplied by it (returns of a few hundred are out
+    of reach of a fresh head's steps).  Returns ``([(margin, actor, value) loss per epoch], scale)``."""
+    from tqdm import tqdm
+
+    from evgrid.agents.rllib.pdqn import demonstration_losses
+
+    items, mode, unit, row = decisions(module, demos)
+    ret = torch.as_tensor(demos.ret)
+    scale = float(ret.pow(2).mean().sqrt().clamp(min=1e-3))
+    target = ret / scale
+    params = [*module.actor.parameters(), *module.q_net.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(epochs), desc="imitate: pre-training", unit="epoch", disable=not progress):
+        total = np.zeros(3)
+        for b in torch.randperm(len(ret), generator=gen).split(minibatch):
+            local = torch.full((len(ret),), -1).index_copy(0, b, torch.arange(len(b)))[row]  # row -> batch place
+            pick = local >= 0
+            m_loss, a_loss, q = demonstration_losses(module, items[pick], mode[pick], unit[pick], margin / scale)
+            q_row = q.new_zeros(len(b)).index_add(0, local[pick], q)
+            v_loss = ((q_row - target[b]) ** 2).mean()
+            opt.zero_grad()
+            (m_loss + a_loss + v_loss).backward()
+            opt.step()
+            total += [float(x.detach()) * len(b) for x in (m_loss, a_loss, v_loss)]
+        losses.append(tuple(float(x) for x in total / len(ret)))
+    with torch.no_grad():  # values in units of `scale` -> reward units
+        head = module.q_net[-1]
+        head.weight.mul_(scale)
+        head.bias.mul_(scale)
+    return losses, scale
+
+
+def imitate(module: torch.nn.Module, demos: Demonstrations, train: TrainConfig, progress: bool = False) -> dict:
+    """Fit ``module`` to ``demos`` per ``train`` (:class:`evgrid.agents.rllib.algos.TrainConfig`): behaviour
+    cloning (:func:`clone`) for a :class:`SlotSetModule`, pre-training (:func:`clone_pdqn`) for a grouped P-DQN
+    module; returns what was done, for ``imitation.json``."""
+    from evgrid.agents.rllib.pdqn import GroupedPDQNTorchRLModule
+
     t0 = time.perf_counter()
-    losses = clone(module, demos, epochs=train.imitation_epochs, lr=train.imitation_lr, seed=train.seed,
-                   progress=progress)
     report = {"days": demos.days, "first_seed": train.imitation_seed, "rows": int(demos.mask.shape[0]),
               "slot_steps": demos.slot_steps, "epochs": train.imitation_epochs, "lr": train.imitation_lr,
-              "policy_loss_per_epoch": [p for p, _ in losses], "value_loss_per_epoch": [v for _, v in losses],
-              "demonstrations_s": demos.wall_s, "cloning_s": time.perf_counter() - t0}
-    log.info("imitation: %d oracle days (%d EV decisions) in %.1f s; cloning in %.1f s, policy loss %.3f -> %.3f, "
-             "value loss %.3f -> %.3f", demos.days, demos.slot_steps, demos.wall_s, report["cloning_s"],
-             losses[0][0], losses[-1][0], losses[0][1], losses[-1][1])
+              "demonstrations_s": demos.wall_s}
+    if isinstance(module, GroupedPDQNTorchRLModule):
+        losses, scale = clone_pdqn(module, demos, epochs=train.imitation_epochs, lr=train.imitation_lr,
+                                   seed=train.seed, margin=train.imitation_margin, progress=progress)
+        per_epoch = dict(zip(("margin_loss_per_epoch", "actor_loss_per_epoch", "value_loss_per_epoch"),
+                             (list(x) for x in zip(*losses))))
+        report |= {"margin": train.imitation_margin, "return_scale": scale, **per_epoch}
+    else:
+        losses = clone(module, demos, epochs=train.imitation_epochs, lr=train.imitation_lr, seed=train.seed,
+                       progress=progress)
+        report |= {"policy_loss_per_epoch": [p for p, _ in losses], "value_loss_per_epoch": [v for _, v in losses]}
+    report["cloning_s"] = time.perf_counter() - t0
+    log.info("imitation: %d oracle days (%d EV decisions) in %.1f s, fitted in %.1f s; losses per epoch, first %s, "
+             "last %s", demos.days, demos.slot_steps, demos.wall_s, report["cloning_s"],
+             np.round(losses[0], 3).tolist(), np.round(losses[-1], 3).tolist())
     return report

@@ -86,8 +86,8 @@ from evgrid.validate import check_bool, check_choice, check_int, check_real, des
 
 __all__ = ["MODE_KEY", "MPDQN", "PARAM_KEY", "PDQN", "QF_PREDS", "Q_ACTOR", "Q_NEXT", "SLOT_KEYS",
            "ChosenModeParameter", "GroupedPDQNTorchRLModule", "MPDQNConfig", "PDQNConfig", "PDQNTorchLearner",
-           "PDQNTorchRLModule", "chosen_mode_action", "chosen_mode_connector", "grouped_hybrid_action_space",
-           "hybrid_action_space", "pdqn_losses", "schedule_value"]
+           "PDQNTorchRLModule", "chosen_mode_action", "chosen_mode_connector", "demonstration_losses",
+           "grouped_hybrid_action_space", "hybrid_action_space", "pdqn_losses", "schedule_value"]
 
 log = logging.getLogger(__name__)
 
@@ -595,12 +595,42 @@ def pdqn_losses(fwd_out: dict, batch: dict, *, gamma: float,
     return q_loss, actor_loss, (q_sel - target).abs().detach()
 
 
+def demonstration_losses(module: PDQNTorchRLModule, items: torch.Tensor, mode: torch.Tensor,
+                         power_unit: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(margin loss, actor loss, ``Q_{k_E}`` ``[N]``): DQfD's supervised terms (Hester et al. 2018) for
+    parameterised actions, on demonstrated decisions: inputs ``items`` ``[N, n_obs]`` (observations, or a grouped
+    module's slot items), the demonstrated ``mode`` ``[N]`` and its parameters ``power_unit`` ``[N, P]`` in the
+    unit scale, NaN where they are not acted on (an idle EV's).
+
+    Margin loss: ``mean(max_k (Q_k + margin [k != k_E]) - Q_{k_E})`` at the actor's parameters (held fixed), so
+    the greedy mode is the demonstrated one by at least ``margin``; it reaches the Q-network only.  Actor loss:
+    the mean squared error of the demonstrated mode's parameters from the demonstration's where those are
+    finite; it reaches the actor only.  ``Q_{k_E}`` is the demonstrated mode's value at the actor's parameters.
+    """
+    x = module.params_unit(items)
+    q = module.q_values(items, x.detach())
+    k = mode.long().unsqueeze(-1)
+    margins = torch.full_like(q, margin).scatter(-1, k, 0.0)
+    margin_loss = ((q + margins).max(dim=-1).values - q.gather(-1, k).squeeze(-1)).mean() if len(q) else q.sum()
+    chosen = x.gather(1, k.unsqueeze(-1).expand(-1, 1, x.shape[-1])).squeeze(1)  # [N, P]
+    acted = torch.isfinite(power_unit).all(dim=-1)
+    err = (chosen - torch.nan_to_num(power_unit)) ** 2
+    actor_loss = err[acted].mean() if bool(acted.any()) else chosen.sum() * 0.0
+    return margin_loss, actor_loss, q.gather(-1, k).squeeze(-1)
+
+
 class PDQNTorchLearner(TorchLearner):
     """Two Adam optimisers per module, ``"qf"`` (Q-network, ``critic_lr``) and ``"actor"`` (``actor_lr``), the
-    P-DQN losses, and target updates after each update (every ``target_network_update_freq`` env steps)."""
+    P-DQN losses, and target updates after each update (every ``target_network_update_freq`` env steps).
+
+    With demonstrations (:meth:`set_demonstrations`) each update adds, for that module, ``weight`` times
+    :func:`demonstration_losses` on a uniformly drawn minibatch of the demonstrated decisions (DQfD's supervised
+    terms kept beside the TD loss: the Q-network cannot unlearn the demonstrated modes where the TD errors of a
+    short budget say nothing better)."""
 
     def build(self) -> None:
         super().build()
+        self._demos: dict[str, dict[str, Any]] = {}
         self._last_target_update_ts: dict[str, int] = defaultdict(int)
         self.module.foreach_module(
             lambda mid, mod: mod.make_target_networks() if isinstance(mod, TargetNetworkAPI) else None)
@@ -617,6 +647,39 @@ class PDQNTorchLearner(TorchLearner):
     @classmethod
     def rl_module_required_apis(cls) -> list[type]:
         return [TargetNetworkAPI]
+
+    def set_demonstrations(self, module_id: str, items: np.ndarray, mode: np.ndarray, power_unit: np.ndarray, *,
+                           weight: float, margin: float, batch: int = 256, seed: int = 0) -> None:
+        """Demonstrated decisions for ``module_id`` (see :func:`demonstration_losses`: ``items`` ``[N, n_obs]``,
+        ``mode`` ``[N]``, ``power_unit`` ``[N, P]``), ``batch`` of them drawn per update; ``weight`` 0 removes
+        them."""
+        check_real("weight", weight, 0.0, 1e6)
+        check_real("margin", margin, 0.0, 1e6)
+        check_int("batch", batch, 1, 10**7)
+        if weight == 0.0:
+            self._demos.pop(module_id, None)
+            return
+        n = len(mode)
+        if n == 0 or len(items) != n or len(power_unit) != n:
+            raise ValueError(f"items, mode, power_unit: expected the same number (> 0) of demonstrated decisions, "
+                             f"got {len(items)}, {n}, {len(power_unit)}")
+        self._demos[module_id] = dict(items=torch.as_tensor(items, dtype=torch.float32),
+                                      mode=torch.as_tensor(mode, dtype=torch.int64),
+                                      power=torch.as_tensor(power_unit, dtype=torch.float32), weight=weight,
+                                      margin=margin, batch=batch, gen=torch.Generator().manual_seed(seed))
+
+    def _demonstration_loss(self, module_id: str) -> torch.Tensor | None:
+        d = self._demos.get(module_id)
+        if d is None:
+            return None
+        pick = torch.randint(0, len(d["mode"]), (d["batch"],), generator=d["gen"])
+        module = self.module[module_id].unwrapped()
+        dev = next(module.parameters()).device
+        margin_loss, actor_loss, _ = demonstration_losses(
+            module, d["items"][pick].to(dev), d["mode"][pick].to(dev), d["power"][pick].to(dev), d["margin"])
+        self.metrics.log_dict({"demo_margin_loss": margin_loss, "demo_actor_loss": actor_loss}, key=module_id,
+                              window=1)
+        return d["weight"] * (margin_loss + actor_loss)
 
     def configure_optimizers_for_module(self, module_id: str, config: PDQNConfig | None = None) -> None:
         module = self._module[module_id].unwrapped()
@@ -639,9 +702,10 @@ class PDQNTorchLearner(TorchLearner):
         self.metrics.log_dict({"qf_loss": q_loss, POLICY_LOSS_KEY: actor_loss, "qf_mean": q_pred.mean(),
                                "qf_max": q_pred.max(), "qf_min": q_pred.min(), "td_error_mean": td_error.mean()},
                               key=module_id, window=1)
-        # one sum is enough: each loss has gradients only towards its own network (see pdqn_losses), and each
-        # optimiser steps only its own network
-        return q_loss + actor_loss
+        # one sum is enough: each loss has gradients only towards its own network (see pdqn_losses and
+        # demonstration_losses), and each optimiser steps only its own network
+        demo = self._demonstration_loss(module_id)
+        return q_loss + actor_loss + (demo if demo is not None else 0.0)
 
     def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
         super().after_gradient_based_update(timesteps=timesteps)
