@@ -267,6 +267,7 @@ def _metric_rows(seed: int, results: dict[str, list[dict[str, float]]]) -> list[
 
 def _notes(ctx: Context) -> list[str]:
     it1, it2 = ITERATIONS[ctx.quick]
+    weight = train_config("PDQN", it2, 0, DEMO_DAYS[ctx.quick]).imitation_weight
     return [
         f"Budget per training seed: stage 1 PPO {it1} iterations, stage 2 P-DQN / MP-DQN {it2} iterations each, "
         f"{ENVS} days of 96 steps per iteration, sampled in the driver, after pre-training on "
@@ -275,7 +276,7 @@ def _notes(ctx: Context) -> list[str]:
         "The P-DQN EVs learn from demonstrations (DQfD, ours): the oracle plans other days with perfect foresight "
         "and the EVs' networks are pre-trained on its decisions (a large-margin loss on the Q-values, the powers "
         "by regression, each station's Q fitted to the day's returns); the margin and power losses stay in every "
-        "TD update with weight 10 (weight 1 let the TD updates undo much of the pre-training within 10 "
+        f"TD update with weight {weight:g} (weight 1 let the TD updates undo much of the pre-training within 10 "
         "iterations).  The EVs act on their own observations only.  Without the demonstrations, P-DQN's EVs "
         "charged in nearly every slot and raised the operating cost and the users' cost (README).",
         "Only the four percentages are the paper's.  The feeder, zones, DER, storage, fleet, tariffs, the baseline "

@@ -308,9 +308,8 @@ class Experiment:
             report = imitate(module, demos, train, self.progress)
             if hybrid:
                 module.make_target_networks()  # TD targets start from the pre-trained networks too
-            weights = self.algo.learner_group.get_weights()
-            weights["ev"] = {k: v.detach().numpy() for k, v in module.state_dict().items()}
-            self.algo.learner_group.set_weights(weights)
+            # the other modules' weights stay as they are (a multi-module state may name some modules only)
+            self.algo.learner_group.set_weights({"ev": {k: v.detach().numpy() for k, v in module.state_dict().items()}})
             self.algo.env_runner_group.sync_weights(from_worker_or_learner_group=self.algo.learner_group,
                                                     inference_only=True)
             if self.run_dir is not None:

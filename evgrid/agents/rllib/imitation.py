@@ -177,9 +177,10 @@ def decisions(module: torch.nn.Module, demos: Demonstrations) -> tuple[torch.Ten
         items, idx, _ = module.slot_items(obs)
         mode = torch.as_tensor(demos.mode).reshape(-1)[idx]
         power = torch.as_tensor(demos.power).reshape(-1)[idx]
-        low, high = module._low[mode, 0], module._high[mode, 0]
-        unit = torch.where(mode != IDLE, 2.0 * (power - low) / (high - low) - 1.0, torch.nan)
-    return items, mode, unit.unsqueeze(-1), idx // module.n_slot
+        # the planned power read as every mode's, then the planned mode's taken: the module's own scaling
+        unit = module.to_unit(power.unsqueeze(-1).expand(-1, module.n_mode))[torch.arange(len(mode)), mode]
+        unit = torch.where((mode != IDLE).unsqueeze(-1), unit, torch.nan)
+    return items, mode, unit, idx // module.n_slot
 
 
 def clone_pdqn(module: torch.nn.Module, demos: Demonstrations, *, epochs: int, lr: float, seed: int, margin: float,

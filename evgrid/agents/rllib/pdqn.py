@@ -610,13 +610,14 @@ def demonstration_losses(module: PDQNTorchRLModule, items: torch.Tensor, mode: t
     x = module.params_unit(items)
     q = module.q_values(items, x.detach())
     k = mode.long().unsqueeze(-1)
+    q_demo = q.gather(-1, k).squeeze(-1)
     margins = torch.full_like(q, margin).scatter(-1, k, 0.0)
-    margin_loss = ((q + margins).max(dim=-1).values - q.gather(-1, k).squeeze(-1)).mean() if len(q) else q.sum()
+    margin_loss = ((q + margins).max(dim=-1).values - q_demo).mean() if len(q) else q.sum()
     chosen = x.gather(1, k.unsqueeze(-1).expand(-1, 1, x.shape[-1])).squeeze(1)  # [N, P]
     acted = torch.isfinite(power_unit).all(dim=-1)
     err = (chosen - torch.nan_to_num(power_unit)) ** 2
     actor_loss = err[acted].mean() if bool(acted.any()) else chosen.sum() * 0.0
-    return margin_loss, actor_loss, q.gather(-1, k).squeeze(-1)
+    return margin_loss, actor_loss, q_demo
 
 
 class PDQNTorchLearner(TorchLearner):
