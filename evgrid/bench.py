@@ -459,15 +459,17 @@ def _time_sampling(runner, env_steps: int, repeats: int, transport: str | None, 
 
 
 def bench_train(views: Iterable[str] = ("grouped", "individual"), n_ev: int = 1000, *, env_runners: int = 0,
-                envs_per_runner: int = 8, iterations: int = 2, seed: int = 0, algorithm: str = "PPO") -> list[dict]:
+                envs_per_runner: int = 8, iterations: int = 2, min_sample_s: float = 5.0, seed: int = 0,
+                algorithm: str = "PPO") -> list[dict]:
     """RLlib sampling and learning throughput per EV view with ``n_ev`` EVs in every environment.
 
     ``algorithm``: PPO (the quickstart's operators, stations and EVs, all learned) or PDQN / MPDQN (EVs only,
     operators and stations on their rules; every timed iteration runs one update on a replayed minibatch of
     as many transitions as it samples env steps).  Seed 001's household fleet arrives at 18:00, so all
     ``n_ev`` EVs are plugged in and decide at every step of the evening (18:00-24:00, 24 steps);
-    ``envs_per_runner`` environments per runner step together.  Times ``iterations`` training iterations
-    after one warm-up (module build, first compile).  ``ev_decisions_per_s``: per-EV actions sampled per
+    ``envs_per_runner`` environments per runner step together.  Times at least ``iterations`` training
+    iterations after one warm-up (module build, first compile), and more until they have sampled for
+    ``min_sample_s`` seconds (a fast view's iterations last well under a second).  ``ev_decisions_per_s``: per-EV actions sampled per
     second of sampling; ``env_share_of_sampling``: seconds inside the env's step (simulator, power flow,
     observations) over sampling seconds; on the grouped row, ``ev_decisions_vs_individual`` divides its
     ``ev_decisions_per_s`` by the individual view's of the same run.
@@ -499,16 +501,18 @@ def bench_train(views: Iterable[str] = ("grouped", "individual"), n_ev: int = 10
             with Experiment(env_cfg, train_cfg) as exp:
                 exp.step()  # warm-up
                 timed = [exp.step() for _ in range(iterations)]
+                while sum(s.sample_s for s in timed) < min_sample_s:
+                    timed.append(exp.step())
             ev_decisions, sample_s, learn_s, env_step_s = (sum(getattr(s, k) for s in timed) for k in (
                 "ev_decisions", "sample_s", "learn_s", "env_step_s"))
-            env_steps = batch * iterations
+            env_steps = batch * len(timed)
             rows.append(dict(bench="train", algorithm=algorithm, ev_view=view, n_ev=n_ev, env_runners=env_runners,
                              envs_per_runner=envs_per_runner,
                              ev_decisions_per_step=round(ev_decisions / env_steps, 1),
                              env_steps_per_s=round(env_steps / sample_s, 2),
                              ev_decisions_per_s=round(ev_decisions / sample_s, 1),
-                             sample_s=round(sample_s / iterations, 4),
-                             learn_s=round(learn_s / iterations, 4),
+                             iterations=len(timed), sample_s=round(sample_s / len(timed), 4),
+                             learn_s=round(learn_s / len(timed), 4),
                              env_share_of_sampling=round(env_step_s / sample_s, 4)))
             log.info("bench train: %s %s done", algorithm, view)
     by_view = {r["ev_view"]: r for r in rows}

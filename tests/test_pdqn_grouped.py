@@ -385,11 +385,12 @@ def test_bench_train_compares_grouped_with_individual_pdqn(tmp_path, monkeypatch
     from evgrid.bench import bench_train
 
     monkeypatch.chdir(tmp_path)
-    rows = bench_train(n_ev=12, envs_per_runner=1, iterations=1, algorithm="PDQN")
+    rows = bench_train(n_ev=12, envs_per_runner=1, iterations=1, min_sample_s=0.0, algorithm="PDQN")
     by_view = {r["ev_view"]: r for r in rows}
     assert by_view.keys() == {"grouped", "individual"} and {r["algorithm"] for r in rows} == {"PDQN"}
     for r in rows:
         assert r["ev_decisions_per_step"] == 12.0 and r["learn_s"] > 0  # every EV decides, the learner updated
+        assert r["iterations"] == 1
     g, i = by_view["grouped"], by_view["individual"]
     # (rounded to 3 decimals: an absolute tolerance)
     assert g["ev_decisions_vs_individual"] == pytest.approx(g["ev_decisions_per_s"] / i["ev_decisions_per_s"],

@@ -4,6 +4,7 @@ iteration training operators, stations and grouped EVs together, and the Experim
 from __future__ import annotations
 
 import os
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -343,6 +344,32 @@ def test_experiment_trains_checkpoints_restores_and_evaluates_dqn(tmp_path, ray_
         assert (logs / policy / "sessions.parquet").is_file()
 
 
+def test_iteration_timings_are_that_iterations_own(ray_local, monkeypatch):
+    """`sample_s` and `learn_s` time the iteration they are reported for: RLlib's own timers are an EMA
+    (coefficient 0.01) that a slow first iteration (module build, compiles) dominated for a hundred more."""
+    from evgrid.agents.rllib.algos import load_run_config
+
+    delay_s = {"now": 0.05}
+    step = RLlibEVGridVector.step
+
+    def slow_step(self, actions):
+        time.sleep(delay_s["now"])
+        return step(self, actions)
+
+    monkeypatch.setattr(RLlibEVGridVector, "step", slow_step)
+    env_cfg, train_cfg = load_run_config("quickstart", [
+        *DQN_ENV, "train.num_env_runners=0", "train.train_batch_size=8", "train.minibatch_size=8",
+        "train.num_epochs=1", "train.rollout_fragment_length=8"])
+    with Experiment(env_cfg, train_cfg) as exp:
+        first = exp.step()
+        delay_s["now"] = 0.0
+        later = [exp.step() for _ in range(2)]
+    assert first.sample_s >= 8 * 0.05, "the first iteration's 8 delayed env steps"
+    for s in later:
+        assert 0 < s.sample_s < first.sample_s - 8 * 0.05 * 0.9
+        assert s.sample_s + s.learn_s <= s.wall_s
+
+
 @pytest.mark.slow
 def test_same_seed_same_training_run(tmp_path):
     """Two `evgrid train` processes with one seed learn the same thing.  Without a fixed string-hash seed in
@@ -517,7 +544,7 @@ def test_training_and_actor_benchmarks_report_their_fields(ray_local, tmp_path, 
 
     monkeypatch.chdir(tmp_path)
 
-    rows = bench_train(("grouped", "individual"), n_ev=40, envs_per_runner=2, iterations=1)
+    rows = bench_train(("grouped", "individual"), n_ev=40, envs_per_runner=2, iterations=1, min_sample_s=0.0)
     g, i = rows
     for r in rows:
         assert r["ev_decisions_per_step"] == 40.0, "every EV of the evening fleet decides at every step"

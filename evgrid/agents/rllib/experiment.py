@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.rllib.utils.metrics import ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER, TIMERS
 
 from evgrid.agents.rllib.algos import HYBRID_ALGORITHMS, TrainConfig, algo_config, check_run
 from evgrid.agents.rllib.env import ENV_NAME, register_env
@@ -81,8 +82,8 @@ class IterationSummary:
                    episodes=float(er.get("num_episodes_lifetime", math.nan)),
                    ev_decisions=float(er.get("ev_decisions", math.nan)),
                    env_step_s=float(er.get("env_step_s", math.nan)),
-                   sample_s=float(timers.get("env_runner_sampling_timer", math.nan)),
-                   learn_s=float(timers.get("learner_update_timer", math.nan)),
+                   sample_s=float(timers.get(ENV_RUNNER_SAMPLING_TIMER, math.nan)),
+                   learn_s=float(timers.get(LEARNER_UPDATE_TIMER, math.nan)),
                    returns={m: float(v) for m, v in (er.get("module_episode_returns_mean") or {}).items()},
                    agent_steps={m: float(v) for m, v in (er.get("num_module_steps_sampled") or {}).items()})
 
@@ -232,6 +233,10 @@ class Experiment:
         register_env(ENV_NAME)
         self.algo = algo_config(self.env_config, self.train_config, ENV_NAME, self.grid_factory,
                                 self.operator_policy).build_algo()
+        for timer in (ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER):
+            # RLlib keeps these as an EMA (coefficient 0.01), which the first iteration (module build, numba
+            # compiles) dominates for a hundred iterations; a sum, cleared at every result, is this iteration's
+            self.algo.metrics.log_value((TIMERS, timer), 0.0, reduce="sum")
         if not self._warm:
             self._imitate()
         for cb in self.callbacks:
