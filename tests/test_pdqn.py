@@ -128,8 +128,9 @@ def toy_config(cls: type[PDQNConfig] = PDQNConfig, seed: int = 0, **training) ->
     (PDQNConfig, dict(double_q=True, tau=0.01, target_network_update_freq=0,
                       replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer", "capacity": 20_000,
                                             "alpha": 0.6, "beta": 0.4})),
-    (MPDQNConfig, dict(double_q=False, tau=1.0, target_network_update_freq=100,
-                       replay_buffer_config={"type": "EpisodeReplayBuffer", "capacity": 20_000})),
+    pytest.param(MPDQNConfig, dict(double_q=False, tau=1.0, target_network_update_freq=100,
+                                   replay_buffer_config={"type": "EpisodeReplayBuffer", "capacity": 20_000}),
+                 marks=pytest.mark.slow),  # ~34 s; the default suite keeps ~10 min
 ], ids=["PDQN-double-prioritised-soft", "MPDQN-hard-sync"])
 def test_greedy_policy_reaches_the_optimum_of_the_toy_task(cls, training):
     # 8 updates of 64 per iteration; measured greedy / optimum over seeds 0-7: P-DQN 0.95-0.99, MP-DQN 0.99

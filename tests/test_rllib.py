@@ -398,7 +398,7 @@ def test_same_seed_same_training_run(tmp_path):
 @pytest.mark.parametrize("algorithm,view,k,extra", [
     ("PPO", "individual", 2, []),
     ("IMPALA", "grouped", 1, []),
-    ("IMPALA", "individual", 2, []),
+    pytest.param("IMPALA", "individual", 2, [], marks=pytest.mark.slow),  # ~33 s; the default suite keeps ~10 min
     ("DQN", "rule", 1, ["agents.operator_action=level"]),
 ])
 def test_every_algorithm_trains_every_ev_view_it_supports(tmp_path, ray_local, algorithm, view, k, extra):
@@ -482,6 +482,7 @@ def test_per_level_widths_reach_their_modules():
     assert specs["operator"].model_config["fcnet_hiddens"] == [32, 32]
 
 
+@pytest.mark.slow  # ~31 s
 def test_training_survives_the_power_flow_actor_being_killed(tmp_path, ray_local):
     """powerflow: actor; the actor is killed between iterations (Ray restarts it) and training continues.
     With ``log_dir``, the env runner logs its episodes to a directory of its own."""

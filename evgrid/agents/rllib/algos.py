@@ -13,12 +13,14 @@ RLlib 2.60 has no A2C: PPO with one epoch over the batch, no clipping
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.utils.metrics import ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER, TIMERS
 
 from evgrid.agents.rllib.modules import LEVELS
 from evgrid.config import ConfigError, from_dict, merge, parse_overrides, read_yaml
@@ -355,3 +357,20 @@ class EVDecisionCounter(RLlibCallback):
         view = env.unwrapped.envs[env_index]  # an RLlibEVGridVector's environment
         metrics_logger.log_value("ev_decisions", view.last_ev_decisions, reduce="sum")
         metrics_logger.log_value("env_step_s", view.last_step_s, reduce="sum")
+
+
+def time_each_iteration(algo: Any) -> Any:
+    """Make ``algo``'s sampling and learner-update timers this iteration's seconds (returns ``algo``).
+
+    RLlib keeps them as an EMA (coefficient 0.01), which the first iteration (module build, numba compiles)
+    dominates for a hundred iterations; as sums, which every result clears, they are the iteration's own."""
+    for timer in (ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER):
+        algo.metrics.log_value((TIMERS, timer), 0.0, reduce="sum")
+    return algo
+
+
+def iteration_timings(result: Mapping[str, Any]) -> tuple[float, float]:
+    """(sampling s, learning s) of one ``Algorithm.train()`` result (NaN where absent)."""
+    timers = result.get(TIMERS, {})
+    return (float(timers.get(ENV_RUNNER_SAMPLING_TIMER, math.nan)),
+            float(timers.get(LEARNER_UPDATE_TIMER, math.nan)))

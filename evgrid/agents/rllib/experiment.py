@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from ray.rllib.utils.metrics import ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER, TIMERS
 
-from evgrid.agents.rllib.algos import HYBRID_ALGORITHMS, TrainConfig, algo_config, check_run
+from evgrid.agents.rllib.algos import (HYBRID_ALGORITHMS, TrainConfig, algo_config, check_run,
+                                      iteration_timings, time_each_iteration)
 from evgrid.agents.rllib.env import ENV_NAME, register_env
 from evgrid.agents.rllib.policy import checkpoint_dir
 from evgrid.config import to_dict
@@ -76,14 +76,13 @@ class IterationSummary:
     def from_result(cls, result: dict, *, iteration: int, wall_s: float, elapsed_s: float) -> IterationSummary:
         """The summary of an RLlib ``Algorithm.train()`` result."""
         er = result.get("env_runners", {})
-        timers = result.get("timers", {})
+        sample_s, learn_s = iteration_timings(result)
         return cls(iteration=iteration, wall_s=wall_s, elapsed_s=elapsed_s,
                    env_steps=float(er.get("num_env_steps_sampled_lifetime", math.nan)),
                    episodes=float(er.get("num_episodes_lifetime", math.nan)),
                    ev_decisions=float(er.get("ev_decisions", math.nan)),
                    env_step_s=float(er.get("env_step_s", math.nan)),
-                   sample_s=float(timers.get(ENV_RUNNER_SAMPLING_TIMER, math.nan)),
-                   learn_s=float(timers.get(LEARNER_UPDATE_TIMER, math.nan)),
+                   sample_s=sample_s, learn_s=learn_s,
                    returns={m: float(v) for m, v in (er.get("module_episode_returns_mean") or {}).items()},
                    agent_steps={m: float(v) for m, v in (er.get("num_module_steps_sampled") or {}).items()})
 
@@ -231,12 +230,8 @@ class Experiment:
             resolved = {**to_dict(self.env_config), "train": to_dict(self.train_config)}
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
         register_env(ENV_NAME)
-        self.algo = algo_config(self.env_config, self.train_config, ENV_NAME, self.grid_factory,
-                                self.operator_policy).build_algo()
-        for timer in (ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER):
-            # RLlib keeps these as an EMA (coefficient 0.01), which the first iteration (module build, numba
-            # compiles) dominates for a hundred iterations; a sum, cleared at every result, is this iteration's
-            self.algo.metrics.log_value((TIMERS, timer), 0.0, reduce="sum")
+        self.algo = time_each_iteration(algo_config(self.env_config, self.train_config, ENV_NAME,
+                                                    self.grid_factory, self.operator_policy).build_algo())
         if not self._warm:
             self._imitate()
         for cb in self.callbacks:

@@ -74,6 +74,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
 from ray.rllib.utils.torch_utils import FLOAT_MIN
 
+from evgrid.agents.rllib.algos import iteration_timings, time_each_iteration
 from evgrid.config import to_dict
 from evgrid.envs.config import load_config
 from evgrid.envs.start_time import (AGENT, EpisodeResult, StartTimeEnv, greedy_policy, random_policy,
@@ -399,8 +400,9 @@ def train_start_time(algorithm: str, *, timesteps: int, seed: int = 0, config: A
     keep = ray.is_initialized()  # the caller's Ray outlives this call: the agent may keep its Algorithm
     with connect(address, pinned=True):  # as `evgrid train`: workers on CPU-independent numeric paths
         register()
-        algo = algo_config(algorithm, env_config, timesteps=timesteps, seed=seed,
-                           num_env_runners=num_env_runners, num_envs=num_envs, policy=policy).build_algo()
+        algo = time_each_iteration(algo_config(algorithm, env_config, timesteps=timesteps, seed=seed,
+                                               num_env_runners=num_env_runners, num_envs=num_envs,
+                                               policy=policy).build_algo())
         done = False
         try:
             steps, wall_s = _train(algo, algorithm, timesteps, progress, n_nodes)
@@ -444,10 +446,8 @@ def _train(algo: Any, algorithm: str, timesteps: int, progress: Callable[[int, f
         mean = float(er.get("episode_return_mean", math.nan)) / LEARN_REWARD_COEF / n_nodes
         # RLlib reports NaN for an iteration in which no episode ended (A2C's 256 steps are half an episode)
         ret = mean if math.isfinite(mean) else ret
-        timers = result.get("timers", {})
         log.info("%s iteration %d: %d env steps, mean return per node %.1f, %.1f s (sampling %.2f s, learning "
-                 "%.2f s)", algorithm, it, steps, ret, time.perf_counter() - t0,
-                 timers.get("env_runner_sampling_timer", math.nan), timers.get("learner_update_timer", math.nan))
+                 "%.2f s)", algorithm, it, steps, ret, time.perf_counter() - t0, *iteration_timings(result))
         if progress is not None:
             progress(steps, ret)
     return steps, time.perf_counter() - t0
