@@ -467,12 +467,11 @@ def bench_train(views: Iterable[str] = ("grouped", "individual"), n_ev: int = 10
     operators and stations on their rules; every timed iteration runs one update on a replayed minibatch of
     as many transitions as it samples env steps).  Seed 001's household fleet arrives at 18:00, so all
     ``n_ev`` EVs are plugged in and decide at every step of the evening (18:00-24:00, 24 steps);
-    ``envs_per_runner`` environments per runner step together.  Times at least ``iterations`` training
-    iterations after one warm-up (module build, first compile), and more until they have sampled for
-    ``min_sample_s`` seconds (a fast view's iterations last well under a second).  ``ev_decisions_per_s``: per-EV actions sampled per
-    second of sampling; ``env_share_of_sampling``: seconds inside the env's step (simulator, power flow,
-    observations) over sampling seconds; on the grouped row, ``ev_decisions_vs_individual`` divides its
-    ``ev_decisions_per_s`` by the individual view's of the same run.
+    ``envs_per_runner`` environments per runner step together.  Times ``iterations`` training iterations after
+    one warm-up (module build, first compile), and more until ``min_sample_s`` seconds of sampling.
+    ``ev_decisions_per_s``: per-EV actions sampled per second of sampling; ``env_share_of_sampling``: seconds
+    inside the env's step (simulator, power flow, observations) over sampling seconds; on the grouped row,
+    ``ev_decisions_vs_individual`` divides its ``ev_decisions_per_s`` by the individual view's of the run.
     """
     from evgrid.agents.rllib.algos import HYBRID_ALGORITHMS, load_run_config
     from evgrid.agents.rllib.experiment import Experiment

@@ -121,6 +121,7 @@ def _greedy_agreement(module, d) -> tuple[float, float]:
 
 def test_cloning_fits_the_oracles_modes_and_returns(demos):
     env_cfg, d = demos
+    torch.manual_seed(0)  # the module's initial weights (0.86-0.88 agreement for seeds 0-5)
     module = module_specs(EVGridEnv(env_cfg), {"hidden": [64, 64]}).build()["ev"]
     before, r2_before = _greedy_agreement(module, d)
     losses = imitation.clone(module, d, epochs=40, lr=1e-3, seed=0)
