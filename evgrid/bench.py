@@ -498,27 +498,36 @@ def bench_train(views: Iterable[str] = ("grouped", "individual"), n_ev: int = 10
                 f"train.num_env_runners={env_runners}", f"train.envs_per_runner={envs_per_runner}",
                 f"train.rollout_fragment_length={steps}", f"train.train_batch_size={batch}", f"train.seed={seed}"])
             with Experiment(env_cfg, train_cfg) as exp:
-                exp.step()  # warm-up
-                timed = [exp.step() for _ in range(iterations)]
-                while sum(s.sample_s for s in timed) < min_sample_s:
-                    timed.append(exp.step())
-            ev_decisions, sample_s, learn_s, env_step_s = (sum(getattr(s, k) for s in timed) for k in (
-                "ev_decisions", "sample_s", "learn_s", "env_step_s"))
-            env_steps = batch * len(timed)
+                timed = _timed_iterations(exp, iterations, min_sample_s)
             rows.append(dict(bench="train", algorithm=algorithm, ev_view=view, n_ev=n_ev, env_runners=env_runners,
-                             envs_per_runner=envs_per_runner,
-                             ev_decisions_per_step=round(ev_decisions / env_steps, 1),
-                             env_steps_per_s=round(env_steps / sample_s, 2),
-                             ev_decisions_per_s=round(ev_decisions / sample_s, 1),
-                             iterations=len(timed), sample_s=round(sample_s / len(timed), 4),
-                             learn_s=round(learn_s / len(timed), 4),
-                             env_share_of_sampling=round(env_step_s / sample_s, 4)))
+                             envs_per_runner=envs_per_runner, **_throughput(timed, batch)))
             log.info("bench train: %s %s done", algorithm, view)
     by_view = {r["ev_view"]: r for r in rows}
     if {"grouped", "individual"} <= by_view.keys():
         g, i = by_view["grouped"], by_view["individual"]
         g["ev_decisions_vs_individual"] = round(g["ev_decisions_per_s"] / i["ev_decisions_per_s"], 3)
     return rows
+
+
+def _timed_iterations(exp, iterations: int, min_sample_s: float) -> list:
+    """One warm-up iteration (module build, first compile), then ``iterations`` timed ones and more until
+    ``min_sample_s`` seconds of sampling."""
+    exp.step()
+    timed = [exp.step() for _ in range(iterations)]
+    while sum(s.sample_s for s in timed) < min_sample_s:
+        timed.append(exp.step())
+    return timed
+
+
+def _throughput(timed: list, batch: int) -> dict:
+    """The rate fields of a ``bench train`` row from its timed iterations of ``batch`` env steps each."""
+    ev_decisions, sample_s, learn_s, env_step_s = (sum(getattr(s, k) for s in timed) for k in (
+        "ev_decisions", "sample_s", "learn_s", "env_step_s"))
+    env_steps = batch * len(timed)
+    return dict(ev_decisions_per_step=round(ev_decisions / env_steps, 1),
+                env_steps_per_s=round(env_steps / sample_s, 2), ev_decisions_per_s=round(ev_decisions / sample_s, 1),
+                iterations=len(timed), sample_s=round(sample_s / len(timed), 4),
+                learn_s=round(learn_s / len(timed), 4), env_share_of_sampling=round(env_step_s / sample_s, 4))
 
 
 # ------------------------------------------------------------------------------------------------- opf

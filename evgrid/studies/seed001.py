@@ -97,7 +97,7 @@ def _train_all(ctx: Context, curves: dict[tuple[str, int], list[tuple[int, float
     agents, jobs = {}, []
     for seed in ctx.seeds:
         for method in METHODS:
-            where = ctx.out_dir / "agents" / f"{method}-seed{seed}"
+            where = _agent_dir(ctx, method, seed)
             if ctx.resume and (where / CURVE_FILE).is_file():
                 agents[method, seed] = StartTimeAgent.restore(where)
                 curves[method, seed] = [tuple(p) for p in json.loads((where / CURVE_FILE).read_text("utf-8"))]
@@ -107,13 +107,17 @@ def _train_all(ctx: Context, curves: dict[tuple[str, int], list[tuple[int, float
     jobs.sort(key=lambda job: -RELATIVE_COST[METHODS[job[0]][0]])
     done = _as_completed(_train_one, jobs, ctx.address)
     for (method, seed, _), (archive, curve) in ctx.progress(done, desc="training", total=len(jobs)):
-        where = ctx.out_dir / "agents" / f"{method}-seed{seed}"
+        where = _agent_dir(ctx, method, seed)
         _unpack(archive, where)
         agents[method, seed] = agent = StartTimeAgent.restore(where)
         curves[method, seed] = [tuple(p) for p in curve]
         (where / CURVE_FILE).write_text(json.dumps(curve), encoding="utf-8")
         log.info("seed %d: %s trained, %d steps in %.1f s", seed, method, agent.timesteps, agent.wall_s)
     return agents
+
+
+def _agent_dir(ctx: Context, method: str, seed: int) -> Path:
+    return ctx.out_dir / "agents" / f"{method}-seed{seed}"
 
 
 def _train_one(method: str, seed: int, quick: bool) -> tuple[bytes, list[tuple[int, float]]]:
@@ -138,6 +142,8 @@ def _as_completed(fn: Callable[..., Any], jobs: list[tuple], address: str | None
 
     from evgrid.cluster.runtime import connect
 
+    if not jobs:
+        return
     with connect(address, pinned=True):
         task = ray.remote(num_cpus=1)(fn)
         pending = {task.remote(*job): job for job in jobs}
