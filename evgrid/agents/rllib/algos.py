@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.utils.metrics import ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER, TIMERS
 
@@ -359,13 +360,19 @@ class EVDecisionCounter(RLlibCallback):
         metrics_logger.log_value("env_step_s", view.last_step_s, reduce="sum")
 
 
-def time_each_iteration(algo: Any) -> Any:
-    """Make ``algo``'s sampling and learner-update timers this iteration's seconds (returns ``algo``).
+def prepare_algorithm(algo: Any) -> Any:
+    """Fix two RLlib 2.60 defaults on a built ``algo`` (returns it).
 
-    RLlib keeps them as an EMA (coefficient 0.01), which the first iteration (module build, numba compiles)
-    dominates for a hundred iterations; as sums, which every result clears, they are the iteration's own."""
+    * Its sampling and learner-update timers become this iteration's seconds.  RLlib keeps them as an EMA
+      (coefficient 0.01), which the first iteration (module build, numba compiles) dominates for a hundred
+      iterations; as sums, which every result clears, they are the iteration's own.
+    * Its replay buffer (DQN, P-DQN) draws from a generator seeded by the config's ``seed``: RLlib seeds it from
+      the OS (``default_rng(None)``), so two trainings with one seed replayed different minibatches."""
     for timer in (ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER):
         algo.metrics.log_value((TIMERS, timer), 0.0, reduce="sum")
+    buffer = getattr(algo, "local_replay_buffer", None)
+    if buffer is not None and hasattr(buffer, "rng"):
+        buffer.rng = np.random.default_rng(algo.config.seed)
     return algo
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from evgrid.agents.rllib.algos import (HYBRID_ALGORITHMS, TrainConfig, algo_config, check_run,
-                                      iteration_timings, time_each_iteration)
+                                      iteration_timings, prepare_algorithm)
 from evgrid.agents.rllib.env import ENV_NAME, register_env
 from evgrid.agents.rllib.policy import checkpoint_dir
 from evgrid.config import to_dict
@@ -230,8 +230,8 @@ class Experiment:
             resolved = {**to_dict(self.env_config), "train": to_dict(self.train_config)}
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
         register_env(ENV_NAME)
-        self.algo = time_each_iteration(algo_config(self.env_config, self.train_config, ENV_NAME,
-                                                    self.grid_factory, self.operator_policy).build_algo())
+        self.algo = prepare_algorithm(algo_config(self.env_config, self.train_config, ENV_NAME,
+                                                  self.grid_factory, self.operator_policy).build_algo())
         if not self._warm:
             self._imitate()
         for cb in self.callbacks:

@@ -74,7 +74,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
 from ray.rllib.utils.torch_utils import FLOAT_MIN
 
-from evgrid.agents.rllib.algos import iteration_timings, time_each_iteration
+from evgrid.agents.rllib.algos import iteration_timings, prepare_algorithm
 from evgrid.config import to_dict
 from evgrid.envs.config import load_config
 from evgrid.envs.start_time import (AGENT, EpisodeResult, StartTimeEnv, greedy_policy, random_policy,
@@ -400,9 +400,9 @@ def train_start_time(algorithm: str, *, timesteps: int, seed: int = 0, config: A
     keep = ray.is_initialized()  # the caller's Ray outlives this call: the agent may keep its Algorithm
     with connect(address, pinned=True):  # as `evgrid train`: workers on CPU-independent numeric paths
         register()
-        algo = time_each_iteration(algo_config(algorithm, env_config, timesteps=timesteps, seed=seed,
-                                               num_env_runners=num_env_runners, num_envs=num_envs,
-                                               policy=policy).build_algo())
+        algo = prepare_algorithm(algo_config(algorithm, env_config, timesteps=timesteps, seed=seed,
+                                             num_env_runners=num_env_runners, num_envs=num_envs,
+                                             policy=policy).build_algo())
         done = False
         try:
             steps, wall_s = _train(algo, algorithm, timesteps, progress, n_nodes)
