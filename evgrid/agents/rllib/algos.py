@@ -283,6 +283,7 @@ def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid",
     from evgrid.agents.rllib.env import EVGridEnvRunner, RLlibEVGrid
     from evgrid.agents.rllib.modules import module_specs, policy_mapping_fn
     from evgrid.agents.rllib.pdqn import MPDQNConfig, PDQNConfig, chosen_mode_connector
+    from evgrid.agents.rllib.replay import ArrayReplayDQN
     from evgrid.config import to_dict
 
     check_run(env, train, operator_policy is not None)
@@ -294,9 +295,9 @@ def algo_config(env: EnvConfig, train: TrainConfig, env_name: str = "evgrid",
                          hybrid_evs=hybrid)
     for level, widths in (train.hidden_per_level or {}).items():
         specs.rl_module_specs[level].model_config = {"hidden": list(widths), "fcnet_hiddens": list(widths)}
-    cls = {"PPO": PPOConfig, "IMPALA": IMPALAConfig, "DQN": DQNConfig, "PDQN": PDQNConfig,
-           "MPDQN": MPDQNConfig}[train.algorithm]
-    cfg = (cls()
+    new = {"PPO": PPOConfig, "IMPALA": IMPALAConfig, "DQN": lambda: DQNConfig(algo_class=ArrayReplayDQN),
+           "PDQN": PDQNConfig, "MPDQN": MPDQNConfig}[train.algorithm]
+    cfg = (new()
            .environment(env_name, env_config=env_config, normalize_actions=False, clip_actions=False)
            .env_runners(env_runner_cls=EVGridEnvRunner, num_env_runners=train.num_env_runners,
                         num_envs_per_env_runner=train.envs_per_runner,
@@ -337,9 +338,12 @@ def _training_settings(train: TrainConfig) -> dict[str, Any]:
 
 def _dqn_settings(train: TrainConfig) -> dict[str, Any]:
     """DQN's: double-Q always, epsilon falling linearly from 1, target sync every ``target_update_steps``."""
-    # the default single-agent episode buffer breaks on multi-agent episodes (RLlib 2.60)
+    from evgrid.agents.rllib.replay import REPLAY_TYPE
+
+    # uniform: replayed from arrays (ArrayReplayDQN); prioritized: RLlib's multi-agent episode buffer (its
+    # default single-agent one breaks on multi-agent episodes in 2.60)
     buffer = ({"type": "MultiAgentPrioritizedEpisodeReplayBuffer", "alpha": 0.6, "beta": 0.4}
-              if train.replay == "prioritized" else {"type": "MultiAgentEpisodeReplayBuffer"})
+              if train.replay == "prioritized" else {"type": REPLAY_TYPE})
     return dict(double_q=True, dueling=train.dueling, epsilon=[[0, 1.0], [train.exploration_steps,
                                                                          train.epsilon_final]],
                 target_network_update_freq=train.target_update_steps,

@@ -34,7 +34,7 @@ clipping), no value clipping and no KL term; RLlib's GAE step standardises the a
 which SB3's A2C does not.  The table's 0.15 and 3x1 match no setting we can place; 1000 is read as the env's
 ``reward_scale``.
 
-Three training-side choices (ours), none seen by evaluation:
+Four training-side choices (ours), none seen by evaluation:
 
 * **Reward scale.**  The env's rewards total ``reward_scale`` = 1000 per node (eq 23), ~5 per step, so value
   targets reach hundreds; learning sees them times :data:`LEARN_REWARD_COEF` (0.01).  Progress reports the
@@ -45,6 +45,8 @@ Three training-side choices (ours), none seen by evaluation:
   evaluation uses held-out seeds (1000 onwards by default).  ``train_days=None``: a new day every episode.
 * **Sampling.**  Each env runner steps :data:`NUM_ENVS` envs together (PPO's batch of 2048 is then 256 steps of
   each; DQN's sample round 64 of each, its updates per env step unchanged).
+* **Replay.**  DQN replays from arrays (:class:`~evgrid.agents.rllib.replay.ArrayReplayDQN`, RLlib's loss and
+  schedules): twice as fast as RLlib's episode buffer on the same schedule (8,192 steps: 8.2 s against 16.9 s).
 
 Ray: the caller's Ray if it is running (the agent then keeps its Algorithm until :meth:`StartTimeAgent.stop`),
 else :func:`evgrid.cluster.runtime.connect` (embedded on 127.0.0.1, or ``address``) for the training only; the
@@ -75,6 +77,7 @@ from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
 from ray.rllib.utils.torch_utils import FLOAT_MIN
 
 from evgrid.agents.rllib.algos import iteration_timings, prepare_algorithm
+from evgrid.agents.rllib.replay import REPLAY_TYPE, ArrayReplayDQN
 from evgrid.config import to_dict
 from evgrid.envs.config import load_config
 from evgrid.envs.start_time import (AGENT, EpisodeResult, StartTimeEnv, greedy_policy, random_policy,
@@ -322,7 +325,7 @@ def algo_config(algorithm: str, env_config: Mapping[str, Any], *, timesteps: int
     modules = {"mlp": (MaskedPPOModule, MaskedDQNModule), "slots": (SlotScorePPOModule, SlotScoreDQNModule)}
     spec = RLModuleSpec(module_class=modules[policy][dqn],
                         observation_space=probe.observation_space(AGENT), action_space=probe.action_space(AGENT))
-    cfg = ((DQNConfig if dqn else PPOConfig)()
+    cfg = ((DQNConfig(algo_class=ArrayReplayDQN) if dqn else PPOConfig())
            .environment(ENV_NAME, env_config=dict(env_config))
            .env_runners(num_env_runners=num_env_runners, num_envs_per_env_runner=num_envs)
            .multi_agent(policies={MODULE_ID}, policy_mapping_fn=policy_mapping_fn)
@@ -356,7 +359,7 @@ def _dqn_schedule(timesteps: int, fragment: int, num_env_runners: int) -> dict[s
                 num_steps_sampled_before_learning_starts=100,
                 target_network_update_freq=max(min(10_000, timesteps // 10), 100),
                 training_intensity=updates * native,
-                replay_buffer_config={"type": "MultiAgentEpisodeReplayBuffer", "capacity": 1_000_000})
+                replay_buffer_config={"type": REPLAY_TYPE, "capacity": 1_000_000})
 
 
 # --------------------------------------------------------------------------------------------- training
