@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from evgrid.agents.rllib.algos import TrainConfig, _training_settings, load_run_config
+from evgrid.agents.rllib.replay import REPLAY_TYPE
 from evgrid.envs import market as mk
 from evgrid.envs import routing as rt
 from evgrid.envs.config import load_config
@@ -107,7 +108,7 @@ def test_ddqn_settings_come_from_the_train_section():
     assert s["double_q"] is True and s["dueling"] is False
     assert s["epsilon"] == [[0, 1.0], [train.exploration_steps, 0.0]]
     assert s["target_network_update_freq"] == train.target_update_steps
-    assert s["replay_buffer_config"] == {"type": "MultiAgentEpisodeReplayBuffer", "capacity": train.replay_capacity}
+    assert s["replay_buffer_config"] == {"type": REPLAY_TYPE, "capacity": train.replay_capacity}  # uniform
     prio = _training_settings(TrainConfig(algorithm="DQN"))["replay_buffer_config"]
     assert prio["type"] == "MultiAgentPrioritizedEpisodeReplayBuffer"
     with pytest.raises(ValueError, match="replay: expected one of 'prioritized', 'uniform'"):
