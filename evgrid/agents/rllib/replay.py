@@ -126,9 +126,6 @@ class TransitionReplay:
         """Env steps added so far (RLlib's buffers count the same)."""
         return self._env_steps
 
-    def __len__(self) -> int:
-        return sum(rows.size for rows in self._modules.values())
-
     def sample_batch(self, num_items: int) -> MultiAgentBatch | None:
         """``num_items`` transitions per module drawn uniformly with replacement, as RLlib's independent
         sampling does (None before any transition is stored)."""
