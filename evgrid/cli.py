@@ -295,7 +295,7 @@ def _check_reproduce(args: argparse.Namespace) -> None:
     if args.overrides:
         raise ConfigError(f"overrides: reproduce runs a study from its own config, got {' '.join(args.overrides)}")
     args.out, args.seeds = check_reproduce(args.study, out=args.out, seeds=args.seeds, address=args.address,
-                                           resume=args.resume, quick=args.quick)
+                                           resume=args.resume, quick=args.quick, ours=args.ours)
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
@@ -303,7 +303,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 
     with _log_file(args.out / "logs" / "reproduce.log"):
         out = reproduce(args.study, quick=args.quick, out=args.out, address=args.address, seeds=args.seeds,
-                        ray_log=not args.verbose, resume=args.resume)
+                        ray_log=not args.verbose, resume=args.resume, ours=args.ours)
     print(read_table(out), end="")
     print(f"run directory: {out}  report: {out / 'report.md'}  results: {out / 'results.parquet'}")
     return 0
@@ -447,6 +447,8 @@ def _add_reproduce(sub: Any) -> None:
                    help="seeds to run (default: the study's; one with --quick)")
     r.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (same study and "
                    "budget), keeping what it finished (seed001: its trained agents)")
+    r.add_argument("--ours", action="store_true", help="also run the study's methods of ours beside the paper's "
+                   "(seed001: PPO_ours, A2C_ours, DQN_ours; about twice the training time)")
 
 
 def build_parser() -> argparse.ArgumentParser:

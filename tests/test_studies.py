@@ -118,6 +118,10 @@ def test_bad_seeds_and_a_used_run_directory_fail_before_work(tmp_path):
     (tmp_path / "results.parquet").write_text("")
     with pytest.raises(ConfigError, match="out: .* holds results.parquet"):
         common.check_reproduce("seed003", out=tmp_path, seeds=None, address=None)
+    with pytest.raises(ConfigError, match="ours: study 'seed003' has no methods of ours beside the paper's"):
+        common.check_reproduce("seed003", out=tmp_path / "new", seeds=None, address=None, ours=True)
+    assert common.check_reproduce("seed001", out=tmp_path / "new", seeds=None, address=None, ours=True) == \
+        (tmp_path / "new", None)
 
 
 def test_resume_continues_a_run_directory_of_the_same_study_and_budget_only(tmp_path):
@@ -166,7 +170,7 @@ def test_seed001_resume_keeps_the_agents_the_interrupted_run_finished(tmp_path, 
     monkeypatch.setattr(seed001, "_as_completed", in_process)
     monkeypatch.setattr(st.StartTimeAgent, "restore", classmethod(
         lambda cls, path: types.SimpleNamespace(restored=path.name, timesteps=10, wall_s=0.1)))
-    ctx = Context(study="seed001", quick=True, out_dir=tmp_path, address=None, seeds=(0, 1))
+    ctx = Context(study="seed001", quick=True, out_dir=tmp_path, address=None, seeds=(0, 1), ours=True)
     curves: dict = {}
     agents = seed001._train_all(ctx, curves)
     assert sorted(agents) == sorted((m, s) for m in seed001.METHODS for s in (0, 1))
@@ -178,6 +182,11 @@ def test_seed001_resume_keeps_the_agents_the_interrupted_run_finished(tmp_path, 
     agents = seed001._train_all(Context(**{**ctx.__dict__, "resume": True}), curves)
     assert trained == [("A2C", "mlp", 0)] and agents["PPO", 0].restored == "PPO-seed0"
     assert curves["PPO", 0] == [(10, 5.0)]
+    trained.clear()  # without --ours, the paper's methods alone
+    agents = seed001._train_all(Context(**{**ctx.__dict__, "out_dir": tmp_path / "paper", "ours": False}), {})
+    assert sorted(agents) == sorted((m, s) for m in ("PPO", "A2C", "DQN") for s in (0, 1))
+    assert [a for a, _, _ in trained] == ["DQN"] * 2 + ["PPO"] * 2 + ["A2C"] * 2
+    assert {p for _, p, _ in trained} == {"mlp"}
 
 
 @pytest.fixture
@@ -214,13 +223,15 @@ def test_reproduce_runs_a_study_into_its_run_directory(toy_study, tmp_path):
 def test_cli_reproduce_exits_2_on_bad_input_and_prints_the_table(toy_study, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for argv in (["reproduce", "seed999"], ["reproduce", "seed003", "--seeds", "1", "1"],
-                 ["reproduce", "seed003", "fleet.n_ev=5"], ["reproduce", "seed003", "--seeds", "-2"]):
+                 ["reproduce", "seed003", "fleet.n_ev=5"], ["reproduce", "seed003", "--seeds", "-2"],
+                 ["reproduce", "seed003", "--ours"]):
         assert cli.main(argv) == 2, argv
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "report.md").write_text("")
     assert cli.main(["reproduce", "seed003", "--out", "used"]) == 2
     err = capsys.readouterr().err
     assert "seed999" in err and "distinct" in err and "overrides" in err and "holds report.md" in err
+    assert "ours: study 'seed003'" in err
     # the parser's study choices are the registry's when it is built: toy's among them
     assert cli.main(["reproduce", "toy", "--quick", "--out", "run"]) == 0
     out = capsys.readouterr().out
@@ -317,11 +328,11 @@ def test_seed003_quick_reproduction_holds_the_papers_directions(tmp_path):
 @pytest.mark.slow
 def test_seed001_quick_reproduction_trains_every_algorithm_and_reports_the_papers_measures(tmp_path):
     """The whole quick pipeline (stage 1, PPO / A2C / DQN as Ray tasks side by side for a few thousand steps
-    each, in the paper's setting and in ours, evaluation beside random and greedy, voltages before / after;
+    each, in the paper's setting and in ours (``--ours``), evaluation beside random and greedy, voltages before / after;
     about 2.5 min on 2 cores).  A few thousand steps do not order the algorithms (PPO's policy is still near uniform, its argmax
     a lottery); what the stages must show whatever the budget is checked, and that the off-policy slot-scoring
     DQN has learned."""
-    out = common.reproduce("seed001", quick=True, out=tmp_path, address=None)
+    out = common.reproduce("seed001", quick=True, out=tmp_path, address=None, ours=True)
     rows = pq.read_table(out / "results.parquet").to_pylist()
     v = {(r["method"], r["metric"]): r["value"] for r in rows}
     paper = {(r["method"], r["metric"]): r["paper_value"] for r in rows}
@@ -373,9 +384,15 @@ def test_seed001_claims_read_the_orderings_off_the_rows():
         return c.holds
 
     assert holds("total reward PPO > A2C > DQN > random") is False  # A2C 850 beats PPO, DQN 700 < random
+    assert holds("total reward PPO > DQN > random") is False  # DQN 700 < random 720
     assert holds("ours (score observation, slot-scoring networks): PPO > A2C > DQN > random") is True
     assert holds("every trained algorithm beats random") is False
     assert holds("ours: every trained algorithm beats random") is True
     assert holds("PPO's mean deviation from the optimal profile is below random's") is True
     (nadir,) = [c for c in claims if c.text.startswith("no node's voltage nadir")]
     assert nadir.holds is False and "nodes lower: 9)" in nadir.text
+    paper_only = seed001._claims([r for r in rows if not r["method"].endswith("_ours")])  # a run without --ours
+    assert [c.text for c in paper_only] == [c.text for c in claims if not c.text.startswith("ours")]
+    rows = [r if (r["method"], r["metric"]) != ("DQN", "total_reward") else {**r, "value": 750.0} for r in rows]
+    (c,) = [c for c in seed001._claims(rows) if c.text.startswith("total reward PPO > DQN > random")]
+    assert c.holds is True and "ours 800, 750, 720" in c.text

@@ -8,7 +8,9 @@ A study is a module ``evgrid.studies.<study>`` registered in :data:`STUDIES`.  I
 * ``resolved_config(ctx: Context) -> dict`` (optional; else the shipped experiment YAML of the study's name),
   saved as ``config.yaml`` before the study starts;
 * ``TITLE: str`` (optional): the paper, for the report's title; ``USES_RAY: bool`` (optional): Ray's and
-  RLlib's own messages go to ``logs/ray.log`` while the study runs.
+  RLlib's own messages go to ``logs/ray.log`` while the study runs;
+* ``OURS: tuple[str, ...]`` (optional): methods of ours beside the paper's, run only when asked
+  (``--ours``, :attr:`Context.ours`).
 
 :func:`reproduce` checks the input, makes the run directory, saves the config, runs the study and writes
 (:func:`write_outputs`):
@@ -84,6 +86,8 @@ class Context:
     resume: bool = False
     """Continue an interrupted run in ``out_dir``: a study may keep what it finished there (seed 001: its
     trained agents) instead of computing it again."""
+    ours: bool = False
+    """Also run the study's methods of ours (its ``OURS``), beside the paper's."""
 
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
         """``iterable`` with a progress bar on stderr (never stdout, which the CLI's tables own)."""
@@ -160,18 +164,21 @@ def default_out(study: str) -> Path:
 
 
 def check_reproduce(study: str, *, out: str | os.PathLike[str] | None, seeds: Iterable[int] | None,
-                    address: str | None, resume: bool = False, quick: bool = False
+                    address: str | None, resume: bool = False, quick: bool = False, ours: bool = False
                     ) -> tuple[Path, tuple[int, ...] | None]:
     """Check every input of :func:`reproduce` before any work: the study (registered, its module present), the
-    seeds (distinct integers >= 0), the run directory (creatable, not holding another run's results; with
-    ``resume``, a run directory of the same study and budget) and the Ray address (something answers).  Returns
-    (run directory, seeds or None); a ConfigError names the field."""
+    seeds (distinct integers >= 0), ``ours`` (the study has methods of ours), the run directory (creatable, not
+    holding another run's results; with ``resume``, a run directory of the same study and budget) and the Ray
+    address (something answers).  Returns (run directory, seeds or None); a ConfigError names the field."""
     if study not in STUDIES:
         raise ConfigError(f"study: expected one of {', '.join(STUDIES)}, got {study!r}")
     if importlib.util.find_spec(STUDIES[study]) is None:
         present = [s for s, m in STUDIES.items() if importlib.util.find_spec(m) is not None]
         raise ConfigError(f"study: {study!r} is registered but its module {STUDIES[study]} is not installed "
                           f"(studies available: {', '.join(present) or 'none'})")
+    if ours and not getattr(load_study(study), "OURS", ()):
+        raise ConfigError(f"ours: study {study!r} has no methods of ours beside the paper's; expected ours only "
+                          f"with a study that lists some (its module's OURS)")
     if resume:
         _check_resumable(study, out, quick)
     out_dir = Path(out) if out is not None else default_out(study)
@@ -238,20 +245,23 @@ def load_study(study: str) -> ModuleType:
 
 
 def reproduce(study: str, *, quick: bool, out: str | os.PathLike[str] | None, address: str | None,
-              seeds: tuple[int, ...] | None = None, ray_log: bool = True, resume: bool = False) -> Path:
+              seeds: tuple[int, ...] | None = None, ray_log: bool = True, resume: bool = False,
+              ours: bool = False) -> Path:
     """Run ``study`` end to end and write its run directory (``out``, default :func:`default_out`): the
     resolved ``config.yaml``, ``results.parquet``, ``report.md`` and figures.  ``seeds`` default to the study's
     (one seed with ``quick``); ``address``: a Ray cluster for studies that train (None: embedded);
     ``ray_log``: Ray's own messages go to ``logs/ray.log``; ``resume``: continue the interrupted run in ``out``
-    (:attr:`Context.resume`).  Returns the run directory."""
-    out_dir, checked = check_reproduce(study, out=out, seeds=seeds, address=address, resume=resume, quick=quick)
+    (:attr:`Context.resume`); ``ours``: also the study's methods of ours (:attr:`Context.ours`).  Returns the run
+    directory."""
+    out_dir, checked = check_reproduce(study, out=out, seeds=seeds, address=address, resume=resume, quick=quick,
+                                       ours=ours)
     module = load_study(study)
     if checked is None:
         choose = getattr(module, "default_seeds", None)
         checked = _check_seeds(choose(bool(quick)) if callable(choose) else DEFAULT_SEEDS[bool(quick)])
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(study=study, quick=bool(quick), out_dir=out_dir, address=address, seeds=checked,
-                  resume=bool(resume))
+                  resume=bool(resume), ours=bool(ours))
     _save_config(ctx, module)
     log.info("reproduce %s (%s, seeds %s) in %s", study, "quick" if quick else "full", checked, out_dir)
     t0 = time.perf_counter()
@@ -275,8 +285,8 @@ def _save_config(ctx: Context, module: ModuleType) -> Path:
         study_cfg = resolve(ctx)
     else:
         study_cfg = read_yaml(ctx.study) if ctx.study in experiment_names() else {}
-    data = {"study": ctx.study, "quick": ctx.quick, "seeds": list(ctx.seeds), "address": ctx.address,
-            "config": study_cfg}
+    data = {"study": ctx.study, "quick": ctx.quick, "ours": ctx.ours, "seeds": list(ctx.seeds),
+            "address": ctx.address, "config": study_cfg}
     path = ctx.out_dir / "config.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
@@ -443,7 +453,7 @@ def write_outputs(ctx: Context, out: StudyOutput, wall_s: float) -> dict[str, Pa
 
 def command_line(ctx: Context) -> str:
     """The ``evgrid reproduce`` command that makes this run."""
-    args = ["evgrid", "reproduce", ctx.study] + (["--quick"] if ctx.quick else [])
+    args = ["evgrid", "reproduce", ctx.study] + (["--quick"] if ctx.quick else []) + (["--ours"] if ctx.ours else [])
     args += ["--out", os.fspath(ctx.out_dir)] + (["--address", ctx.address] if ctx.address else [])
     args += ["--seeds", *map(str, ctx.seeds)]
     return shlex.join(args)
