@@ -306,7 +306,7 @@ def test_seed003_quick_reproduction_holds_the_papers_directions(tmp_path):
     for m in ("before", "after", "after_distribution"):
         for term in ("purchase", "diesel", "curtailment", "carbon", "total", "capacity"):
             assert math.isfinite(v[m, f"{term}_cost"]), (m, term)
-    assert v["after", "total_cost"] < v["before", "total_cost"]
+    assert v["after", "total_cost"] <= 0.7 * v["before", "total_cost"]  # the issue's: falls by >= 30 % (-33 %)
     assert v["after", "purchase_cost"] < v["before", "purchase_cost"]
     assert v["after", "carbon_cost"] < v["before", "carbon_cost"]
     assert v["after", "curtailment_cost"] < 1.0
