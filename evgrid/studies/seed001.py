@@ -46,9 +46,9 @@ STUDY = "seed001"
 PAPER_TIMESTEPS = 512_200
 QUICK_TIMESTEPS = {"PPO": 4096, "A2C": 4096, "DQN": 8192}
 ALGORITHMS = ("PPO", "A2C", "DQN")
-# seconds per env step relative to PPO's (20,480 steps of the paper's setting on 2 cores: PPO 20 s, A2C 12 s,
-# DQN 56 s): the longest trainings start first
-RELATIVE_COST = {"DQN": 2.8, "PPO": 1.0, "A2C": 0.6}
+# seconds per env step relative to PPO's (the full study on the idle 2-core machine, 2026-12-06: PPO 438 s, A2C
+# 219 s, DQN 568 s per 512,200 steps): the longest trainings start first
+RELATIVE_COST = {"DQN": 1.3, "PPO": 1.0, "A2C": 0.5}
 # method -> (algorithm, start_time.observation, policy): the paper's setting, then ours on the same budgets
 METHODS = {**{a: (a, "paper", "mlp") for a in ALGORITHMS},
            "PPO_ours": ("PPO", "scores", "slots"), "A2C_ours": ("A2C", "scores", "slots"),
