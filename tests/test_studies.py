@@ -328,8 +328,8 @@ def test_seed003_quick_reproduction_holds_the_papers_directions(tmp_path):
 @pytest.mark.slow
 def test_seed001_quick_reproduction_trains_every_algorithm_and_reports_the_papers_measures(tmp_path):
     """The whole quick pipeline (stage 1, PPO / A2C / DQN as Ray tasks side by side for a few thousand steps
-    each, in the paper's setting and in ours (``--ours``), evaluation beside random and greedy, voltages before / after;
-    about 2.5 min on 2 cores).  A few thousand steps do not order the algorithms (PPO's policy is still near uniform, its argmax
+    each, in the paper's setting and in ours (``--ours``), evaluation beside random and greedy, voltages before /
+    after; about 2.5 min on 2 cores).  A few thousand steps do not order the algorithms (PPO's policy is still near uniform, its argmax
     a lottery); what the stages must show whatever the budget is checked, and that the off-policy slot-scoring
     DQN has learned."""
     out = common.reproduce("seed001", quick=True, out=tmp_path, address=None, ours=True)

@@ -53,8 +53,9 @@ RELATIVE_COST = {"DQN": 1.3, "PPO": 1.0, "A2C": 0.5}
 METHODS = {**{a: (a, "paper", "mlp") for a in ALGORITHMS},
            "PPO_ours": ("PPO", "scores", "slots"), "A2C_ours": ("A2C", "scores", "slots"),
            "DQN_ours": ("DQN", "scores", "slots")}
-OURS = ("PPO_ours", "A2C_ours", "DQN_ours")
-"""Trained only with ``--ours``: the paper's four methods alone meet the study's time budget."""
+OURS = tuple(m for m, (_, observation, _) in METHODS.items() if observation != "paper")
+"""Trained only with ``--ours`` (PPO_ours, A2C_ours, DQN_ours): the paper's four methods alone meet the study's
+time budget."""
 EVAL_DAYS = {True: range(1000, 1002), False: range(1000, 1010)}
 SWING_NODE = 4
 CURVE_FILE = "curve.json"  # an agent's training curve, (env steps, mean return per node) pairs, beside it
