@@ -62,7 +62,7 @@ def test_share_deviation_and_min_max_follow_eqs_16_and_17():
 
 def test_station_reward_weighs_charged_energy_by_normalised_price_and_disparity():
     cfg = load_config("seed002", ["reward.station_w1=0.3", "reward.station_w2=0.7", "reward.station_unmet_per_kwh=2",
-                                  "reward.curtail_per_kwh=1"])
+                                  "reward.curtail_per_kwh=1", "reward.station_disparity=base"])
     layout = SimpleNamespace(n_station=2, station_zone=np.array([0, 1]))
     tariff = cfg.market.tariff
     rec = SimpleNamespace(
@@ -71,7 +71,7 @@ def test_station_reward_weighs_charged_energy_by_normalised_price_and_disparity(
         price_zone=np.array([[tariff.peak_price_per_kwh, tariff.valley_price_per_kwh]]))
     disparity = np.zeros((1, 3, 2))
     disparity[0, 1] = [0.25, 1.0]
-    r = rw.station_rewards(rec, cfg, layout, disparity)
+    r = rw.station_rewards(rec, cfg, layout, (disparity, np.ones((1, 1))))
     e_ref = cfg.stations.p_max_kw * 0.25
     want0 = -((0.3 * 1.0 + 0.7 * 0.25) * 15.0 + 1.0 - 2 * 13.5) / e_ref  # price^ 1 at the peak
     want1 = -((0.3 * 0.0 + 0.7 * 1.0) * 15.0 - 2 * 13.5) / e_ref  # price^ 0 in the valley
@@ -165,6 +165,62 @@ def test_claims_read_the_orderings_off_the_rows():
     assert holds["1000 EVs, greedy: spatial_std_kw falls as participation rises from 0% to 100% (every step)"]
     assert holds["1000 EVs, DRL_Cost: slvtpr rises as participation rises from 0% to 100% (every step)"]
     assert "holds in 2/2 seeds" in seed002._claims(rows, (0, 1))[0].text
+
+
+def test_the_load_disparity_charges_each_station_its_networks_imbalance_once_per_step():
+    """``station_disparity: load``: on random loads and charging, the w2 term is the station's network's share
+    deviation (EVs included) over the day's largest base-load deviation, whatever the station charged; the
+    paper's reading weighs the charged energy by eq 16 instead."""
+    rng = np.random.default_rng(5)
+    cfg = load_config("seed002", ["reward.station_disparity=load", "reward.station_w1=0", "reward.station_w2=0.8",
+                                  "reward.station_unmet_per_kwh=0", "reward.curtail_per_kwh=0"])
+    nominal = np.array([1000.0, 1500.0, 2000.0])
+    layout = SimpleNamespace(n_station=3, station_zone=np.array([0, 1, 2]), zone_nominal_kw=nominal)
+    base = rng.uniform(200.0, 1500.0, (2, 96, 3))
+    disparity = rw.episode_disparity(base, nominal)
+    np.testing.assert_allclose(disparity[1][:, 0], np.abs(rw.share_deviation(base, nominal)).max(axis=(1, 2)))
+    e_ref = cfg.stations.p_max_kw * cfg.dt_min / 60
+    for _ in range(20):
+        zone_kw = rng.uniform(200.0, 2500.0, (2, 3))
+        n_ev = 12
+        rec = SimpleNamespace(
+            t=int(rng.integers(96)), feeder_load_kw=zone_kw, zone_load_kw=zone_kw,
+            ev_station=rng.integers(0, 6, n_ev), p_ev_kw=rng.uniform(0.0, 50.0, n_ev), cut_ev_kw=np.zeros(n_ev),
+            progress_kwh=rng.uniform(0.0, 10.0, n_ev), price_zone=rng.uniform(0.3, 1.2, (2, 3)))
+        share = (zone_kw / nominal) / (zone_kw / nominal).sum(axis=1, keepdims=True)
+        want = -0.8 * np.abs(share - 1 / 3) / disparity[1]
+        np.testing.assert_allclose(rw.station_rewards(rec, cfg, layout, disparity), want)
+    # the paper's reading on the same record weighs the charged energy instead
+    paper = load_config(cfg, {"reward": {"station_disparity": "base"}})
+    kwh = rw.per_station(rec, rec.p_ev_kw, 2, 3) * cfg.dt_min / 60
+    np.testing.assert_allclose(rw.station_rewards(rec, paper, layout, disparity),
+                               -0.8 * disparity[0][:, rec.t] * kwh / e_ref)
+    with pytest.raises(ValueError, match="station_disparity: expected one of 'base', 'load'"):
+        load_config("seed002", ["reward.station_disparity=ev"])
+
+
+def test_stations_observe_their_networks_share_deviation():
+    """A station network shared by the three stations sees which network each serves: eq 16 on the base load
+    now, and the share of the whole load of the last step, both summing to zero over the networks."""
+    from evgrid.envs.ev_grid import EVGridEnv
+    from evgrid.envs.views.features import STATION_CONTEXT
+
+    env = EVGridEnv(load_config("seed002", ["fleet.n_ev=300"]))
+    obs, _ = env.reset(seed=4)
+    n_ctx = len(STATION_CONTEXT)
+    cols = [STATION_CONTEXT.index(n) - n_ctx for n in ("zone_base_share_dev", "zone_load_share_dev")]
+    rng = np.random.default_rng(0)
+    sim, lay = env.sim, env.sim.layout
+    for _ in range(30):
+        obs, *_ = env.step({a: int(rng.integers(6)) for a in obs})
+        if not env.agents:
+            break
+        got = np.array([obs[f"station_{j}"][cols] for j in range(3)])  # (M, 2)
+        base_dev = rw.share_deviation(sim.base_zone_load_kw()[0, sim.t], lay.zone_nominal_kw)
+        load_dev = rw.share_deviation(env.step_records[-1].zone_load_kw[0], lay.zone_nominal_kw)
+        np.testing.assert_allclose(got[:, 0], base_dev[lay.station_zone], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[:, 1], load_dev[lay.station_zone], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.sum(axis=0), 0.0, atol=1e-5)  # one station per network
 
 
 @pytest.fixture(scope="module")

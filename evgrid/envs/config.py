@@ -29,6 +29,7 @@ EV_SHIELDS = ("none", "deadline")
 OPERATOR_RULES = ("tou",)
 OPERATOR_ACTIONS = ("multiplier", "level")
 ORACLE_OBJECTIVES = ("operator_cost", "peak_valley")
+STATION_DISPARITIES = ("base", "load")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ class RewardConfig:
     """Station: seed 002's w1, normalised price cost."""
     station_w2: float = 1.0
     """Station: seed 002's w2, normalised load disparity between networks (zones on one feeder)."""
+    station_disparity: str = "base"
+    """What w2 weighs (:func:`evgrid.envs.views.rewards.station_rewards`): ``base``, the paper's eq 16 on the
+    zone's base load, per kWh the station charges; ``load`` (ours), the zone's share deviation of its whole
+    load (EVs included) after the step, once per step."""
     station_unmet_per_kwh: float = 2.5
     """Station: penalty per kWh its EVs miss at departure (paid per step as progress).  Above station_w1 +
     station_w2, each charged kWh's largest cost, or withholding charge beats charging at the dearest steps (at
@@ -99,8 +104,10 @@ class RewardConfig:
     """Operator: penalty per bus-step outside voltage limits in its zone after enforcement."""
 
     def __post_init__(self) -> None:
+        check_choice("station_disparity", self.station_disparity, STATION_DISPARITIES)
         for name in self.__dataclass_fields__:
-            check_real(name, getattr(self, name), 0.0, 1e6)
+            if name != "station_disparity":
+                check_real(name, getattr(self, name), 0.0, 1e6)
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ class EVGridVectorEnv:
         self.step_records: list[StepRecord] = []  # the simulator steps of the last reset() or step()
         self._observe = Observer(sim, self._ops, self._stns, a.ev_view)
         self._decoder = ActionDecoder(sim, self._ops, self._stns, a.ev_view, self.n_slots)
-        self._disparity: npt.NDArray[np.float64] | None = None  # (E, T, Z) stations' eq 16-17 term, per reset
+        self._disparity: tuple[npt.NDArray[np.float64], ...] | None = None  # stations' eq 16-17 terms, per reset
         self.slots: Slots | None = None
         self._next_seed: int | None = None
         self._log = None
@@ -173,8 +173,7 @@ class EVGridVectorEnv:
         sim = self.sim
         sim.reset(seed)
         if self._stns:
-            self._disparity = rw.min_max(rw.share_deviation(sim.base_zone_load_kw(), sim.layout.zone_nominal_kw),
-                                         axis=(1, 2))
+            self._disparity = rw.episode_disparity(sim.base_zone_load_kw(), sim.layout.zone_nominal_kw)
         self.slots = Slots(self.n_env * sim.layout.n_station, self.n_slots, sim.day.sessions.n)
         self._assign_slots()
         self.agents = self._live_agents()

@@ -153,11 +153,13 @@ class Sim:
         """Retail price per zone now, (E, Z) per kWh."""
         return self.prices.price_per_kwh(self.zone_period[:, min(self.t, self.n_steps - 1)])
 
-    def base_zone_load_kw(self) -> FloatArray:
-        """(E, T, Z) each zone's base load (no EVs, no generation) over the day, kW."""
+    def base_zone_load_kw(self, t: int | None = None) -> FloatArray:
+        """(E, T, Z) each zone's base load (no EVs, no generation) over the day, kW; (E, Z) at step ``t``."""
         lay = self.layout
-        bus_kw = self.day.load_pu[:, :, lay.feeder_of_bus] * lay.base_p_kw  # (E, T, n_bus)
-        return np.einsum("etb,bz->etz", bus_kw, np.eye(lay.n_zone)[lay.zone_of_bus])
+        steps = slice(None) if t is None else slice(t, t + 1)
+        bus_kw = self.day.load_pu[:, steps, lay.feeder_of_bus] * lay.base_p_kw  # (E, T, n_bus)
+        zone_kw = np.einsum("etb,bz->etz", bus_kw, np.eye(lay.n_zone)[lay.zone_of_bus])
+        return zone_kw if t is None else zone_kw[:, 0]
 
 
 def _zone_periods(cfg: EnvConfig, day: Day, base_zone_kw: FloatArray) -> npt.NDArray[np.int8]:

@@ -86,6 +86,8 @@ STATION_CONTEXT = FeatureSet((
     *_PERIOD, *_CLOCK,
     Feature("load_share", "share", "[0, 1]", "charging power / station limit, last step"),
     Feature("plugged_share", "share", "[0, 1]", "plugged EVs / ports"),
+    Feature("zone_base_share_dev", "share", "[-1, 1]", "zone's share of the zones' base load now - 1 / Z (eq 16)"),
+    Feature("zone_load_share_dev", "share", "[-1, 1]", "zone's share of the zones' whole load, last step, - 1 / Z"),
     _TIME_LEFT,
 ))
 

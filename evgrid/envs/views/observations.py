@@ -19,6 +19,7 @@ from evgrid.envs import storage as sg
 from evgrid.envs.sim import Sim
 from evgrid.envs.state import StepRecord
 from evgrid.envs.views.features import EV, STATION_CONTEXT, operator_features
+from evgrid.envs.views.rewards import share_deviation
 from evgrid.grid.profiles import VALLEY
 
 # the EV kernel's quantities, in the order it computes them; each goes to its declared column of EV
@@ -133,8 +134,15 @@ class Observer:
         # a station sees its own zone's tariff period (per-zone periods with market.tou_basis: base_load)
         period = np.eye(3)[sim.zone_period[:, min(sim.t, sim.n_steps - 1)][:, lay.station_zone].ravel()]
         f.update(valley=period[:, 0], offpeak=period[:, 1], peak=period[:, 2])
+        # the zone's imbalance against the others (seed 002's disparity terms): a station network shared by
+        # every station tells from these which network it serves and how loaded it is
+        t = min(sim.t, sim.n_steps - 1)
+        base_dev = share_deviation(sim.base_zone_load_kw(t), lay.zone_nominal_kw)  # (E, Z)
+        load_dev = share_deviation(rec.zone_load_kw, lay.zone_nominal_kw) if rec is not None else base_dev
         f.update(bus_vm_pu=vm[:, lay.station_bus].ravel(), price_now=sim.retail_price()[:, lay.station_zone].ravel(),
-                 load_share=load, plugged_share=plugged_st / sc.ports)
+                 load_share=load, plugged_share=plugged_st / sc.ports,
+                 zone_base_share_dev=base_dev[:, lay.station_zone].ravel(),
+                 zone_load_share_dev=load_dev[:, lay.station_zone].ravel())
         return np.column_stack([f[name] for name in STATION_CONTEXT.names])
 
     def _counts(self, idx, stn, need) -> np.ndarray:
