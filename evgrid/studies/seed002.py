@@ -8,7 +8,8 @@ the requests of a step one after another; each network's TOU price follows its o
 * ``greedy``: LBMS, every EV charging on arrival (the stations' LLF rule at fraction 1);
 * ``DRL_Space`` (w1 = 0, w2 = 1), ``DRL_Cost`` (w1 = 1, w2 = 0), ``DRL_Both`` (w1 = w2 = 0.5): one DDQN per
   strategy (RLlib DQN, double-Q, uniform replay, epsilon 1 -> 0, target sync every B steps: the ``train:``
-  section), the three stations sharing its network, choosing the share of present EVs to charge; an EV that
+  section), the three stations sharing its network, choosing the share of present EVs to charge (w2 weighs
+  the network's share deviation with its EVs, once per step: ``reward.station_disparity: load``, ours); an EV that
   would miss its target by waiting one more step charges whatever share its station picked (ours: the deadline
   shield, ``agents.ev_shield``; without it the learned stations left 2-3.5 times greedy's energy unmet).
 
@@ -247,7 +248,14 @@ def _notes(ctx: Context) -> list[str]:
     from evgrid.envs.config import load_config
 
     days = EVAL_DAYS[ctx.quick]
-    unmet = load_config(STUDY).reward.station_unmet_per_kwh
+    reward = load_config(STUDY).reward
+    unmet = reward.station_unmet_per_kwh
+    w2_term = ("w2 share-deviation^ per kWh charged (eq 16 on the network's base load)"
+               if reward.station_disparity == "base" else
+               "w2 |share deviation| of the network's whole load (EVs included) after the step, once per step, over "
+               "the day's largest base-load deviation (ours, reward.station_disparity: load: eq 16's base-load term "
+               "moved charging to hours whose base load left room, LBMS then sent those networks more EVs, and the "
+               "spatial std rose)")
     return [
         f"Training: {ITERATIONS[ctx.quick]} DQN iterations per strategy, seed and EV count (each at least "
         f"{MIN_STEPS_PER_ITERATION:,} env steps, 12 days), epsilon falling from 1 to 0 over them, the rest of the "
@@ -259,9 +267,10 @@ def _notes(ctx: Context) -> list[str]:
         "U(1, 4) h, target SOC 0.9; each network's peak and valley hours are its highest- and lowest-load "
         "steps, as many as the clock tariff has; LBMS adds each assigned EV's charger power to its network's "
         "load for the later requests of the step.",
-        "Station reward (eqs 15-18, our reading): -(w1 price^ + w2 share-deviation^) per kWh charged, both "
-        f"min-max normalised, plus {unmet} per kWh brought towards an EV's target (ours: without it a station "
-        "would never charge), over the station's largest step energy.",
+        f"Station reward (eqs 15-18, our reading): -(w1 price^ per kWh charged + {w2_term}), price^ min-max "
+        f"normalised, plus {unmet} per kWh brought towards an EV's target (ours: without it a station would never "
+        "charge), over the station's largest step energy.  A station observes its network's share deviation of "
+        "the base load now and of the whole load of the last step (ours: the three stations share one network).",
         f"user_cost_total = what users paid + {COMPENSATION_PER_KWH} per kWh short of the target at departure "
         "(ours: 1.5 x the peak price, the compensation the paper's eq 28 adds for unmet users; its formula was "
         "lost).  Our currency and "
