@@ -203,12 +203,11 @@ def test_stations_observe_their_networks_share_deviation():
     """A station network shared by the three stations sees which network each serves: eq 16 on the base load
     now, and the share of the whole load of the last step, both summing to zero over the networks."""
     from evgrid.envs.ev_grid import EVGridEnv
-    from evgrid.envs.views.features import STATION_CONTEXT
+    from evgrid.envs.views.features import STATION
 
     env = EVGridEnv(load_config("seed002", ["fleet.n_ev=300"]))
     obs, _ = env.reset(seed=4)
-    n_ctx = len(STATION_CONTEXT)
-    cols = [STATION_CONTEXT.index(n) - n_ctx for n in ("zone_base_share_dev", "zone_load_share_dev")]
+    cols = [STATION.index(n) - len(STATION) for n in ("zone_base_share_dev", "zone_load_share_dev")]
     rng = np.random.default_rng(0)
     sim, lay = env.sim, env.sim.layout
     for _ in range(30):

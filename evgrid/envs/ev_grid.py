@@ -126,7 +126,7 @@ class EVGridVectorEnv:
         if kind == "operator":
             return box((len(ft.operator_features(self.sim.layout.storage.n > 0)),))
         if kind == "station":
-            return box(((sc.c_max + 1) * (sc.e_max + 1) + len(ft.STATION_CONTEXT),))
+            return box(((sc.c_max + 1) * (sc.e_max + 1) + len(ft.STATION),))
         if kind == "ev":
             return box((len(ft.EV),))
         if kind == "evs":
@@ -459,18 +459,19 @@ EVGridEnv.__doc__ = f"""Multi-agent EV charging on a distribution feeder with a 
 
 {_indent(ft.OPERATOR_STORAGE.table(len(ft.OPERATOR)))}
 
-    station, ``Box(N + {len(ft.STATION_CONTEXT)},)`` with ``N = (c_max+1)(e_max+1)``: seed 002's count matrix
+    station, ``Box(N + {len(ft.STATION)},)`` with ``N = (c_max+1)(e_max+1)``: seed 002's count matrix
     ``N[c, e]`` per port (flattened, c = remaining charge slots, e = remaining parking slots, the last
-    row/column collecting larger values), then the station context:
+    row/column collecting larger values), then the station's features:
 
-{_indent(ft.STATION_CONTEXT.table(), "N + ")}
+{_indent(ft.STATION.table(), "N + ")}
 
     ev, ``Box({len(ft.EV)},)``:
 
 {_indent(ft.EV.table())}
 
     evs (grouped): ``Dict(evs=Box(slots, {len(ft.EV)}), mask=Box(0, 1, (slots,)), context=Box({len(ft.STATION_CONTEXT)},))``;
-    ``mask`` is 1 where a slot holds an EV, ``context`` the station context above.
+    ``mask`` is 1 where a slot holds an EV, ``context`` the station's features above without its network's
+    (``zone_base_share_dev``, ``zone_load_share_dev``).
 
     ## Rewards
     Weights in ``reward`` (:class:`evgrid.envs.config.RewardConfig`), from :mod:`evgrid.envs.views.rewards`:

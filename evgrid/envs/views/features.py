@@ -80,16 +80,25 @@ def operator_features(storage: bool) -> FeatureSet:
     return FeatureSet((*OPERATOR, *OPERATOR_STORAGE)) if storage else OPERATOR
 
 
-STATION_CONTEXT = FeatureSet((
+_STATION_OWN = (
     Feature("bus_vm_pu", "p.u.", "[0, 2]", "voltage at the station's bus, last step"),
     Feature("price_now", "currency/kWh", "[0, inf)", "retail price in the station's zone now"),
     *_PERIOD, *_CLOCK,
     Feature("load_share", "share", "[0, 1]", "charging power / station limit, last step"),
     Feature("plugged_share", "share", "[0, 1]", "plugged EVs / ports"),
+)
+
+STATION_CONTEXT = FeatureSet((*_STATION_OWN, _TIME_LEFT))
+"""What grouped EVs see of their station (``context``)."""
+
+STATION = FeatureSet((
+    *_STATION_OWN,
     Feature("zone_base_share_dev", "share", "[-1, 1]", "zone's share of the zones' base load now - 1 / Z (eq 16)"),
     Feature("zone_load_share_dev", "share", "[-1, 1]", "zone's share of the zones' whole load, last step, - 1 / Z"),
     _TIME_LEFT,
 ))
+"""A station agent's features after its count matrix: the context and its network's imbalance (seed 002's
+disparity terms), from which a network shared by every station tells which network it serves."""
 
 EV = FeatureSet((
     Feature("soc", "share", "[0, 1]", "state of charge"),

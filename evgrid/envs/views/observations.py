@@ -18,7 +18,7 @@ from evgrid.envs import stations as st
 from evgrid.envs import storage as sg
 from evgrid.envs.sim import Sim
 from evgrid.envs.state import StepRecord
-from evgrid.envs.views.features import EV, STATION_CONTEXT, operator_features
+from evgrid.envs.views.features import EV, STATION, STATION_CONTEXT, operator_features
 from evgrid.envs.views.rewards import share_deviation
 from evgrid.grid.profiles import VALLEY
 
@@ -69,13 +69,15 @@ class Observer:
                 out[e].update(zip(self.ops, feats[e]))
         ctx = self._station_context(rec, vm, plugged) if self.stns or self.view == "grouped" else None
         if self.stns:
-            flat = np.concatenate([self._counts(idx, stn, need), ctx], axis=1).astype(np.float32)
+            own = {**ctx, **self._station_network(rec)}
+            flat = np.column_stack([self._counts(idx, stn, need), *(own[n] for n in STATION.names)])
+            flat = flat.astype(np.float32)
             for e in range(n_env):
                 out[e].update(zip(self.stns, flat[e * n_st:(e + 1) * n_st]))
         if self.view == "individual":
             self._individual(out, agents, idx, left, vm)
         elif self.view == "grouped":
-            self._grouped(out, slot_owner, ctx, vm)
+            self._grouped(out, slot_owner, np.column_stack([ctx[n] for n in STATION_CONTEXT.names]), vm)
         return [{a: o[a] for a in ag} for o, ag in zip(out, agents)]
 
     def _clock(self) -> dict[str, Any]:
@@ -122,8 +124,8 @@ class Observer:
         return dict(storage_soc=share(soc * units.e_kwh, units.e_kwh), storage_charge_av=share(p_ch, units.p_max_kw),
                     storage_discharge_av=share(p_dis, units.p_max_kw))
 
-    def _station_context(self, rec: StepRecord | None, vm, plugged_st) -> np.ndarray:
-        """(E * M, len(STATION_CONTEXT)), rows in global station order."""
+    def _station_context(self, rec: StepRecord | None, vm, plugged_st) -> dict[str, np.ndarray]:
+        """The STATION_CONTEXT features by name, (E * M,) each, in global station order."""
         sim, lay = self.sim, self.sim.layout
         sc = sim.cfg.stations
         n = sim.n_env * lay.n_station
@@ -134,16 +136,18 @@ class Observer:
         # a station sees its own zone's tariff period (per-zone periods with market.tou_basis: base_load)
         period = np.eye(3)[sim.zone_period[:, min(sim.t, sim.n_steps - 1)][:, lay.station_zone].ravel()]
         f.update(valley=period[:, 0], offpeak=period[:, 1], peak=period[:, 2])
-        # the zone's imbalance against the others (seed 002's disparity terms): a station network shared by
-        # every station tells from these which network it serves and how loaded it is
-        t = min(sim.t, sim.n_steps - 1)
-        base_dev = share_deviation(sim.base_zone_load_kw(t), lay.zone_nominal_kw)  # (E, Z)
-        load_dev = share_deviation(rec.zone_load_kw, lay.zone_nominal_kw) if rec is not None else base_dev
         f.update(bus_vm_pu=vm[:, lay.station_bus].ravel(), price_now=sim.retail_price()[:, lay.station_zone].ravel(),
-                 load_share=load, plugged_share=plugged_st / sc.ports,
-                 zone_base_share_dev=base_dev[:, lay.station_zone].ravel(),
-                 zone_load_share_dev=load_dev[:, lay.station_zone].ravel())
-        return np.column_stack([f[name] for name in STATION_CONTEXT.names])
+                 load_share=load, plugged_share=plugged_st / sc.ports)
+        return f
+
+    def _station_network(self, rec: StepRecord | None) -> dict[str, np.ndarray]:
+        """A station's network's share deviations (E * M,) each: of the base load now (eq 16) and of the whole
+        load of the last step (the base load's before the first)."""
+        sim, lay = self.sim, self.sim.layout
+        base_dev = share_deviation(sim.base_zone_load_kw(min(sim.t, sim.n_steps - 1)), lay.zone_nominal_kw)
+        load_dev = share_deviation(rec.zone_load_kw, lay.zone_nominal_kw) if rec is not None else base_dev
+        return dict(zone_base_share_dev=base_dev[:, lay.station_zone].ravel(),
+                    zone_load_share_dev=load_dev[:, lay.station_zone].ravel())
 
     def _counts(self, idx, stn, need) -> np.ndarray:
         """Seed 002's count matrix N[c, e] per station over its ports, (E * M, (c_max + 1) (e_max + 1))."""
