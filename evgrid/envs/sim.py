@@ -71,6 +71,7 @@ class Sim:
         self.prices = mk.ZonePrices(self.n_env, self.layout.n_zone, cfg.market)
         self.day: Day | None = None
         self.zone_period: npt.NDArray[np.int8] | None = None  # (E, T, Z) retail tariff period per zone and step
+        self._base_zone_kw: FloatArray | None = None  # (E, T, Z) the day's base load per zone, per reset
         self.fleet: FleetState | None = None
         self.last: StepRecord | None = None
         self.t = 0
@@ -85,7 +86,11 @@ class Sim:
         seed = self.cfg.seed if seed is None else seed
         self.episode += 1
         self.day = draw_day(self.cfg, self.layout, self.n_env, seed)
-        self.zone_period = _zone_periods(self.cfg, self.day, self.base_zone_load_kw())
+        lay = self.layout
+        bus_kw = self.day.load_pu[:, :, lay.feeder_of_bus] * lay.base_p_kw  # (E, T, n_bus)
+        self._base_zone_kw = np.einsum("etb,bz->etz", bus_kw, np.eye(lay.n_zone)[lay.zone_of_bus])
+        self._base_zone_kw.flags.writeable = False  # shared with callers (zone periods, stations, observations)
+        self.zone_period = _zone_periods(self.cfg, self.day, self._base_zone_kw)
         self.fleet = FleetState.start(self.day, self.n_env, self.layout.n_zone, self.layout.n_station,
                                       self.layout.storage)
         if self.cfg.routing is not None:
@@ -153,13 +158,9 @@ class Sim:
         """Retail price per zone now, (E, Z) per kWh."""
         return self.prices.price_per_kwh(self.zone_period[:, min(self.t, self.n_steps - 1)])
 
-    def base_zone_load_kw(self, t: int | None = None) -> FloatArray:
-        """(E, T, Z) each zone's base load (no EVs, no generation) over the day, kW; (E, Z) at step ``t``."""
-        lay = self.layout
-        steps = slice(None) if t is None else slice(t, t + 1)
-        bus_kw = self.day.load_pu[:, steps, lay.feeder_of_bus] * lay.base_p_kw  # (E, T, n_bus)
-        zone_kw = np.einsum("etb,bz->etz", bus_kw, np.eye(lay.n_zone)[lay.zone_of_bus])
-        return zone_kw if t is None else zone_kw[:, 0]
+    def base_zone_load_kw(self) -> FloatArray:
+        """(E, T, Z) each zone's base load (no EVs, no generation) over the day, kW (drawn at reset; read only)."""
+        return self._base_zone_kw
 
 
 def _zone_periods(cfg: EnvConfig, day: Day, base_zone_kw: FloatArray) -> npt.NDArray[np.int8]:

@@ -144,7 +144,7 @@ class Observer:
         """A station's network's share deviations (E * M,) each: of the base load now (eq 16) and of the whole
         load of the last step (the base load's before the first)."""
         sim, lay = self.sim, self.sim.layout
-        base_dev = share_deviation(sim.base_zone_load_kw(min(sim.t, sim.n_steps - 1)), lay.zone_nominal_kw)
+        base_dev = share_deviation(sim.base_zone_load_kw()[:, min(sim.t, sim.n_steps - 1)], lay.zone_nominal_kw)
         load_dev = share_deviation(rec.zone_load_kw, lay.zone_nominal_kw) if rec is not None else base_dev
         return dict(zone_base_share_dev=base_dev[:, lay.station_zone].ravel(),
                     zone_load_share_dev=load_dev[:, lay.station_zone].ravel())
