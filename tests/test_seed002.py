@@ -14,7 +14,8 @@ from evgrid.agents.rllib.replay import REPLAY_TYPE
 from evgrid.envs import market as mk
 from evgrid.envs import routing as rt
 from evgrid.envs.config import load_config
-from evgrid.envs.sim import Sim
+from evgrid.envs.sim import Sim, _route
+from evgrid.envs.state import TRAVELLING
 from evgrid.envs.views import rewards as rw
 from evgrid.grid.profiles import OFFPEAK, PEAK, VALLEY
 from evgrid.studies import common
@@ -100,6 +101,25 @@ def test_lbms_assigns_the_requests_of_a_step_one_after_another():
     assert r.followed.tolist() == [False, True] and r.station.tolist() == [0, 1]
     with pytest.raises(ValueError, match="add_kw"):
         rt.lbms(pos, reach, xy, load, add_kw=np.full(3, 1.0))
+
+
+def test_lbms_counts_the_evs_still_driving_only_under_the_committed_load():
+    """``routing.lbms_load``: ``current`` compares the networks' loads now (the paper's), ``committed`` adds the
+    charger power of the EVs assigned in earlier steps and still on their way (ours)."""
+    for lbms_load, to_zero in (("current", True), ("committed", False)):
+        sim = Sim(load_config("seed002", ["fleet.n_ev=50", f"routing.lbms_load={lbms_load}"]))
+        sim.reset(seed=3)
+        fleet, lay = sim.fleet, sim.layout
+        driving, new = np.array([1, 2]), np.array([0])
+        fleet.status[driving], fleet.station[driving] = TRAVELLING, 0
+        fleet.station[new], fleet.soc[new] = -1, 1.0  # a fresh request that reaches every station
+        feeder_kw = np.full((1, len(lay.feeders)), 110.0)
+        feeder_kw[0, lay.station_feeder[0]] = 100.0  # station 0's network is the least loaded now ...
+        assert sim.day.sessions.p_ch_max_kw[driving].sum() > 10.0  # ... but not with the EVs driving there
+        _route(sim.cfg, lay, sim.day, fleet, 0, new, feeder_kw)
+        assert (fleet.station[0] == 0) == to_zero, lbms_load
+    with pytest.raises(ValueError, match="lbms_load: expected one of 'current', 'committed'"):
+        load_config("seed002", ["routing.lbms_load=en_route"])
 
 
 def test_ddqn_settings_come_from_the_train_section():

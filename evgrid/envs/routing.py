@@ -11,7 +11,10 @@ charge and a battery capacity.  Seed 002 (section 2.1) routes it in three steps:
    reachable one whose distribution network has the lowest current total load.
    Requests of one step are assigned one after another, in request order, each
    seeing the load the earlier ones added (``add_kw``: ours, the charging power
-   each EV will draw), so a batch does not herd onto one station.
+   each EV will draw), so a batch does not herd onto one station.  The
+   simulator adds the EVs of earlier steps still on their way
+   (``lbms_load="committed"``, ours) unless told to compare the current load
+   alone (``"current"``), under which consecutive steps herd (README, seed 002).
 
 The EV then drives at constant speed ``v``: travel time ``D[i, j] / v``, and
 charging starts on arrival.  Seed 002 also varies the *user participation
@@ -58,6 +61,7 @@ from evgrid.validate import as_array, check_choice, check_int, check_real
 logger = logging.getLogger(__name__)
 
 POLICIES = ("nearest", "lbms")
+LBMS_LOADS = ("current", "committed")
 METRICS = ("euclidean", "manhattan")
 
 CHUNK_ELEMENTS = 4_000_000
@@ -70,6 +74,10 @@ class RoutingConfig:
 
     policy: str = "nearest"
     """``nearest`` (every EV to its nearest reachable station) or ``lbms`` (seed 002's least-loaded reachable)."""
+    lbms_load: str = "committed"
+    """What LBMS compares besides the requests of the step assigned before: ``committed`` (ours) each network's
+    load now plus the charger power of the EVs still driving to its station, or ``current`` (the paper's
+    wording) the load now only, so an EV assigned in an earlier step counts once it charges."""
     participation: float = 1.0
     """Share of EVs that follow the LBMS recommendation, 0..1 (seed 002 varies 0-100 %); the rest go to the nearest reachable station."""
     speed_kmh: float = 30.0
@@ -85,6 +93,7 @@ class RoutingConfig:
 
     def __post_init__(self) -> None:
         check_choice("policy", self.policy, POLICIES)
+        check_choice("lbms_load", self.lbms_load, LBMS_LOADS)
         check_real("participation", self.participation, 0.0, 1.0)
         check_real("speed_kmh", self.speed_kmh, 0.0, 300.0, lo_open=True)
         check_real("consumption_kwh_per_km", self.consumption_kwh_per_km, 0.0, 5.0, lo_open=True)

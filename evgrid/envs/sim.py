@@ -582,14 +582,15 @@ def depart(day: Day, fleet: FleetState, idx: IntArray, status: int) -> None:
 def _route(cfg: EnvConfig, layout: Layout, day: Day, fleet: FleetState, t: int, idx: IntArray,
            feeder_load_kw: FloatArray | None) -> None:
     s, dt_h, n_env = day.sessions, cfg.dt_min / 60.0, day.n_env
-    # network load the LBMS rule compares: each station's feeder load, per environment, plus the charging power
-    # of the EVs already on their way there (assigned in earlier steps, not yet drawing)
+    # network load the LBMS rule compares: each station's feeder load, per environment ...
     if feeder_load_kw is None:
         feeder_load_kw = np.zeros((n_env, len(layout.feeders)))
     env = day.env[idx]
-    on_way = np.flatnonzero(fleet.status == TRAVELLING)
-    en_route = np.bincount(fleet.station[on_way], s.p_ch_max_kw[on_way], n_env * layout.n_station)
-    load = feeder_load_kw[env][:, layout.station_feeder] + en_route.reshape(n_env, -1)[env]  # (n, M)
+    load = feeder_load_kw[env][:, layout.station_feeder]  # (n, M)
+    if cfg.routing.lbms_load == "committed":  # ... plus the charging power of the EVs on their way there
+        on_way = np.flatnonzero(fleet.status == TRAVELLING)
+        en_route = np.bincount(fleet.station[on_way], s.p_ch_max_kw[on_way], n_env * layout.n_station)
+        load = load + en_route.reshape(n_env, -1)[env]
     stations = np.empty(idx.size, dtype=np.int64)
     travel = np.empty(idx.size)
     e_travel = np.empty(idx.size)
