@@ -248,7 +248,8 @@ def _notes(ctx: Context) -> list[str]:
     from evgrid.envs.config import load_config
 
     days = EVAL_DAYS[ctx.quick]
-    reward = load_config(STUDY).reward
+    cfg = load_config(STUDY)
+    reward = cfg.reward
     unmet = reward.station_unmet_per_kwh
     w2_term = ("w2 share-deviation^ per kWh charged (eq 16 on the network's base load)"
                if reward.station_disparity == "base" else
@@ -266,7 +267,10 @@ def _notes(ctx: Context) -> list[str]:
         "and industrial load shapes), 22-50 kW chargers, requests uniform over the city and 07:00-22:00, stays "
         "U(1, 4) h, target SOC 0.9; each network's peak and valley hours are its highest- and lowest-load "
         "steps, as many as the clock tariff has; LBMS adds each assigned EV's charger power to its network's "
-        "load for the later requests of the step.",
+        "load for the later requests of the step" + (
+            " and, while the EV drives there, for those of the later steps (routing.lbms_load: committed; the "
+            "paper compares the current load, under which consecutive steps herd: README)."
+            if cfg.routing.lbms_load == "committed" else "."),
         f"Station reward (eqs 15-18, our reading): -(w1 price^ per kWh charged + {w2_term}), price^ min-max "
         f"normalised, plus {unmet} per kWh brought towards an EV's target (ours: without it a station would never "
         "charge), over the station's largest step energy.  A station observes its network's share deviation of "
