@@ -476,3 +476,58 @@ def test_running_sums_add_up_each_group_in_order():
     x = np.arange(1.0, 7.0)
     np.testing.assert_array_equal(opf._running_sums(group) @ x, [1, 3, 6, 4, 5, 11])
     assert opf._running_sums(np.zeros(0, int)).shape == (0, 0)
+
+
+# ------------------------------------------------------------------------------- seed 002's balancing plan
+
+
+def _spread(load_kw):
+    return float(load_kw.std(axis=1).mean())
+
+
+def test_balanced_schedule_fills_the_lighter_network_within_the_station_limit():
+    base = np.array([[0.0, 100.0], [100.0, 100.0]])  # network 0 lighter at step 0 only
+    ss = sessions([0], [0], [2], [90.0], p_max=100.0, cap=100.0)  # 90 kWh stored = 100 kWh drawn at eta 0.9
+    p, spread = opf.balanced_schedule(base, ss, np.array([0]), 1.0)
+    np.testing.assert_allclose(p, [[100.0, 0.0]], atol=1e-3)
+    assert spread == pytest.approx(0.0, abs=1e-3)
+    # at most 50 kW at the station: half of the energy has to go where network 0 is already level
+    p, spread = opf.balanced_schedule(base, ss, np.array([0]), 1.0, station_p_max_kw=50.0)
+    np.testing.assert_allclose(p, [[50.0, 50.0]], atol=1e-3)
+    assert spread == pytest.approx(25.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_balanced_schedule_keeps_every_session_whole_and_spreads_less_than_charging_on_arrival(seed):
+    rng = np.random.default_rng(seed)
+    T, Z, n = 24, 3, 30
+    base = rng.uniform(50.0, 300.0, (T, Z))
+    start = rng.integers(0, T - 6, n)
+    end = np.minimum(start + rng.integers(4, 12, n), T)
+    need = rng.uniform(0.2, 0.9, n) * 0.9 * 7.0 * DT * (end - start)  # each within reach of its window
+    ss = sessions(np.zeros(n, int), start, end, need, station=rng.integers(0, Z, n))
+    ss = dataclasses.replace(ss, cap_kwh=ss.e_target_kwh)  # no energy beyond the targets
+    network = ss.station.copy()
+    p, spread = opf.balanced_schedule(base, ss, network, DT)
+    k = np.arange(T)[None, :]
+    inside = (k >= start[:, None]) & (k < end[:, None])
+    assert np.all(p >= -1e-6) and np.all(p <= 7.0 + 1e-6) and np.all(np.abs(p[~inside]) < 1e-6)
+    np.testing.assert_allclose(0.9 * p.sum(axis=1) * DT, need, rtol=1e-5, atol=1e-5)
+    load = base + p.T @ np.eye(Z)[network]
+    assert spread == pytest.approx(_spread(load), rel=1e-5, abs=1e-4)
+    # charging at full power from arrival until each target is one schedule among those the plan chose from
+    steps_full = need / (0.9 * 7.0 * DT)
+    on_arrival = np.clip(steps_full[:, None] - (k - start[:, None]), 0.0, 1.0) * 7.0 * inside
+    assert spread <= _spread(base + on_arrival.T @ np.eye(Z)[network]) + 1e-6
+
+
+def test_balanced_schedule_names_bad_input():
+    ss = sessions([0], [0], [2], [5.0])
+    with pytest.raises(ValueError, match="base_kw: expected .*networks >= 2"):
+        opf.balanced_schedule(np.ones((2, 1)), ss, np.array([0]), DT)
+    with pytest.raises(ValueError, match=r"network: expected 1 network numbers in \[0, 1\]"):
+        opf.balanced_schedule(np.ones((2, 2)), ss, np.array([2]), DT)
+    with pytest.raises(ValueError, match="sessions.end: expected <= 1"):
+        opf.balanced_schedule(np.ones((1, 2)), ss, np.array([0]), DT)
+    with pytest.raises(opf.InfeasibleError, match="sessions 0: energy target out of reach"):
+        opf.balanced_schedule(np.ones((2, 2)), sessions([0], [0], [1], [50.0]), np.array([0]), DT)

@@ -121,6 +121,27 @@ def test_load_dependent_routing_keeps_the_plans_stations():
     assert not came.differs(life).any()
 
 
+@pytest.mark.parametrize("day", [0, 1])
+def test_spatial_balance_spreads_the_networks_less_than_greedy_with_no_ev_past_its_target(day):
+    """Seed 002's oracle: greedy's LBMS day planned again for the least mean std of the networks' loads."""
+    cfg = load_config("seed002", {"fleet": {"n_ev": 150}, "oracle": {"objective": "spatial_balance"}})
+    sim, life, plan = _plan(cfg, day)
+    s = sim.day.sessions
+    stored = s.eta_ch * plan.p_kw.sum(axis=1) * sim.dt_h
+    wanted = np.maximum(s.soc_target - life.soc_arrive, 0.0) * s.cap_kwh
+    assert np.all(stored <= wanted + 1e-4)
+    row, _ = next(orc.oracle_episodes(cfg, [day]))
+    greedy = next(rule_episodes(load_config(cfg, {"agents": {"station": "rule"}}), [day]))
+    assert row["spatial_std_kw"] < greedy["spatial_std_kw"]
+    assert row["unmet_kwh"] <= greedy["unmet_kwh"] + 1e-3
+    assert row["voltage_violations"] == 0 and row["curtailed_kwh"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_spatial_balance_needs_several_networks():
+    with pytest.raises(ValueError, match="oracle.objective: spatial_balance .* 1 feeder"):
+        _plan(_cfg(oracle={"objective": "spatial_balance"}))
+
+
 def test_evaluate_runs_the_oracle_beside_the_rules(tmp_path):
     rows = evaluate_baselines(_cfg(), ["oracle", "uncontrolled"], 1, out_dir=tmp_path, progress=False)
     assert [r["policy"] for r in rows] == ["oracle", "uncontrolled"]

@@ -178,6 +178,9 @@ def test_claims_read_the_orderings_off_the_rows():
                                 n_ev=1000, participation=p)
                      for m, v in std.items() for metric in ("spatial_std_kw", "slvtpr")]
     rows += [common.row("seed002", m, s, "slvtpr", 1.0, n_ev=1000, participation=1.0) for m in cost for s in (0, 1)]
+    # the oracle is a reference beside the paper's strategies, never in their orderings
+    rows += [common.row("seed002", "oracle", s, metric, 1.0, n_ev=n, participation=1.0)
+             for s in (0, 1) for n in (1000, 1250) for metric in ("user_cost_total", "spatial_std_kw")]
     holds = {c.text.split(" (ours")[0]: c.holds for c in seed002._claims(rows, (0, 1))}
     assert holds["1000 EVs: greedy has the highest user cost"] and holds["1250 EVs: DRL_Cost has the lowest user cost"]
     assert not holds["1000 EVs: DRL_Space has the lowest spatial load std"]  # DRL_Both's is lower
@@ -253,13 +256,17 @@ def quick_run(tmp_path_factory):
 def test_seed002_quick_reproduction_writes_every_method_metric_and_figure(quick_run):
     rows = pq.read_table(quick_run / "results.parquet").to_pandas()
     assert {"n_ev", "participation"} <= set(rows.columns)
-    assert set(rows.method) == {"greedy", "DRL_Space", "DRL_Cost", "DRL_Both"}
+    assert set(rows.method) == {"greedy", "DRL_Space", "DRL_Cost", "DRL_Both", "oracle"}
     assert {"slvtpr", "spatial_std_kw", "user_cost_total", "combined_score"} <= set(rows.metric)
     assert set(rows.n_ev) == {1000, 1250} and {0.0, 1.0} <= set(rows.participation)
     paper = rows[(rows.method == "DRL_Both") & (rows.metric == "user_cost_total") & (rows.n_ev == 1000)
                  & (rows.participation == 1.0)]
     assert paper.paper_value.tolist() == [2611.23]
-    assert not rows[rows.method == "greedy"].metric.isin(["combined_score"]).any()
+    assert not rows[rows.method.isin(["greedy", "oracle"])].metric.isin(["combined_score"]).any()
+    # the oracle (greedy's day planned for balance) spreads the networks' loads less than every strategy
+    std = rows[(rows.metric == "spatial_std_kw") & (rows.participation == 1.0)].groupby(["n_ev", "method"]).value.mean()
+    for n_ev in (1000, 1250):
+        assert std[n_ev].idxmin() == "oracle", std[n_ev]
     report = (quick_run / "report.md").read_text(encoding="utf-8")
     for name in ("training.png", "ev_distribution.png", "strategies.png", "participation.png"):
         assert (quick_run / name).stat().st_size > 10_000 and f"]({name})" in report

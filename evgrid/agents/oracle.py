@@ -18,6 +18,13 @@ track them (least flexible EVs first, each at the start that brings its station'
 target, charging above it weighted more): a heuristic for the start-time problem, whose exact form is an
 integer program.
 
+Several networks (``oracle.objective: spatial_balance``, seed 002): the spread of the networks' loads couples the
+feeders, so the plan has two stages, as seed 001's flat target does.  :func:`evgrid.grid.opf.balanced_schedule`
+shares every EV's energy out over its stay for the least mean spread, network limits aside (each feeder's AC
+losses under the plan enter as fixed load); then each feeder's OPF draws that load (``tie_target_kw``) within its
+limits.  Each EV takes exactly the energy charging on arrival gives it within the day (its target or all it can
+reach), so the plan only moves energy in time, and compares with greedy's day.
+
 Stationary storage (``storage``) is the operators' and enters the plan as the OPF models it: a session plugged
 in for the whole episode, within its SOC window, that must end no emptier than it began (so the plan cannot
 earn by selling the energy it started with); the replay sets each unit to its planned power.
@@ -111,18 +118,23 @@ def plan_episode(sim: Sim, life: Lifecycle) -> Plan:
     fixed = 0.0
     t0 = time.perf_counter()
     m = layout.n_station
+    local = life.plugged & (life.station >= 0) & (life.plug_step < life.dep_step)
+    feeder_of = layout.station_feeder[np.maximum(life.station, 0) % m]
+    parts = []  # per feeder: its sessions, its storage units, both as OPF sessions, its horizon
+    for f in range(len(layout.feeders)):
+        idx = np.flatnonzero(local & (feeder_of == f))
+        bus0 = int(layout.feeder_slice(f).start)
+        units, batteries = _storage_sessions(sim, f, bus0)
+        evs = _sessions(cfg, sim, life, idx, bus0, exact=cfg.oracle.objective == "spatial_balance")
+        parts.append((idx, units, _concat(evs, batteries), _horizon(cfg, sim, f)))
+    draws = _balanced_draws(cfg, sim, parts) if cfg.oracle.objective == "spatial_balance" else None
     for f, feeder in enumerate(layout.feeders):
-        sl = layout.feeder_slice(f)
-        local = life.plugged & (life.station >= 0) & (life.plug_step < life.dep_step)
-        local &= layout.station_feeder[np.maximum(life.station, 0) % m] == f
-        idx = np.flatnonzero(local)
-        units, batteries = _storage_sessions(sim, f, int(sl.start))
-        ss = _concat(_sessions(cfg, sim, life, idx, int(sl.start)), batteries)
+        idx, units, ss, horizon = parts[f]
         margin = cfg.oracle.v_margin_pu
         planned = dataclasses.replace(feeder, v_min_pu=feeder.v_min_pu + margin, v_max_pu=feeder.v_max_pu - margin)
-        objective, fixed_f = _objective(cfg, sim, f)
+        objective, fixed_f = _objective(cfg, sim, f, None if draws is None else draws[:, f])
         fixed += fixed_f
-        res = opf.solve_opf(planned, _horizon(cfg, sim, f), ss, objective,
+        res = opf.solve_opf(planned, horizon, ss, objective,
                             opf.OPFOptions(formulation=cfg.oracle.formulation, solver=cfg.oracle.solver,
                                            ac_rounds=cfg.oracle.ac_rounds, ev_model=cfg.oracle.ev_model,
                                            method=cfg.oracle.method,
@@ -153,7 +165,47 @@ def plan_day(sim: Sim, seed: int) -> Plan:
     return plan_episode(sim, _first_pass(sim, seed))
 
 
-def _sessions(cfg: EnvConfig, sim: Sim, life: Lifecycle, idx: IntArray, bus0: int) -> opf.Sessions:
+def _balanced_draws(cfg: EnvConfig, sim: Sim, parts: list) -> FloatArray:
+    """``spatial_balance``: what each feeder should draw per step (T, F), kW: its base load (DER at their
+    available output) and losses plus the EV and storage power of :func:`evgrid.grid.opf.balanced_schedule` over
+    all feeders at once, the plan that spreads the networks' loads least."""
+    if len(parts) < 2:
+        raise ValueError("oracle.objective: spatial_balance balances the loads of several networks; this config has "
+                         "1 feeder (allowed with 2 or more, e.g. grid.feeder: city)")
+    base = np.column_stack([h.load_p_kw.sum(axis=1) - h.der_avail_kw.sum(axis=1) for *_, h in parts])
+    ss = _concat(*(p[2] for p in parts))
+    network = np.concatenate([np.full(p[2].n, f, dtype=np.int64) for f, p in enumerate(parts)])
+    # the programme is lossless, and losses grow with a feeder's load, so they add to the spread the metric
+    # measures: each feeder's AC losses under the last plan (the base load alone at first) enter as fixed load
+    p_kw = np.zeros((ss.n, sim.n_steps))
+    for _ in range(2):
+        loss = _losses(sim, parts, p_kw, network)
+        p_kw, spread_kw = opf.balanced_schedule(base + loss, ss, network, sim.dt_h, cfg.stations.p_max_kw)
+    log.info("oracle: balanced plan, mean spatial std %.1f kW before the feeders' limits", spread_kw)
+    return base + _losses(sim, parts, p_kw, network) + p_kw.T @ np.eye(len(parts))[network]
+
+
+def _losses(sim: Sim, parts: list, p_kw: FloatArray, network: IntArray) -> FloatArray:
+    """(T, F) each feeder's losses by the AC sweep, kW, with its sessions drawing ``p_kw`` (n, T) at their
+    buses (NaN where the sweep does not converge: 0)."""
+    from evgrid.grid.flow.sweep import SweepBackend
+
+    out = np.zeros((sim.n_steps, len(parts)))
+    for f, (_, _, ss, h) in enumerate(parts):
+        feeder = sim.layout.feeders[f]
+        p = h.load_p_kw.copy()
+        np.subtract.at(p.T, feeder.der_bus, h.der_avail_kw.T)
+        np.add.at(p.T, ss.bus, p_kw[network == f])
+        flow = SweepBackend(feeder).solve(p, h.load_q_kvar)
+        out[:, f] = np.where(flow.converged, flow.loss_kw, 0.0)
+    return out
+
+
+def _sessions(cfg: EnvConfig, sim: Sim, life: Lifecycle, idx: IntArray, bus0: int, exact: bool = False
+              ) -> opf.Sessions:
+    """Sessions ``idx`` as the OPF's, at buses numbered from ``bus0``.  ``exact`` (``spatial_balance``): each
+    EV takes exactly the energy charging on arrival gives it within the day, its target or all it can reach,
+    so the plan only moves energy in time, against greedy's day."""
     s, dt_h = sim.day.sessions, sim.dt_h
     m = sim.layout.n_station
     cap = s.cap_kwh[idx]
@@ -162,13 +214,15 @@ def _sessions(cfg: EnvConfig, sim: Sim, life: Lifecycle, idx: IntArray, bus0: in
     p_ch = s.p_ch_max_kw[idx]
     per_step = s.eta_ch[idx] * p_ch * dt_h
     # an EV staying past the episode's end needs by then only what it cannot still charge before it leaves
-    target = s.soc_target[idx] * cap - per_step * (life.dep_step[idx] - end)
+    target = s.soc_target[idx] * cap - (0.0 if exact else per_step * (life.dep_step[idx] - end))
     # a target out of reach in the time plugged in becomes all that time can store (the simulator then records
     # the rest as unmet, as for every policy)
     reach = np.minimum(e0 + per_step * (end - start), cap)
     target = np.minimum(target, reach * (1 - 1e-9))
     v2g = s.v2g[idx]
     e_min = np.where(v2g, np.minimum(cfg.fleet.v2g_soc_min * cap, e0), 0.0)
+    if exact:
+        cap = np.maximum(target, e0)  # no EV ends above its target
     return opf.Sessions(bus=sim.layout.station_bus[life.station[idx] % m] - bus0, start=start, end=end,
                         p_ch_max_kw=p_ch, p_dis_max_kw=np.where(v2g, s.p_dis_max_kw[idx], 0.0), cap_kwh=cap,
                         e0_kwh=e0, e_target_kwh=target, e_min_kwh=e_min, eta_ch=s.eta_ch[idx],
@@ -187,8 +241,8 @@ def _storage_sessions(sim: Sim, f: int, bus0: int) -> tuple[IntArray, opf.Sessio
                            eta_dis=u.eta_dis[k], station=np.full(k.size, -1, np.int64))
 
 
-def _concat(a: opf.Sessions, b: opf.Sessions) -> opf.Sessions:
-    return opf.Sessions(**{f.name: np.concatenate([getattr(a, f.name), getattr(b, f.name)])
+def _concat(*parts: opf.Sessions) -> opf.Sessions:
+    return opf.Sessions(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
                            for f in dataclasses.fields(opf.Sessions)})
 
 
@@ -219,10 +273,13 @@ def _penalties(cfg: EnvConfig) -> dict[str, float] | None:
     return {"target_kwh": cfg.reward.ev_unmet_per_kwh if price is None else price}
 
 
-def _objective(cfg: EnvConfig, sim: Sim, f: int) -> tuple[opf.Objective, float]:
-    """Feeder ``f``'s objective, and the cost no decision changes (each zone's diesel at its fixed output)."""
+def _objective(cfg: EnvConfig, sim: Sim, f: int, draw_kw: FloatArray | None = None) -> tuple[opf.Objective, float]:
+    """Feeder ``f``'s objective, and the cost no decision changes (each zone's diesel at its fixed output);
+    ``draw_kw``: ``spatial_balance``'s load for the feeder (:func:`_balanced_draws`)."""
     if cfg.oracle.objective == "peak_valley":
         return opf.Objective(peak_valley_weight=1.0), 0.0
+    if cfg.oracle.objective == "spatial_balance":
+        return opf.Objective(tie_target_kw=draw_kw), 0.0
     layout, day, mc = sim.layout, sim.day, cfg.market
     sl = layout.feeder_slice(f)
     feeder = layout.feeders[f]

@@ -28,7 +28,7 @@ EV_RULES = ("uncontrolled", "tou", "random")
 EV_SHIELDS = ("none", "deadline")
 OPERATOR_RULES = ("tou",)
 OPERATOR_ACTIONS = ("multiplier", "level")
-ORACLE_OBJECTIVES = ("operator_cost", "peak_valley")
+ORACLE_OBJECTIVES = ("operator_cost", "peak_valley", "spatial_balance")
 STATION_DISPARITIES = ("base", "load")
 
 
@@ -116,7 +116,9 @@ class OracleConfig:
 
     objective: str = "operator_cost"
     """``operator_cost``: purchase and carbon cost as the market settles them per zone, plus PV / wind
-    curtailment; ``peak_valley``: the spread between each feeder's highest and lowest load."""
+    curtailment; ``peak_valley``: the spread between each feeder's highest and lowest load; ``spatial_balance``
+    (several networks, seed 002): the mean over steps of the standard deviation of the networks' loads, planned
+    over all networks at once, then each feeder drawing that load within its limits."""
     formulation: str = "lindistflow"
     """Network model of the plan: ``lindistflow`` (with AC offsets) or ``socp``."""
     solver: str = "auto"

@@ -705,6 +705,58 @@ def _station_limits(prog: Program, ev, n_st: int, T: int, opt: OPFOptions, slack
         prog.le(-ramp, lim)
 
 
+def balanced_schedule(base_kw: npt.ArrayLike, sessions: Sessions, network: npt.ArrayLike, dt_h: float,
+                      station_p_max_kw: float | None = None) -> tuple[np.ndarray, float]:
+    """Seed 002's balancing plan, network limits aside: each session's net power (n, T), kW (> 0 charges), that
+    minimises the mean over steps of the standard deviation over networks of their loads, ``base_kw`` (T, Z)
+    plus the sessions' power (session k on network ``network[k]``), and that planned mean, kW.  Every session
+    reaches its energy target (one out of reach within the stations' limits is left short at
+    :data:`SOFT_PENALTY`'s price, prohibitive against kW of spread) and ends at most at ``cap_kwh`` (pass the
+    targets as capacities to plan no energy beyond them, as the oracle does); ``station_p_max_kw`` limits each
+    station's charging.  The oracle then plans each feeder to draw the load found here (:func:`solve_opf`'s
+    ``tie_target_kw``), within the feeder's limits; ``sessions.bus`` is not read."""
+    base = np.asarray(base_kw, dtype=float)
+    if base.ndim != 2 or base.shape[1] < 2 or not np.isfinite(base).all():
+        raise ValueError(f"base_kw: expected finite loads of shape (steps, networks >= 2), got {base.shape}")
+    T, Z = base.shape
+    net = np.asarray(network)
+    if net.shape != (sessions.n,) or not np.issubdtype(net.dtype, np.integer) or net.size and (
+            net.min() < 0 or net.max() >= Z):
+        raise ValueError(f"network: expected {sessions.n} network numbers in [0, {Z - 1}] (one per session)")
+    if sessions.n and sessions.end.max() > T:
+        raise ValueError(f"sessions.end: expected <= {T} (steps of base_kw), got {sessions.end.max()}")
+    check_real("dt_h", dt_h, 1e-6, 24.0)
+    bad = _unreachable(sessions, dt_h)
+    if bad.size:
+        raise InfeasibleError(f"sessions {_first(bad)}: energy target out of reach even charging at full power "
+                              f"while plugged in ({bad.size} of {sessions.n} sessions)")
+    prog = Program()
+    short: list[Affine] = []
+
+    def slack(name: str, n: int):  # only targets give (station limits are the chargers' own)
+        if name != "target_kwh":
+            return 0
+        short.append(prog.var(n, lb=0.0))
+        return short[-1]
+
+    ev = _SessionVars(prog, sessions, T, dt_h, slack)
+    # each network's load per step, t-major (T Z,)
+    load = (_sum_into(ev.c_t * Z + net[ev.sid], T * Z) @ ev.xc
+            - _sum_into(ev.d_t * Z + net[ev.sid[ev.idx_d]], T * Z) @ ev.xd + base.reshape(-1))
+    dev = sp.kron(sp.identity(T), sp.identity(Z) - np.full((Z, Z), 1.0 / Z), format="csr") @ load
+    spread = prog.var(T, lb=0.0)  # >= each step's ||load - its mean||, sqrt(Z) times its std
+    prog.soc(spread, *(dev[np.arange(T) * Z + z] for z in range(Z)))
+    if station_p_max_kw is not None and (sessions.station >= 0).any():
+        _station_limits(prog, ev, int(sessions.station.max()) + 1, T, OPFOptions(station_p_max_kw=station_p_max_kw),
+                        slack)
+    prog.minimize([Quadratic(spread.sum() * (1.0 / (math.sqrt(Z) * T))),
+                   *(Quadratic(v.sum() * SOFT_PENALTY["target_kwh"]) for v in short)])
+    if prog.solve("CLARABEL") not in OPTIMAL:
+        raise InfeasibleError(f"balanced_schedule: the solver ended {prog.status}")
+    p_ch, p_dis = ev.powers(prog, sessions, T)
+    return p_ch - p_dis, float(prog.value(spread).sum() / (math.sqrt(Z) * T))
+
+
 class _Model:
     """One program; :func:`solve_opf` builds it, solves it and reads it back."""
 

@@ -13,6 +13,11 @@ the requests of a step one after another; each network's TOU price follows its o
   would miss its target by waiting one more step charges whatever share its station picked (ours: the deadline
   shield, ``agents.ev_shield``; without it the learned stations left 2-3.5 times greedy's energy unmet).
 
+* ``oracle`` (ours, a reference, not the paper's): with greedy's arrivals (the LBMS day, stations then fixed)
+  and each EV's energy as greedy gives it, the perfect-foresight schedule of every EV's power with the least
+  mean spatial std, each feeder within its limits (``oracle.objective: spatial_balance``,
+  :mod:`evgrid.agents.oracle`): how low the stations' control could bring the spread on each day.
+
 Each strategy is trained once per seed and EV count (1,000 and 1,250) and evaluated on held-out days; the
 participation sweep evaluates the 1,000-EV policies with 0-100 % of the users following LBMS (ours: the
 policies trained at 100 %).  Metrics (``results.parquet``, with ``n_ev`` and ``participation`` columns):
@@ -44,6 +49,7 @@ STRATEGIES = {"DRL_Space": (0.0, 1.0), "DRL_Cost": (1.0, 0.0), "DRL_Both": (0.5,
 """Reward weights (station_w1, station_w2) of each DRL strategy; DRL_Both's w1 = w2 = 0.5 (ours: the paper
 says only w1 = w2, with weights in [0, 1])."""
 METHODS = ("greedy", *STRATEGIES)
+"""The paper's strategies, which its orderings compare (``oracle`` is a reference beside them)."""
 N_EVS = (1000, 1250)
 PARTICIPATION = {True: (0.0, 0.5), False: (0.0, 0.25, 0.5, 0.75)}
 """Participation rates of the sweep besides the 100 % of the main runs (ours: the paper's rates were lost)."""
@@ -94,6 +100,8 @@ def run(ctx: Context) -> StudyOutput:
     rows: list[dict[str, Any]] = []
     curves: dict[tuple[str, int], list[float]] = {}
     traces: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    # no training: the same on every seed, computed once
+    oracle = {n_ev: _oracle_means(n_ev, EVAL_DAYS[ctx.quick]) for n_ev in N_EVS}
     with connect(ctx.address, pinned=True):
         for seed in ctx.seeds:
             for n_ev in N_EVS:
@@ -105,7 +113,7 @@ def run(ctx: Context) -> StudyOutput:
                     rows.append(row(STUDY, strategy, seed, "train_s", train_s, n_ev=n_ev, participation=1.0))
                 rates = (1.0, *PARTICIPATION[ctx.quick]) if n_ev == N_EVS[0] else (1.0,)
                 for rate in rates:
-                    rows += _evaluate(ctx, seed, n_ev, rate, policies)
+                    rows += _evaluate(ctx, seed, n_ev, rate, policies, oracle[n_ev] if rate == 1.0 else None)
                 if seed == ctx.seeds[0] and n_ev == N_EVS[-1]:
                     traces = {m: _trace(n_ev, policies[m]) for m in ("greedy", "DRL_Both")}
     return StudyOutput(rows=rows, claims=_claims(rows, ctx.seeds), figures=_figures(ctx, rows, curves, traces),
@@ -151,16 +159,29 @@ def _episodes(n_ev: int, participation: float, modules: Any, days: range) -> lis
     return list(policy_episodes(cfg, lambda env: TrainedPolicy(modules, env), days))
 
 
-def _evaluate(ctx: Context, seed: int, n_ev: int, participation: float,
-              policies: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every method's metrics at (n_ev, participation), the combined score over the DRL strategies."""
-    means = {}
-    for method, modules in policies.items():
-        eps = _episodes(n_ev, participation, modules, EVAL_DAYS[ctx.quick])
-        cost = [user_cost_total(e["user_paid"], e["unmet_kwh"], e["owed_kwh"]) for e in eps]
-        means[method] = {"user_cost_total": float(np.mean(cost)),
-                         **{k: float(np.mean([e[k] for e in eps])) for k in ("slvtpr", "spatial_std_kw",
-                                                                             "user_paid", "unmet_kwh")}}
+def _oracle_means(n_ev: int, days: range) -> dict[str, float]:
+    """The oracle's metrics at ``n_ev`` (100 % participation: its first pass is greedy's LBMS day)."""
+    from evgrid.agents.oracle import oracle_episodes
+    from evgrid.envs.config import load_config
+
+    return _means([r for r, _ in oracle_episodes(load_config(STUDY, _overrides(n_ev)), days)])
+
+
+def _means(eps: list[dict[str, float]]) -> dict[str, float]:
+    """The study's metrics of episode rows ``eps``, means over the days."""
+    cost = [user_cost_total(e["user_paid"], e["unmet_kwh"], e["owed_kwh"]) for e in eps]
+    return {"user_cost_total": float(np.mean(cost)),
+            **{k: float(np.mean([e[k] for e in eps])) for k in ("slvtpr", "spatial_std_kw", "user_paid", "unmet_kwh")}}
+
+
+def _evaluate(ctx: Context, seed: int, n_ev: int, participation: float, policies: dict[str, Any],
+              oracle: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Every method's metrics at (n_ev, participation), the combined score over the DRL strategies; ``oracle``:
+    its metrics (:func:`_oracle_means`), added as they are."""
+    means = {method: _means(_episodes(n_ev, participation, modules, EVAL_DAYS[ctx.quick]))
+             for method, modules in policies.items()}
+    if oracle is not None:
+        means["oracle"] = oracle
     drl = [m for m in STRATEGIES if m in means]
     score = combined_scores({m: means[m]["user_cost_total"] for m in drl},
                             {m: means[m]["spatial_std_kw"] for m in drl})
@@ -199,10 +220,11 @@ def _trace(n_ev: int, modules: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _values(rows: list[dict], metric: str, n_ev: int, participation: float = 1.0) -> dict[str, dict[int, float]]:
-    """method -> seed -> value of ``metric`` at (n_ev, participation)."""
+    """method -> seed -> value of ``metric`` at (n_ev, participation), the paper's methods (:data:`METHODS`)."""
     out: dict[str, dict[int, float]] = {}
     for r in rows:
-        if r["metric"] == metric and r["n_ev"] == n_ev and r["participation"] == participation:
+        if (r["metric"] == metric and r["n_ev"] == n_ev and r["participation"] == participation
+                and r["method"] in METHODS):
             out.setdefault(r["method"], {})[r["seed"]] = r["value"]
     return out
 
@@ -284,6 +306,11 @@ def _notes(ctx: Context) -> list[str]:
         "best 1, worst 0, summed); greedy has none.",
         "Participation sweep: the 1,000-EV policies trained at 100 % participation evaluated with the share of "
         "users following LBMS lowered; the others drive to their nearest reachable station (ours).",
+        "oracle (ours, not in the orderings): greedy's LBMS day planned again with perfect foresight, stations "
+        "fixed, each EV taking exactly the energy greedy gives it within the day, at powers chosen for the least "
+        "mean spatial std (losses included, each feeder within its limits), replayed in the simulator: how low "
+        "the stations' control could bring the spread with the same arrivals.  It is not a bound on LBMS, which "
+        "would route differently under other loads.",
     ]
 
 
@@ -329,10 +356,10 @@ def _figures(ctx: Context, rows: list[dict], curves: dict, traces: dict) -> list
     titles = ("average SLVTPR (Fig 10)", "average spatial std, kW (Fig 11)", "user cost (Fig 12)",
               "combined score (Fig 13)")
     for ax, metric, title in zip(fig.subplots(1, 4), metrics, titles):
-        for k, method in enumerate(METHODS):
+        for k, method in enumerate((*METHODS, "oracle")):
             vals = [_mean_by(rows, metric, method, n_ev=n, participation=1.0) for n in N_EVS]
-            ax.bar(np.arange(len(N_EVS)) + 0.2 * k, vals, width=0.2, label=method)
-        ax.set_xticks(np.arange(len(N_EVS)) + 0.3, [f"{n} EVs" for n in N_EVS])
+            ax.bar(np.arange(len(N_EVS)) + 0.16 * k, vals, width=0.16, label=method)
+        ax.set_xticks(np.arange(len(N_EVS)) + 0.32, [f"{n} EVs" for n in N_EVS])
         ax.set(title=title)
     ax.legend(fontsize=7)
     out.append(save_figure(fig, ctx.out_dir / "strategies.png"))
