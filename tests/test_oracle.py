@@ -216,3 +216,18 @@ def test_routing_chooses_every_station_a_plan_did_not():
     # the nearest station is reachable whenever any is, and the fallback otherwise
     assert (sim.fleet.station[routed] == np.argmin(rt.distance_km(pos, xy), axis=1)).all()
     assert (sim.fleet.station[routed] != drawn[routed]).any()
+
+
+def test_the_seed002_room_tool_measures_every_policy_on_the_same_day():
+    """``tools/seed002_room.py``: the README's table of station control against the oracle."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "tools" / "seed002_room.py"
+    spec = importlib.util.spec_from_file_location("seed002_room", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    res = tool.measure(150, range(0, 1))
+    assert len(res) == 9 and all(np.isfinite(v).all() for v in res.values())
+    assert res["oracle"][0] < res["greedy"][0]
+    assert res["oracle"][1] == pytest.approx(res["greedy"][1], abs=1e-3)  # the same energy, moved in time
