@@ -218,6 +218,7 @@ def test_routing_chooses_every_station_a_plan_did_not():
     assert (sim.fleet.station[routed] != drawn[routed]).any()
 
 
+@pytest.mark.slow  # about 30 s: nine policies on a day
 def test_the_seed002_room_tool_measures_every_policy_on_the_same_day():
     """``tools/seed002_room.py``: the README's table of station control against the oracle."""
     import importlib.util
