@@ -289,13 +289,11 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _check_reproduce(args: argparse.Namespace) -> None:
-    from evgrid.config import ConfigError
     from evgrid.studies.common import check_reproduce
 
-    if args.overrides:
-        raise ConfigError(f"overrides: reproduce runs a study from its own config, got {' '.join(args.overrides)}")
     args.out, args.seeds = check_reproduce(args.study, out=args.out, seeds=args.seeds, address=args.address,
-                                           resume=args.resume, quick=args.quick, ours=args.ours)
+                                           resume=args.resume, quick=args.quick, ours=args.ours,
+                                           overrides=args.overrides)
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
@@ -303,7 +301,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 
     with _log_file(args.out / "logs" / "reproduce.log"):
         out = reproduce(args.study, quick=args.quick, out=args.out, address=args.address, seeds=args.seeds,
-                        ray_log=not args.verbose, resume=args.resume, ours=args.ours)
+                        ray_log=not args.verbose, resume=args.resume, ours=args.ours, overrides=args.overrides)
     print(read_table(out), end="")
     print(f"run directory: {out}  report: {out / 'report.md'}  results: {out / 'results.parquet'}")
     return 0
@@ -437,7 +435,8 @@ def _add_reproduce(sub: Any) -> None:
     from evgrid.studies.common import STUDIES
 
     r = _subparser(sub, "reproduce", "run one paper's study end to end: results.parquet, report.md (paper beside "
-                   "ours) and figures in a run directory", _check_reproduce, _run_reproduce)
+                   "ours) and figures in a run directory; key=value overrides run a variant of its config "
+                   "(seed002)", _check_reproduce, _run_reproduce)
     r.add_argument("study", choices=list(STUDIES), help="the study (SEEDS.md)")
     r.add_argument("--quick", action="store_true", help="the same pipeline on a small budget (CI)")
     r.add_argument("--out", default=None, help="run directory (default runs/reproduce-<study>-<time>)")

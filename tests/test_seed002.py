@@ -245,6 +245,31 @@ def test_stations_observe_their_networks_share_deviation():
         np.testing.assert_allclose(got.sum(axis=0), 0.0, atol=1e-5)  # one station per network
 
 
+def test_a_variant_of_the_study_reaches_every_config_it_loads_and_keeps_its_own_keys():
+    from evgrid.config import ConfigError
+    from evgrid.studies import seed002
+
+    seed002.check_overrides(("routing.lbms_load=current", "train.gamma=0.9"))
+    for bad, field in ((("fleet.n_ev=5",), "overrides: fleet.n_ev is set by the study itself"),
+                       (("train={iterations: 3}",), "overrides: train.iterations is set by the study itself"),
+                       (("routing.lbms_load=nope",), "routing.lbms_load: expected one of"),
+                       (("train.nope=1",), "train.nope: unknown key")):
+        with pytest.raises(ConfigError, match=field):
+            seed002.check_overrides(bad)
+
+    def ctx(*overrides: str) -> common.Context:
+        return common.Context("seed002", quick=True, out_dir=None, address=None, seeds=(0,), overrides=overrides)
+
+    # the study's own keys come after the variant's, so its per-run settings always hold
+    assert seed002._overrides(ctx("routing.lbms_load=current"), 150, 0.5) == [
+        "routing.lbms_load=current", "fleet.n_ev=150", "routing.participation=0.5"]
+    std = {load: seed002._episodes(ctx(f"routing.lbms_load={load}"), 150, 1.0, None, range(1000, 1001))[0]
+           ["spatial_std_kw"] for load in ("committed", "current")}
+    assert std["committed"] != std["current"]  # the override reached the simulated day
+    notes = {load: " ".join(seed002._notes(ctx(f"routing.lbms_load={load}"))) for load in ("committed", "current")}
+    assert "routing.lbms_load: committed" in notes["committed"] and "lbms_load" not in notes["current"]
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """The whole quick pipeline once: DDQN for the three reward weightings at 1,000 and 1,250 EVs, greedy

@@ -220,6 +220,26 @@ def test_reproduce_runs_a_study_into_its_run_directory(toy_study, tmp_path):
     assert toy_study[1].seeds == (4, 7)
 
 
+def test_a_variant_runs_with_its_overrides_recorded_and_resumes_only_with_the_same(toy_study, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"overrides: study 'toy' runs from its own settings only; got "
+                                          r"fleet.n_ev=5 \(studies that take overrides: seed002\)"):
+        common.reproduce("toy", quick=True, out=tmp_path / "refused", address=None, overrides=["fleet.n_ev=5"])
+    assert not toy_study and not (tmp_path / "refused").exists()  # refused before any work
+    checked: list[tuple[str, ...]] = []
+    monkeypatch.setattr(sys.modules[common.STUDIES["toy"]], "check_overrides", checked.append, raising=False)
+    out = common.reproduce("toy", quick=True, out=tmp_path / "run", address=None, overrides=["fleet.n_ev=5"])
+    assert checked == [("fleet.n_ev=5",)] and toy_study[0].overrides == ("fleet.n_ev=5",)
+    saved = (out / "config.yaml").read_text(encoding="utf-8")
+    assert "overrides:\n- fleet.n_ev=5\n" in saved and "fleet:\n    n_ev: 5\n" in saved
+    head = (out / "report.md").read_text(encoding="utf-8").split("## Results")[0]
+    assert "--seeds 0 fleet.n_ev=5`" in head and "A variant, not the study as shipped" in head
+    for other in ((), ("fleet.n_ev=6",)):
+        with pytest.raises(ConfigError, match="overrides: .* holds a run with overrides fleet.n_ev=5; resume got"):
+            common.check_reproduce("toy", out=out, seeds=None, address=None, resume=True, quick=True, overrides=other)
+    assert common.check_reproduce("toy", out=out, seeds=None, address=None, resume=True, quick=True,
+                                  overrides=["fleet.n_ev=5"]) == (out, None)
+
+
 def test_cli_reproduce_exits_2_on_bad_input_and_prints_the_table(toy_study, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for argv in (["reproduce", "seed999"], ["reproduce", "seed003", "--seeds", "1", "1"],

@@ -10,7 +10,10 @@ A study is a module ``evgrid.studies.<study>`` registered in :data:`STUDIES`.  I
 * ``TITLE: str`` (optional): the paper, for the report's title; ``USES_RAY: bool`` (optional): Ray's and
   RLlib's own messages go to ``logs/ray.log`` while the study runs;
 * ``OURS: tuple[str, ...]`` (optional): methods of ours beside the paper's, run only when asked
-  (``--ours``, :attr:`Context.ours`).
+  (``--ours``, :attr:`Context.ours`);
+* ``check_overrides(overrides: tuple[str, ...]) -> None`` (optional): the study runs a variant of its config
+  with ``key=value`` overrides (:attr:`Context.overrides`); raises a ConfigError naming a key it cannot take.
+  A study without it refuses overrides.
 
 :func:`reproduce` checks the input, makes the run directory, saves the config, runs the study and writes
 (:func:`write_outputs`):
@@ -88,6 +91,9 @@ class Context:
     trained agents) instead of computing it again."""
     ours: bool = False
     """Also run the study's methods of ours (its ``OURS``), beside the paper's."""
+    overrides: tuple[str, ...] = ()
+    """``key=value`` changes to the study's config (as ``evgrid train`` takes them): a variant of the study, not
+    its shipped setting; ``config.yaml``, the report and its command line show them."""
 
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
         """``iterable`` with a progress bar on stderr (never stdout, which the CLI's tables own)."""
@@ -164,12 +170,13 @@ def default_out(study: str) -> Path:
 
 
 def check_reproduce(study: str, *, out: str | os.PathLike[str] | None, seeds: Iterable[int] | None,
-                    address: str | None, resume: bool = False, quick: bool = False, ours: bool = False
-                    ) -> tuple[Path, tuple[int, ...] | None]:
+                    address: str | None, resume: bool = False, quick: bool = False, ours: bool = False,
+                    overrides: Iterable[str] = ()) -> tuple[Path, tuple[int, ...] | None]:
     """Check every input of :func:`reproduce` before any work: the study (registered, its module present), the
-    seeds (distinct integers >= 0), ``ours`` (the study has methods of ours), the run directory (creatable, not
-    holding another run's results; with ``resume``, a run directory of the same study and budget) and the Ray
-    address (something answers).  Returns (run directory, seeds or None); a ConfigError names the field."""
+    seeds (distinct integers >= 0), ``ours`` (the study has methods of ours), ``overrides`` (the study takes
+    them, each a key of its config), the run directory (creatable, not holding another run's results; with
+    ``resume``, a run directory of the same study, budget and overrides) and the Ray address (something
+    answers).  Returns (run directory, seeds or None); a ConfigError names the field."""
     if study not in STUDIES:
         raise ConfigError(f"study: expected one of {', '.join(STUDIES)}, got {study!r}")
     if importlib.util.find_spec(STUDIES[study]) is None:
@@ -179,8 +186,16 @@ def check_reproduce(study: str, *, out: str | os.PathLike[str] | None, seeds: It
     if ours and not getattr(load_study(study), "OURS", ()):
         raise ConfigError(f"ours: study {study!r} has no methods of ours beside the paper's; expected ours only "
                           f"with a study that lists some (its module's OURS)")
+    overrides = tuple(overrides)
+    if overrides:
+        check = getattr(load_study(study), "check_overrides", None)
+        if not callable(check):
+            raise ConfigError(f"overrides: study {study!r} runs from its own settings only; got "
+                              f"{' '.join(overrides)} (studies that take overrides: "
+                              f"{', '.join(_overridable()) or 'none'})")
+        check(overrides)
     if resume:
-        _check_resumable(study, out, quick)
+        _check_resumable(study, out, quick, overrides)
     out_dir = Path(out) if out is not None else default_out(study)
     held = [name for name in _OUTPUT_FILES if (out_dir / name).exists()]
     if held and not resume:
@@ -200,8 +215,16 @@ def check_reproduce(study: str, *, out: str | os.PathLike[str] | None, seeds: It
     return out_dir, checked
 
 
-def _check_resumable(study: str, out: str | os.PathLike[str] | None, quick: bool) -> None:
-    """``--resume`` continues a run directory of the same study and budget (its ``config.yaml`` says)."""
+def _overridable() -> list[str]:
+    """The registered studies whose module is installed and takes config overrides."""
+    return [s for s, m in STUDIES.items() if importlib.util.find_spec(m) is not None
+            and callable(getattr(load_study(s), "check_overrides", None))]
+
+
+def _check_resumable(study: str, out: str | os.PathLike[str] | None, quick: bool, overrides: tuple[str, ...]
+                     ) -> None:
+    """``--resume`` continues a run directory of the same study, budget and overrides (its ``config.yaml``
+    says)."""
     import yaml
 
     if out is None:
@@ -216,6 +239,10 @@ def _check_resumable(study: str, out: str | os.PathLike[str] | None, quick: bool
         got = (saved.get("study"), "quick" if saved.get("quick") else "full") if isinstance(saved, dict) else None
         raise ConfigError(f"out: {os.fspath(out)!r} holds a run of {got}; resume expected one of "
                           f"{(study, 'quick' if quick else 'full')}")
+    held = tuple(saved.get("overrides") or ())
+    if held != overrides:
+        raise ConfigError(f"overrides: {os.fspath(out)!r} holds a run with overrides {' '.join(held) or 'none'}; "
+                          f"resume got {' '.join(overrides) or 'none'}")
 
 
 def _check_seeds(seeds: Iterable[int]) -> tuple[int, ...]:
@@ -246,22 +273,23 @@ def load_study(study: str) -> ModuleType:
 
 def reproduce(study: str, *, quick: bool, out: str | os.PathLike[str] | None, address: str | None,
               seeds: tuple[int, ...] | None = None, ray_log: bool = True, resume: bool = False,
-              ours: bool = False) -> Path:
+              ours: bool = False, overrides: Iterable[str] = ()) -> Path:
     """Run ``study`` end to end and write its run directory (``out``, default :func:`default_out`): the
     resolved ``config.yaml``, ``results.parquet``, ``report.md`` and figures.  ``seeds`` default to the study's
     (one seed with ``quick``); ``address``: a Ray cluster for studies that train (None: embedded);
     ``ray_log``: Ray's own messages go to ``logs/ray.log``; ``resume``: continue the interrupted run in ``out``
-    (:attr:`Context.resume`); ``ours``: also the study's methods of ours (:attr:`Context.ours`).  Returns the run
-    directory."""
+    (:attr:`Context.resume`); ``ours``: also the study's methods of ours (:attr:`Context.ours`); ``overrides``:
+    a variant of the study's config (:attr:`Context.overrides`).  Returns the run directory."""
+    overrides = tuple(overrides)
     out_dir, checked = check_reproduce(study, out=out, seeds=seeds, address=address, resume=resume, quick=quick,
-                                       ours=ours)
+                                       ours=ours, overrides=overrides)
     module = load_study(study)
     if checked is None:
         choose = getattr(module, "default_seeds", None)
         checked = _check_seeds(choose(bool(quick)) if callable(choose) else DEFAULT_SEEDS[bool(quick)])
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(study=study, quick=bool(quick), out_dir=out_dir, address=address, seeds=checked,
-                  resume=bool(resume), ours=bool(ours))
+                  resume=bool(resume), ours=bool(ours), overrides=overrides)
     _save_config(ctx, module)
     log.info("reproduce %s (%s, seeds %s) in %s", study, "quick" if quick else "full", checked, out_dir)
     t0 = time.perf_counter()
@@ -278,15 +306,16 @@ def _save_config(ctx: Context, module: ModuleType) -> Path:
     """``config.yaml``: how the study was called and the study's resolved configuration."""
     import yaml
 
-    from evgrid.config import experiment_names, read_yaml
+    from evgrid.config import experiment_names, merge, parse_overrides, read_yaml
 
     resolve = getattr(module, "resolved_config", None)
     if callable(resolve):
         study_cfg = resolve(ctx)
     else:
         study_cfg = read_yaml(ctx.study) if ctx.study in experiment_names() else {}
+        study_cfg = merge(study_cfg, parse_overrides(ctx.overrides))
     data = {"study": ctx.study, "quick": ctx.quick, "ours": ctx.ours, "seeds": list(ctx.seeds),
-            "address": ctx.address, "config": study_cfg}
+            "address": ctx.address, "overrides": list(ctx.overrides), "config": study_cfg}
     path = ctx.out_dir / "config.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
@@ -455,7 +484,7 @@ def command_line(ctx: Context) -> str:
     """The ``evgrid reproduce`` command that makes this run."""
     args = ["evgrid", "reproduce", ctx.study] + (["--quick"] if ctx.quick else []) + (["--ours"] if ctx.ours else [])
     args += ["--out", os.fspath(ctx.out_dir)] + (["--address", ctx.address] if ctx.address else [])
-    args += ["--seeds", *map(str, ctx.seeds)]
+    args += ["--seeds", *map(str, ctx.seeds), *ctx.overrides]
     return shlex.join(args)
 
 
@@ -466,6 +495,8 @@ def report_markdown(ctx: Context, out: StudyOutput, wall_s: float) -> str:
     lines = [f"# Reproduction of {ctx.study}" + (f": {title}" if isinstance(title, str) else ""), "",
              f"Command: `{command_line(ctx)}`  ", f"Budget: {'quick' if ctx.quick else 'full'}, "
              f"seeds {', '.join(map(str, ctx.seeds))}; Ray: {ctx.address or 'embedded'}.", ""]
+    if ctx.overrides:
+        lines += [f"**A variant, not the study as shipped**: config overrides {', '.join(ctx.overrides)}.", ""]
     cfg = ctx.out_dir / "config.yaml"
     if cfg.is_file():
         lines += ["<details><summary>Resolved config (config.yaml)</summary>", "", "```yaml",

@@ -101,7 +101,7 @@ def run(ctx: Context) -> StudyOutput:
     curves: dict[tuple[str, int], list[float]] = {}
     traces: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     # no training: the same on every seed, computed once
-    oracle = {n_ev: _oracle_means(n_ev, EVAL_DAYS[ctx.quick]) for n_ev in N_EVS}
+    oracle = {n_ev: _oracle_means(ctx, n_ev, EVAL_DAYS[ctx.quick]) for n_ev in N_EVS}
     with connect(ctx.address, pinned=True):
         for seed in ctx.seeds:
             for n_ev in N_EVS:
@@ -115,13 +115,37 @@ def run(ctx: Context) -> StudyOutput:
                 for rate in rates:
                     rows += _evaluate(ctx, seed, n_ev, rate, policies, oracle[n_ev] if rate == 1.0 else None)
                 if seed == ctx.seeds[0] and n_ev == N_EVS[-1]:
-                    traces = {m: _trace(n_ev, policies[m]) for m in ("greedy", "DRL_Both")}
+                    traces = {m: _trace(ctx, n_ev, policies[m]) for m in ("greedy", "DRL_Both")}
     return StudyOutput(rows=rows, claims=_claims(rows, ctx.seeds), figures=_figures(ctx, rows, curves, traces),
                        notes=_notes(ctx))
 
 
-def _overrides(n_ev: int, participation: float = 1.0) -> list[str]:
-    return [f"fleet.n_ev={n_ev}", f"routing.participation={participation}"]
+OWN_KEYS = ("seed", "fleet.n_ev", "routing.participation", "reward.station_w1", "reward.station_w2", "train.seed",
+            "train.iterations", "train.exploration_steps")
+"""Config keys the study sets itself per run (seeds, EV count, participation, each strategy's weights, the
+budget): a variant (:attr:`Context.overrides`) may change any other."""
+
+
+def check_overrides(overrides: tuple[str, ...]) -> None:
+    """A variant's ``key=value`` overrides: keys of the study's config (env or ``train:``) other than
+    :data:`OWN_KEYS`; a ConfigError names the first that is not."""
+    from evgrid.agents.rllib.algos import load_run_config
+    from evgrid.config import ConfigError, parse_overrides
+
+    def keys(tree: dict, prefix: str = "") -> list[str]:
+        return [k for name, v in tree.items()
+                for k in (keys(v, f"{prefix}{name}.") if isinstance(v, dict) else [f"{prefix}{name}"])]
+
+    own = [k for k in keys(parse_overrides(overrides)) if k in OWN_KEYS]
+    if own:
+        raise ConfigError(f"overrides: {own[0]} is set by the study itself (per EV count, participation, strategy "
+                          f"or seed); expected keys other than {', '.join(OWN_KEYS)}")
+    load_run_config(STUDY, overrides)
+
+
+def _overrides(ctx: Context, n_ev: int, participation: float = 1.0) -> list[str]:
+    """The run's config changes: the variant's (:attr:`Context.overrides`), then the study's own."""
+    return [*ctx.overrides, f"fleet.n_ev={n_ev}", f"routing.participation={participation}"]
 
 
 def _train(ctx: Context, seed: int, n_ev: int, strategy: str) -> tuple[Any, list[float], float]:
@@ -132,10 +156,10 @@ def _train(ctx: Context, seed: int, n_ev: int, strategy: str) -> tuple[Any, list
 
     w1, w2 = STRATEGIES[strategy]
     iterations = ITERATIONS[ctx.quick]
-    _, shipped = load_run_config(STUDY)
-    per_call = shipped.rollout_fragment_length * shipped.envs_per_runner  # env steps of one sample call
+    _, base = load_run_config(STUDY, ctx.overrides)
+    per_call = base.rollout_fragment_length * base.envs_per_runner  # env steps of one sample call
     steps = iterations * math.ceil(MIN_STEPS_PER_ITERATION / per_call) * per_call
-    env, train = load_run_config(STUDY, _overrides(n_ev) + [
+    env, train = load_run_config(STUDY, _overrides(ctx, n_ev) + [
         f"reward.station_w1={w1}", f"reward.station_w2={w2}", f"seed={TRAIN_SEED_STRIDE * (seed + 1)}",
         f"train.seed={seed}", f"train.iterations={iterations}", f"train.exploration_steps={steps}"])
     t0 = time.perf_counter()
@@ -147,24 +171,24 @@ def _train(ctx: Context, seed: int, n_ev: int, strategy: str) -> tuple[Any, list
     return modules, curve, wall_s
 
 
-def _episodes(n_ev: int, participation: float, modules: Any, days: range) -> list[dict[str, float]]:
+def _episodes(ctx: Context, n_ev: int, participation: float, modules: Any, days: range) -> list[dict[str, float]]:
     """Metric rows of ``days``: the greedy rule (``modules`` None) or the trained stations."""
     from evgrid.agents.rllib.policy import TrainedPolicy
     from evgrid.envs.config import load_config
     from evgrid.evaluate import policy_episodes, rule_episodes
 
-    cfg = load_config(STUDY, _overrides(n_ev, participation))
+    cfg = load_config(STUDY, _overrides(ctx, n_ev, participation))
     if modules is None:
         return list(rule_episodes(load_config(cfg, {"agents": {"station": "rule"}}), days))
     return list(policy_episodes(cfg, lambda env: TrainedPolicy(modules, env), days))
 
 
-def _oracle_means(n_ev: int, days: range) -> dict[str, float]:
+def _oracle_means(ctx: Context, n_ev: int, days: range) -> dict[str, float]:
     """The oracle's metrics at ``n_ev`` (100 % participation: its first pass is greedy's LBMS day)."""
     from evgrid.agents.oracle import oracle_episodes
     from evgrid.envs.config import load_config
 
-    return _means([r for r, _ in oracle_episodes(load_config(STUDY, _overrides(n_ev)), days)])
+    return _means([r for r, _ in oracle_episodes(load_config(STUDY, _overrides(ctx, n_ev)), days)])
 
 
 def _means(eps: list[dict[str, float]]) -> dict[str, float]:
@@ -178,7 +202,7 @@ def _evaluate(ctx: Context, seed: int, n_ev: int, participation: float, policies
               oracle: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Every method's metrics at (n_ev, participation), the combined score over the DRL strategies; ``oracle``:
     its metrics (:func:`_oracle_means`), added as they are."""
-    means = {method: _means(_episodes(n_ev, participation, modules, EVAL_DAYS[ctx.quick]))
+    means = {method: _means(_episodes(ctx, n_ev, participation, modules, EVAL_DAYS[ctx.quick]))
              for method, modules in policies.items()}
     if oracle is not None:
         means["oracle"] = oracle
@@ -195,13 +219,13 @@ def _evaluate(ctx: Context, seed: int, n_ev: int, participation: float, policies
     return out
 
 
-def _trace(n_ev: int, modules: Any) -> tuple[np.ndarray, np.ndarray]:
+def _trace(ctx: Context, n_ev: int, modules: Any) -> tuple[np.ndarray, np.ndarray]:
     """(plugged EVs per station and step (T, M), base load per network (T, M)) of the first evaluation day."""
     from evgrid.agents.rllib.policy import TrainedPolicy
     from evgrid.envs.config import load_config
     from evgrid.envs.ev_grid import EVGridEnv
 
-    cfg = load_config(STUDY, _overrides(n_ev))
+    cfg = load_config(STUDY, _overrides(ctx, n_ev))
     env = EVGridEnv(cfg)
     full = np.int64(np.argmax(cfg.stations.fraction_levels))  # greedy: every station charges every EV
     policy: Callable[[dict], dict] = (TrainedPolicy(modules, env).act if modules is not None else
@@ -270,7 +294,7 @@ def _notes(ctx: Context) -> list[str]:
     from evgrid.envs.config import load_config
 
     days = EVAL_DAYS[ctx.quick]
-    cfg = load_config(STUDY)
+    cfg = load_config(STUDY, ctx.overrides)
     reward = cfg.reward
     unmet = reward.station_unmet_per_kwh
     w2_term = ("w2 share-deviation^ per kWh charged (eq 16 on the network's base load)"
@@ -294,8 +318,10 @@ def _notes(ctx: Context) -> list[str]:
             "paper compares the current load, under which consecutive steps herd: README)."
             if cfg.routing.lbms_load == "committed" else "."),
         f"Station reward (eqs 15-18, our reading): -(w1 price^ per kWh charged + {w2_term}), price^ min-max "
-        f"normalised, plus {unmet} per kWh brought towards an EV's target (ours: without it a station would never "
-        "charge), over the station's largest step energy.  A station observes its network's share deviation of "
+        "normalised, " + (f"plus {unmet} per kWh brought towards an EV's target (ours: without it the stations "
+                          "defer charging to their EVs' deadlines and leave more energy unmet, README)" if unmet else
+                          "with no term of ours for the energy delivered (the deadline shield alone serves the EVs)")
+        + ", over the station's largest step energy.  A station observes its network's share deviation of "
         "the base load now and of the whole load of the last step (ours: the three stations share one network).",
         f"user_cost_total = what users paid + {COMPENSATION_PER_KWH} per kWh short of the target at departure "
         "(ours: 1.5 x the peak price, the compensation the paper's eq 28 adds for unmet users; its formula was "
